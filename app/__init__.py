@@ -1,0 +1,1 @@
+"""The HiPP-Prune REST API (FastAPI). Never imports torch or transformers."""
