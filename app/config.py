@@ -1,0 +1,138 @@
+"""Service settings: one pydantic-settings object read from ``HIPP_*`` environment variables (or ``.env``).
+
+The defaults are the embedded deployment (SQLite, a local artifact folder, a broker that needs no server),
+so ``hipp serve`` works on a bare machine; the full stack overrides them in docker-compose.yml.
+Every field is documented in docs/service.md.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HIPP_", env_file=".env", extra="ignore")
+
+    # Where the embedded deployment keeps its database, broker folder and artifacts.
+    home: Path = Field(default=Path(".hipp"), description="Folder for embedded state")
+
+    # Database. Postgres in production, SQLite for the embedded default.
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite under HIPP_HOME")
+
+    # Broker. Empty = the filesystem transport under HIPP_HOME (no server to run).
+    broker_url: str = Field(default="", description="Celery broker URL; empty = filesystem broker")
+    gpu_queue: str = "gpu"
+    default_queue: str = "default"
+
+    # Artifact storage.
+    storage: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = Field(
+        default=None, description="Local store root; default HIPP_HOME/artifacts"
+    )
+    s3_bucket: str = "hipp-artifacts"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_addressing_style: Literal["auto", "virtual", "path"] = "path"
+    s3_create_bucket: bool = Field(default=False, description="Create the bucket at start-up if missing")
+    s3_multipart_threshold_mb: int = 64
+    s3_multipart_chunk_mb: int = 64
+    s3_max_concurrency: int = 4
+
+    # Signed download URLs.
+    url_expiry_s: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
+    signing_secret: str = Field(
+        default="", description="HMAC key for local signed URLs; empty = per-home file"
+    )
+    public_url: str = Field(default="http://127.0.0.1:8000", description="Base URL the API is reached at")
+
+    # API behaviour.
+    max_body_bytes: int = 64 * 1024
+    page_size_max: int = 200
+    api_key_cache_s: float = Field(
+        default=10.0, description="How long a verified API key is cached in-process"
+    )
+    allowed_models: list[str] = Field(default_factory=lambda: ["tiny-llava", "testbed"])
+    model_dirs: list[Path] = Field(
+        default_factory=list, description="Server folders whose models may be used"
+    )
+    allow_hub_models: bool = Field(default=False, description="Accept Hugging Face hub ids (org/name)")
+
+    # Jobs.
+    max_attempts: int = 3
+    lease_s: int = 120
+    heartbeat_s: float = 5.0
+    enqueue_retry_s: int = 30
+    recovery_steps_default: int = 0
+    work_dir: Path | None = Field(default=None, description="Worker scratch folder; default HIPP_HOME/work")
+
+    @field_validator("allowed_models", "model_dirs", mode="before")
+    @classmethod
+    def _split_csv(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    # Derived values -------------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'hipp.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url or self.broker_url.startswith("filesystem")
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.home / "artifacts").resolve()
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.home / "work").resolve()
+
+    @property
+    def resolved_signing_secret(self) -> bytes:
+        if self.signing_secret:
+            return self.signing_secret.encode()
+        path = self.home / "signing.key"
+        if not path.exists():
+            import os
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # O_EXCL: when two processes start together, exactly one writes the key
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+            except FileExistsError:
+                pass
+        import time
+
+        for _ in range(50):
+            key = path.read_text().strip()
+            if key:
+                return key.encode()
+            time.sleep(0.02)
+        raise RuntimeError(f"signing key file {path} is empty; delete it or set HIPP_SIGNING_SECRET")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

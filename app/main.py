@@ -1,0 +1,47 @@
+"""The FastAPI application: ``uvicorn app.main:app`` (settings from the environment) or
+``create_app(settings)``.
+
+OpenAPI docs at ``/docs``; errors in one JSON shape (app/errors.py); request metrics and the body size
+limit in one pure-ASGI middleware (app/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app import errors
+from app.config import Settings, get_settings
+from app.metrics import MetricsAndLimits
+from app.routes import files, health, jobs, policies
+
+DESCRIPTION = """
+Preference-conditioned structured pruning of vision-language models, as jobs.
+
+`POST /jobs` with a model and a preference vector over *utility*, *robustness* and *compression*; poll
+`GET /jobs/{id}` (status, stage, progress); list `GET /jobs/{id}/artifacts` for signed download URLs of the
+pruned checkpoint (a Hugging Face directory packed as a tar archive, with its SHA-256).
+
+Authenticate with `Authorization: Bearer <API key>` (create one with `hipp api-key create --tenant NAME`).
+Every error is `{"error": {"code", "message", "detail"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="HiPP-Prune", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+    errors.install(app)
+    for module in (jobs, policies, health, files):
+        app.include_router(module.router)
+    app.add_middleware(MetricsAndLimits, max_body=settings.max_body_bytes)
+    logging.getLogger("hipp").setLevel(logging.INFO)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``uvicorn app.main:app`` builds the app lazily, so importing this module has no side effects.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

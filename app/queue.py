@@ -1,0 +1,108 @@
+"""Talking to the broker: the Celery client configuration shared by API and worker, and the job outbox.
+
+The API enqueues by task name (``hipp.run_job``) and never imports the worker's code. A job row is committed
+first with ``enqueued_at`` NULL; after the commit the job is published and ``enqueued_at`` set. If the publish
+fails (broker down, process killed between the two), the relay (``relay_pending``, run by beat and at
+``hipp serve`` start) publishes it again. A job delivered twice is harmless: the worker claims it with a
+conditional UPDATE and the second delivery finds nothing to claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.models import Job, JobStatus, utcnow
+
+log = logging.getLogger("hipp.queue")
+
+RUN_JOB = "hipp.run_job"
+RELAY = "hipp.relay_pending"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "broker_url": settings.resolved_broker_url,
+        "task_default_queue": settings.default_queue,
+        "task_routes": {RUN_JOB: {"queue": settings.gpu_queue}},
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
+        "timezone": "UTC",
+    }
+    if settings.embedded_broker:
+        folder = settings.broker_dir
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": 0.2,
+        }
+    else:
+        conf["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
+    return conf
+
+
+_clients: dict[str, Celery] = {}
+
+
+def celery_client(settings: Settings) -> Celery:
+    """A publishing-only Celery app (one per broker URL and process)."""
+    ident = settings.resolved_broker_url + str(settings.broker_dir)
+    if ident not in _clients:
+        app = Celery("hipp-api", set_as_current=False)
+        app.conf.update(celery_config(settings))
+        _clients[ident] = app
+    return _clients[ident]
+
+
+def publish(settings: Settings, job_id: uuid.UUID) -> None:
+    celery_client(settings).send_task(RUN_JOB, args=[str(job_id)], queue=settings.gpu_queue)
+
+
+def dispatch(settings: Settings, factory: sessionmaker[Session], job_ids: Iterable[uuid.UUID]) -> int:
+    """Publish committed jobs and mark them enqueued. Returns how many were published."""
+    sent = 0
+    for job_id in job_ids:
+        try:
+            publish(settings, job_id)
+        except Exception as exc:  # the relay will retry; the request still succeeds
+            log.warning("could not enqueue job %s (%s); the relay will retry", job_id, exc)
+            continue
+        with factory() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+            session.commit()
+        sent += 1
+    return sent
+
+
+def relay_pending(settings: Settings, factory: sessionmaker[Session], min_age_s: float | None = None) -> int:
+    """Re-publish queued jobs that were committed but never marked enqueued."""
+    age = settings.enqueue_retry_s if min_age_s is None else min_age_s
+    with factory() as session:
+        ids = list(
+            session.scalars(
+                select(Job.id).where(
+                    Job.status == JobStatus.queued.value,
+                    Job.enqueued_at.is_(None),
+                    Job.created_at <= utcnow() - timedelta(seconds=age),
+                )
+            )
+        )
+    return dispatch(settings, factory, ids)

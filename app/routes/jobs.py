@@ -1,0 +1,143 @@
+"""Jobs: submit, read, list, cancel, and a job's events, artifacts and plans."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
+from fastapi.responses import RedirectResponse
+
+from app.db import session_factory
+from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.errors import ApiError
+from app.metrics import JOBS_SUBMITTED
+from app.models import JobStatus
+from app.queue import dispatch
+from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
+from app.services import jobs as service
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+def submit_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: CurrentTenant,
+    response: Response,
+    background: BackgroundTasks,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Queue a pruning job. Poll ``GET /jobs/{id}``; a repeated ``Idempotency-Key`` returns the same job."""
+    job, created = service.create_job(session, settings, who, body, idempotency_key)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    if created:
+        JOBS_SUBMITTED.inc()
+        # Enqueue only after the row is committed (create_job commits); the relay covers a failed publish.
+        background.add_task(dispatch, settings, session_factory(settings.resolved_database_url), [job.id])
+    else:
+        response.status_code = status.HTTP_200_OK
+    return JobOut.model_validate(job)
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    session: SessionDep,
+    settings: SettingsDep,
+    who: CurrentTenant,
+    status_: Annotated[list[JobStatus] | None, Query(alias="status", description="Repeat to OR")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: str | None = None,
+) -> Page[JobOut]:
+    """The tenant's jobs, newest first. Follow ``next_cursor`` until it is null."""
+    if limit > settings.page_size_max:
+        raise ApiError(422, "invalid_request", f"limit: at most {settings.page_size_max} per page")
+    jobs, next_cursor = service.list_jobs(session, who, status_, limit, cursor)
+    return Page[JobOut](items=[JobOut.model_validate(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> JobOut:
+    return JobOut.model_validate(service.get_job(session, who, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED)
+def cancel_job(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> JobOut:
+    """Queued jobs are cancelled at once; running jobs become ``cancelling`` and stop at the next check."""
+    return JobOut.model_validate(service.cancel_job(session, who, job_id))
+
+
+@router.get("/{job_id}/events", response_model=Page[EventOut])
+def list_events(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    who: CurrentTenant,
+    after: Annotated[int | None, Query(description="Only events with a larger id")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> Page[EventOut]:
+    if cursor is not None:
+        try:
+            after = int(cursor)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor value from this API") from exc
+    events, next_cursor = service.list_events(session, who, job_id, after, limit)
+    return Page[EventOut](items=[EventOut.model_validate(e) for e in events], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+def list_artifacts(
+    job_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    who: CurrentTenant,
+) -> list[ArtifactOut]:
+    """Artifacts with signed download URLs minted for this response (they expire; ask again)."""
+    out = []
+    for a in service.list_artifacts(session, who, job_id):
+        url, expires_at = storage.signed_url(a.key, a.name, settings.url_expiry_s, str(request.base_url))
+        out.append(
+            ArtifactOut(
+                id=a.id,
+                kind=a.kind,
+                name=a.name,
+                size=a.size,
+                sha256=a.sha256,
+                content_type=a.content_type,
+                url=url,
+                expires_at=expires_at,
+            )
+        )
+    return out
+
+
+@router.get("/{job_id}/artifacts/{name}", status_code=307, response_class=RedirectResponse)
+def download_artifact(
+    job_id: uuid.UUID,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    who: CurrentTenant,
+) -> RedirectResponse:
+    """Redirect to a freshly signed URL for one artifact."""
+    for a in service.list_artifacts(session, who, job_id):
+        if a.name == name:
+            url, _ = storage.signed_url(a.key, a.name, settings.url_expiry_s, str(request.base_url))
+            return RedirectResponse(url, status_code=307, headers={"X-Checksum-Sha256": a.sha256})
+    raise ApiError(
+        404, "not_found", f"job {job_id} has no artifact {name!r}; list them at /jobs/{job_id}/artifacts"
+    )
+
+
+@router.get("/{job_id}/plans", response_model=list[PlanOut])
+def list_plans(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> list[PlanOut]:
+    """The plans the job considered (the non-dominated set), the chosen one flagged. Empty until planned."""
+    job = service.get_job(session, who, job_id)
+    plans = (job.result or {}).get("plans") or []
+    return [PlanOut.model_validate(p) for p in plans]

@@ -1,0 +1,47 @@
+"""Policies: trained HiPP-Prune policies a job uses for its model instead of the baseline allocator."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, status
+from sqlalchemy import select
+
+from app.deps import CurrentTenant, SessionDep
+from app.errors import not_found
+from app.models import Policy
+from app.schemas import PolicyCreate, PolicyOut
+
+router = APIRouter(prefix="/policies", tags=["policies"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=PolicyOut)
+def create_policy(body: PolicyCreate, session: SessionDep, who: CurrentTenant) -> PolicyOut:
+    policy = Policy(
+        tenant_id=who.tenant_id,
+        name=body.name,
+        model=body.model,
+        fingerprint=body.fingerprint,
+        uri=body.uri,
+        metrics=body.metrics,
+        meta=body.metadata,
+    )
+    session.add(policy)
+    session.commit()
+    return PolicyOut.model_validate(policy)
+
+
+@router.get("", response_model=list[PolicyOut])
+def list_policies(session: SessionDep, who: CurrentTenant, model: str | None = None) -> list[PolicyOut]:
+    q = select(Policy).where(Policy.tenant_id == who.tenant_id)
+    if model is not None:
+        q = q.where(Policy.model == model)
+    return [PolicyOut.model_validate(p) for p in session.scalars(q.order_by(Policy.created_at.desc()))]
+
+
+@router.get("/{policy_id}", response_model=PolicyOut)
+def get_policy(policy_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> PolicyOut:
+    policy = session.scalar(select(Policy).where(Policy.id == policy_id, Policy.tenant_id == who.tenant_id))
+    if policy is None:
+        raise not_found("policy", policy_id)
+    return PolicyOut.model_validate(policy)

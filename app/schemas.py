@@ -1,0 +1,189 @@
+"""What the API speaks (pydantic). Tables live apart in app/models.py.
+
+Every request model forbids unknown fields, so a typo is a 422 that names the field instead of a silent
+default.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PREFERENCE_KEYS = ("utility", "robustness", "compression")
+
+T = TypeVar("T")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Preference(Strict):
+    """Trade-off weights. Non-negative, finite, not all zero; normalized to sum to 1. Missing keys are 0."""
+
+    utility: float = 0.0
+    robustness: float = 0.0
+    compression: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(PREFERENCE_KEYS))
+            if unknown:
+                raise ValueError(f"unknown preference key(s) {unknown}; use only {list(PREFERENCE_KEYS)}")
+        return data
+
+    @field_validator("utility", "robustness", "compression", mode="after")
+    @classmethod
+    def _finite_non_negative(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number (got NaN or infinity)")
+        if v < 0:
+            raise ValueError(f"must be >= 0 (got {v}); weights are non-negative")
+        return v
+
+    @model_validator(mode="after")
+    def _normalize(self) -> Preference:
+        total = self.utility + self.robustness + self.compression
+        if total <= 0:
+            raise ValueError(
+                "preference weights are all zero; give at least one of utility, robustness, compression a "
+                'positive weight, e.g. {"utility": 0.5, "robustness": 0.3, "compression": 0.2}'
+            )
+        if not math.isfinite(total):
+            raise ValueError("preference weights are too large; use weights that sum to 1")
+        object.__setattr__(self, "utility", self.utility / total)
+        object.__setattr__(self, "robustness", self.robustness / total)
+        object.__setattr__(self, "compression", self.compression / total)
+        return self
+
+
+class RecoveryOptions(Strict):
+    steps: int = Field(default=0, ge=0, le=100_000, description="Recovery (fine-tuning) steps; 0 = none")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
+
+
+class EvaluationOptions(Strict):
+    enabled: bool = True
+    max_samples: int = Field(default=32, ge=1, le=100_000)
+
+
+class JobCreate(Strict):
+    model: str = Field(
+        min_length=1,
+        max_length=500,
+        description="Built-in name (tiny-llava, testbed), allowed path or hub id",
+    )
+    preference: Preference
+    target_sparsity: float | None = Field(
+        default=None, gt=0.0, lt=0.95, description="Matched mode: prune to this fraction of prunable params"
+    )
+    recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("model must not be blank")
+        return v
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    status: Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+    stage: str | None
+    stage_progress: float
+    progress: float
+    model: str
+    preference: dict[str, float]
+    target_sparsity: float | None
+    options: dict[str, Any]
+    metadata: dict[str, Any] = Field(validation_alias="meta")
+    attempt: int
+    max_attempts: int
+    heartbeat_at: datetime | None
+    error: JobError | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= to get the next page; null on the last page"
+    )
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: datetime
+    level: str
+    stage: str | None
+    message: str
+    data: dict[str, Any]
+
+
+class ArtifactOut(BaseModel):
+    id: uuid.UUID
+    kind: str
+    name: str
+    size: int
+    sha256: str
+    content_type: str
+    url: str = Field(description="Signed download URL, minted for this response")
+    expires_at: datetime
+
+
+class PlanOut(BaseModel):
+    chosen: bool
+    source: str
+    plan: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class PolicyCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    model: str = Field(min_length=1, max_length=500, description="Model reference the policy was trained for")
+    fingerprint: str | None = Field(default=None, max_length=128)
+    uri: str | None = Field(default=None, max_length=1000, description="Where the policy weights are stored")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PolicyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    model: str
+    fingerprint: str | None
+    uri: str | None
+    metrics: dict[str, Any]
+    metadata: dict[str, Any] = Field(validation_alias="meta")
+    created_at: datetime
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Domain services: what the routes do, apart from HTTP."""

@@ -1,0 +1,169 @@
+"""Job operations behind the routes: create (idempotent), read, list with a cursor, cancel, events, artifacts.
+
+Every query is scoped to the caller's tenant; another tenant's job is indistinguishable from a missing one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import ApiError, not_found
+from app.modelrefs import check_model_ref
+from app.models import Artifact, Event, Job, JobStatus, utcnow
+from app.schemas import JobCreate
+from app.security import Principal
+
+
+def request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def create_job(
+    session: Session, settings: Settings, who: Principal, body: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Insert a queued job. Returns (job, created); ``created`` is False for an idempotent replay."""
+    model = check_model_ref(body.model, settings)
+    digest = request_hash(body)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 200:
+            raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 200 characters")
+        existing = _by_idempotency_key(session, who, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, idempotency_key), False
+    job = Job(
+        tenant_id=who.tenant_id,
+        model=model,
+        preference=body.preference.model_dump(),
+        target_sparsity=body.target_sparsity,
+        options={"recovery": body.recovery.model_dump(), "evaluation": body.evaluation.model_dump()},
+        meta=body.metadata,
+        status=JobStatus.queued.value,
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        stage_outputs={},
+    )
+    session.add(job)
+    try:
+        session.flush()
+        session.add(Event(job_id=job.id, stage=None, message="job queued", data={"model": model}))
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _by_idempotency_key(session, who, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, digest, idempotency_key or ""), False
+    return job, True
+
+
+def _by_idempotency_key(session: Session, who: Principal, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == who.tenant_id, Job.idempotency_key == key))
+
+
+def _replay(job: Job, digest: str, key: str) -> Job:
+    if job.request_hash != digest:
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            f"Idempotency-Key {key!r} was already used for a different request (job {job.id}); "
+            "use a new key for a new job",
+            detail={"job_id": str(job.id)},
+        )
+    return job
+
+
+def get_job(session: Session, who: Principal, job_id: uuid.UUID) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == who.tenant_id))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, ident = raw.split("|", 1)
+        return datetime.fromisoformat(ts), uuid.UUID(ident)
+    except Exception as exc:
+        raise ApiError(
+            400, "invalid_cursor", "cursor is not one this API returned; pass next_cursor from the last page"
+        ) from exc
+
+
+def list_jobs(
+    session: Session, who: Principal, statuses: list[JobStatus] | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """Newest first; keyset pagination on (created_at, id)."""
+    q = select(Job).where(Job.tenant_id == who.tenant_id)
+    if statuses:
+        q = q.where(Job.status.in_([s.value for s in statuses]))
+    if cursor:
+        ts, ident = decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < ident)))
+    rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return page, next_cursor
+
+
+def cancel_job(session: Session, who: Principal, job_id: uuid.UUID) -> Job:
+    """queued -> cancelled at once; running -> cancelling (the worker stops at its next check)."""
+    job = get_job(session, who, job_id)
+    now = utcnow()
+    for source, target in (
+        (JobStatus.queued, JobStatus.cancelled),
+        (JobStatus.running, JobStatus.cancelling),
+    ):
+        values: dict[str, Any] = {"status": target.value, "cancel_requested_at": now, "updated_at": now}
+        if target is JobStatus.cancelled:
+            values["finished_at"] = now
+        res = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == source.value).values(**values)
+        )
+        if res.rowcount:  # type: ignore[attr-defined]
+            session.add(Event(job_id=job.id, stage=job.stage, message=f"cancel requested ({target.value})"))
+            session.commit()
+            session.refresh(job)
+            return job
+    session.refresh(job)
+    if job.status in (JobStatus.cancelling.value, JobStatus.cancelled.value):
+        return job
+    raise ApiError(
+        409,
+        "job_finished",
+        f"job {job.id} already {job.status}; only queued or running jobs can be cancelled",
+        detail={"status": job.status},
+    )
+
+
+def list_events(
+    session: Session, who: Principal, job_id: uuid.UUID, after: int | None, limit: int
+) -> tuple[list[Event], str | None]:
+    get_job(session, who, job_id)
+    q = select(Event).where(Event.job_id == job_id)
+    if after is not None:
+        q = q.where(Event.id > after)
+    rows = list(session.scalars(q.order_by(Event.id).limit(limit + 1)))
+    page = rows[:limit]
+    return page, (str(page[-1].id) if len(rows) > limit else None)
+
+
+def list_artifacts(session: Session, who: Principal, job_id: uuid.UUID) -> list[Artifact]:
+    get_job(session, who, job_id)
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
