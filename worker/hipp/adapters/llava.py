@@ -1,0 +1,38 @@
+"""LLaVA family adapter: ``LlavaForConditionalGeneration`` (and LLaVA-NeXT / OneVision, same layout).
+
+transformers 5 nests the language model at ``model.model.language_model`` (a bare decoder, e.g. LlamaModel,
+MistralModel, Qwen2Model), whose layers follow the Llama naming the base ``LayerAdapter`` expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from worker.hipp.adapters.base import ModelAdapter, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_types = ("llava", "llava_next", "llava_onevision")
+
+    @property
+    def language_model(self) -> nn.Module:
+        inner = getattr(self.model, "model", self.model)
+        lm = inner.language_model
+        assert isinstance(lm, nn.Module)
+        return lm
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "image_token_id", None) or config.image_token_index)
+
+    def fallback_prompt(self, question: str) -> str:
+        return f"USER: <image>\n{question} ASSISTANT:"

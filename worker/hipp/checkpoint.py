@@ -1,0 +1,243 @@
+"""Checkpoint I/O: export a pruned model as a self-contained Hugging Face directory.
+
+The directory loads in a fresh process with only torch + transformers:
+``AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)``. It holds the stock config plus
+per-layer shapes, two small generated files (``configuration_hipp.py``, ``modeling_hipp.py``) that subclass
+the stock classes, the processor, safetensors weights, ``hipp_plan.json``, ``metrics.json`` and a model card.
+
+:func:`export_zero_padded` writes the other flavour: the stock architecture at dense shapes with removed
+units zeroed, for tools that cannot run remote code (same logits, no speedup).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from worker.hipp.adapters.base import ModelAdapter
+from worker.hipp.errors import OptionError
+from worker.hipp.plan import LayerPlan, PruningPlan
+
+TEMPLATES = Path(__file__).parent / "remote"
+PLAN_FILE = "hipp_plan.json"
+METRICS_FILE = "metrics.json"
+REMOTE_CLASS = "HippForConditionalGeneration"
+
+
+def _base_classes(model: nn.Module) -> tuple[str, str, str]:
+    """(model class, config class, model_type) of the stock transformers model behind ``model``."""
+    config = model.config
+    base_class = getattr(config, "hipp_base_model_class", None) or type(model).__name__
+    base_type = getattr(config, "hipp_base_model_type", None) or config.model_type
+    if not hasattr(transformers, base_class):
+        raise OptionError(f"{base_class} is not a transformers class; only stock architectures can be exported")
+    return base_class, getattr(transformers, base_class).config_class.__name__, base_type
+
+
+def layer_shape_records(adapter: ModelAdapter) -> list[dict[str, int]]:
+    return [
+        {"num_attention_heads": layer.num_heads, "num_key_value_heads": layer.num_kv_heads,
+         "intermediate_size": layer.intermediate_size}
+        for layer in adapter.layers()
+    ]
+
+
+def _layers_path(adapter: ModelAdapter) -> str:
+    target = adapter.decoder_layers
+    for name, module in adapter.model.named_modules():
+        if module is target:
+            return name
+    raise OptionError("decoder layers are not a sub-module of the model")
+
+
+def write_remote_code(out: Path, base_class: str, config_class: str, base_type: str) -> None:
+    fields = {"base_model_class": base_class, "base_config_class": config_class,
+              "base_model_type": base_type, "model_type": f"hipp_{base_type}"}
+    for name in ("configuration_hipp.py", "modeling_hipp.py"):
+        text = (TEMPLATES / f"{name}.tmpl").read_text()
+        (out / name).write_text(text.format(**fields))
+
+
+def export_pruned(
+    model: nn.Module,
+    processor: Any,
+    adapter: ModelAdapter,
+    out_dir: str | Path,
+    plan: PruningPlan | None = None,
+    metrics: dict[str, Any] | None = None,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """Write the pruned ``model`` (already sliced by ``surgery.apply_plan``) to ``out_dir``."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_class, config_class, base_type = _base_classes(model)
+    write_remote_code(out, base_class, config_class, base_type)
+    remote_cls = get_class_from_dynamic_module(f"modeling_hipp.{REMOTE_CLASS}", str(out))
+    config = remote_cls.config_class(**_export_config_dict(model, adapter, base_class, base_type))
+    exported = _as_remote_model(model, remote_cls, config)
+    exported.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    if plan is not None:
+        plan.save(out / PLAN_FILE)
+    (out / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=1))
+    (out / "README.md").write_text(model_card(base_type, plan, metrics or {}, card or {}))
+    return out
+
+
+def _export_config_dict(model: nn.Module, adapter: ModelAdapter, base_class: str, base_type: str) -> dict[str, Any]:
+    data = model.config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        data.pop(key, None)
+    data.update(
+        hipp_layers=layer_shape_records(adapter),
+        hipp_layers_path=_layers_path(adapter),
+        hipp_base_model_type=base_type,
+        hipp_base_model_class=base_class,
+        auto_map={"AutoConfig": "configuration_hipp.HippConfig",
+                  "AutoModelForImageTextToText": f"modeling_hipp.{REMOTE_CLASS}"},
+        architectures=[REMOTE_CLASS],
+    )
+    return data
+
+
+def _as_remote_model(model: nn.Module, remote_cls: type, config: Any) -> nn.Module:
+    """The remote class sharing ``model``'s tensors (built on the meta device: no second copy in memory)."""
+    with torch.device("meta"):
+        exported = remote_cls(config)
+    exported.load_state_dict(model.state_dict(), strict=True, assign=True)
+    for name, buffer in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        owner = exported.get_submodule(module_name)
+        if getattr(owner, attr).is_meta:
+            owner._buffers[attr] = buffer
+    exported.config.dtype = next(model.parameters()).dtype
+    exported.eval()
+    return exported
+
+
+def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any], card: dict[str, Any]) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags: [hipp-prune, pruned, vision-language]", "---", "",
+        f"# HiPP-Prune pruned {base_type} model", "",
+    ]
+    if card.get("source_model"):
+        lines.append(f"Pruned from `{card['source_model']}`.")
+    if card.get("preference"):
+        lines.append(f"Preference (utility, robustness, compression): `{card['preference']}`.")
+    if plan is not None:
+        s = plan.summary()
+        lines += [
+            "", "## Pruning", "",
+            f"- sparsity of the language-model decoder: {s['sparsity']:.4f}",
+            f"- fraction of the whole model removed: {s['model_fraction_removed']:.4f}",
+            f"- parameters: {s['total_parameters'] - s['removed_parameters']:,} (dense {s['total_parameters']:,})",
+            f"- plan fingerprint: `{plan.fingerprint}`; criterion `{plan.meta.get('criterion')}`, "
+            f"allocation `{plan.meta.get('allocation')}`",
+            "", "| layer | query heads | KV heads | MLP width | layer sparsity |", "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {i} | {layer['heads']} | {layer['kv_heads']} | {layer['channels']} | {layer['sparsity']:.3f} |"
+            for i, layer in enumerate(s["layers"])
+        ]
+    if metrics:
+        lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=1), "```"]
+    lines += [
+        "", "## How to load", "", "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)",
+        "processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)",
+        "```", "",
+        "The decoder layers have per-layer head counts and MLP widths (`hipp_layers` in config.json);",
+        "`modeling_hipp.py` builds the stock model and narrows those layers. `hipp_plan.json` records which",
+        "original heads and channels were kept.", "",
+    ]
+    return "\n".join(lines)
+
+
+# --- zero-padded dense export ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def export_zero_padded(
+    model: nn.Module, processor: Any, adapter: ModelAdapter, plan: PruningPlan, out_dir: str | Path
+) -> Path:
+    """Write the stock architecture at dense shapes, removed units as zeros (no remote code needed)."""
+    base_class, _, base_type = _base_classes(model)
+    data = model.config.to_dict()
+    for key in list(data):
+        if key.startswith("hipp_") or key in ("auto_map", "architectures", "model_type", "transformers_version"):
+            data.pop(key)
+    stock_cls = getattr(transformers, base_class)
+    config = stock_cls.config_class(**data)
+    with torch.device("meta"):
+        dense = stock_cls(config)
+    state = dict(model.state_dict())
+    for layer, shape, lp in zip(adapter.layers(), plan.geometry.layers, plan.layers, strict=True):
+        prefix = _module_prefix(model, layer.layer)
+        state.update(_padded_layer_state(layer, shape, lp, prefix))
+    dense.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        owner = dense.get_submodule(module_name)
+        if getattr(owner, attr).is_meta:
+            owner._buffers[attr] = buffer
+    out = Path(out_dir)
+    dense.config.dtype = next(model.parameters()).dtype
+    dense.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    plan.save(out / PLAN_FILE)
+    return out
+
+
+def _module_prefix(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name + "."
+    raise OptionError("layer not found in model")
+
+
+def _padded_layer_state(layer: Any, shape: Any, lp: LayerPlan, prefix: str) -> dict[str, torch.Tensor]:
+    d = shape.head_dim
+    head_rows = torch.tensor([h * d + i for h in lp.head_order(shape) for i in range(d)], dtype=torch.long)
+    kv_rows = torch.tensor([g * d + i for g in lp.kv_heads for i in range(d)], dtype=torch.long)
+    channels = torch.tensor(lp.channels, dtype=torch.long)
+    hidden = layer.q_proj.in_features
+    state: dict[str, torch.Tensor] = {}
+
+    def pad(name: str, linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None,
+            out_f: int, in_f: int) -> None:
+        weight = linear.weight.new_zeros(out_f, in_f)
+        if rows is not None:
+            weight[rows] = linear.weight
+        else:
+            assert cols is not None
+            weight[:, cols] = linear.weight
+        state[f"{prefix}{name}.weight"] = weight
+        if linear.bias is not None:
+            if rows is not None:
+                bias = linear.bias.new_zeros(out_f)
+                bias[rows] = linear.bias
+            else:
+                bias = linear.bias.clone()
+            state[f"{prefix}{name}.bias"] = bias
+
+    attn = _module_prefix(layer.layer, layer.attention)
+    mlp = _module_prefix(layer.layer, layer.mlp)
+    nh, nkv, width = shape.num_heads * d, shape.num_kv_heads * d, shape.intermediate_size
+    pad(attn + "q_proj", layer.q_proj, head_rows, None, nh, hidden)
+    pad(attn + "k_proj", layer.k_proj, kv_rows, None, nkv, hidden)
+    pad(attn + "v_proj", layer.v_proj, kv_rows, None, nkv, hidden)
+    pad(attn + "o_proj", layer.o_proj, None, head_rows, hidden, nh)
+    pad(mlp + "gate_proj", layer.gate_proj, channels, None, width, hidden)
+    pad(mlp + "up_proj", layer.up_proj, channels, None, width, hidden)
+    pad(mlp + "down_proj", layer.down_proj, None, channels, hidden, width)
+    return state

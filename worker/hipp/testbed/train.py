@@ -1,0 +1,497 @@
+"""Staged from-scratch training of the testbed VLM (the recipe in shared/design/testbed.md).
+
+Stage 1 trains the vision tower alone with auxiliary heads on the features LLaVA selects (per-patch coverage;
+presence, per-category count and side on the class token). Stage 2 trains the whole LLaVA on question
+answering with every answer token supervised and the stage-1 heads kept as an auxiliary loss: single-turn
+first, then several questions about one image as turns. The run logs held-out metrics and checkpoints
+periodically, so a partial run is usable, and exports fp16 weights with the processor at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from worker.hipp.benchmarks import pope, scienceqa
+from worker.hipp.benchmarks.pope import ObjectStats
+from worker.hipp.benchmarks.scienceqa import SqaProblem
+from worker.hipp.evaluation import LETTERS, pope_prompt_text, sqa_prompt_text
+from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.testbed.model import build_model
+from worker.hipp.testbed.tokenizer import IMAGE_MEAN, IMAGE_STD, NUM_IMAGE_TOKENS, PATCH_SIZE, build_processor
+from worker.hipp.world import CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
+
+N_CAT = len(CATEGORY_NAMES)
+MAX_COUNT = 3
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; written next to the checkpoints and into the model card."""
+
+    seed: int = 0
+    pope_images: int = 24000
+    sqa_problems: int = 24000
+    stage1_steps: int = 900
+    stage2_steps: int = 3000
+    multiturn_from: int = 1500
+    turns: int = 3
+    batch: int = 64
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 1e-3
+    vision_lr_scale: float = 0.3
+    aux_weight: float = 0.3
+    sqa_share: float = 0.45
+    warmup: int = 100
+    eval_every: int = 250
+    val_images: int = 300
+    val_problems: int = 450
+    threads: int = 2
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Pool:
+    """Training images rendered once, with their auxiliary targets and (for ScienceQA scenes) a problem."""
+
+    scenes: list[Scene]
+    problems: list[SqaProblem | None]
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    presence: torch.Tensor  # float [N, C]
+    counts: torch.Tensor  # long [N, C], clipped to MAX_COUNT
+    side: torch.Tensor  # long [N, C]: 0 left, 1 right, -100 undefined
+    patches: torch.Tensor  # uint8 [N, P, C]
+    sqa_index: list[int] = field(default_factory=list)  # rows that carry a ScienceQA problem
+
+    def __post_init__(self) -> None:
+        self.sqa_index = [i for i, p in enumerate(self.problems) if p is not None]
+
+
+def _targets(scene: Scene) -> tuple[list[float], list[int], list[int], list[list[int]]]:
+    presence = [0.0] * N_CAT
+    counts = [0] * N_CAT
+    side = [-100] * N_CAT
+    for c in scene.categories:
+        i = CATEGORY_NAMES.index(c)
+        presence[i] = 1.0
+        counts[i] = min(scene.count(c), MAX_COUNT)
+    for c in scienceqa.side_candidates(scene):
+        obj = next(o for o in scene.objects if o.category == c)
+        side[CATEGORY_NAMES.index(c)] = 0 if obj.centre_x < IMAGE_SIZE / 2 else 1
+    cells = coverage_mask(scene, PATCH_SIZE)
+    patches = [[1 if name in cell else 0 for name in CATEGORY_NAMES] for cell in cells]
+    return presence, counts, side, patches
+
+
+def build_pool(scenes: Sequence[Scene], problems: Sequence[SqaProblem | None], report: Reporter) -> Pool:
+    images = np.zeros((len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    presence, counts, side, patches = [], [], [], []
+    for i, scene in enumerate(report.track(scenes, message="render")):
+        images[i] = np.asarray(render(scene))
+        p, c, s, m = _targets(scene)
+        presence.append(p)
+        counts.append(c)
+        side.append(s)
+        patches.append(m)
+    return Pool(
+        list(scenes),
+        list(problems),
+        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        torch.tensor(presence),
+        torch.tensor(counts),
+        torch.tensor(side),
+        torch.tensor(patches, dtype=torch.uint8),
+    )
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to pixel values exactly as the processor makes them (rescale, then mean/std)."""
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class AuxHeads(nn.Module):
+    """Linear probes on the vision features: class token -> presence/count/side, patch -> coverage."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.presence = nn.Linear(width, N_CAT)
+        self.count = nn.Linear(width, N_CAT * (MAX_COUNT + 1))
+        self.side = nn.Linear(width, N_CAT * 2)
+        self.patch = nn.Linear(width, N_CAT)
+
+    def loss(self, hidden: torch.Tensor, pool: Pool, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        h = self.norm(hidden)
+        cls, patches = h[:, 0], h[:, 1:]
+        bce = nn.functional.binary_cross_entropy_with_logits
+        presence_logits = self.presence(cls)
+        loss = bce(presence_logits, pool.presence[idx])
+        count_logits = self.count(cls).view(-1, MAX_COUNT + 1)
+        loss = loss + nn.functional.cross_entropy(count_logits, pool.counts[idx].view(-1))
+        side_target = pool.side[idx].view(-1)
+        if (side_target >= 0).any():
+            loss = loss + nn.functional.cross_entropy(self.side(cls).view(-1, 2), side_target, ignore_index=-100)
+        loss = loss + bce(self.patch(patches), pool.patches[idx].float())
+        with torch.no_grad():
+            f1 = _f1(presence_logits > 0, pool.presence[idx] > 0.5)
+        return loss, f1
+
+
+def _f1(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    tp = (pred & truth).sum().item()
+    denom = pred.sum().item() + truth.sum().item()
+    return 2 * tp / denom if denom else 0.0
+
+
+# -------------------------------------------------------------------------------------------- questions
+
+
+def sample_pope_turn(scene: Scene, rng: random.Random, stats: ObjectStats) -> tuple[str, str]:
+    """A balanced training POPE question. Negatives are drawn in proportion to frequency or co-occurrence
+    (not the evaluation's top-k), so training does not drill exactly the evaluation's hard negatives."""
+    present = scene.categories
+    if rng.random() < 0.5:
+        return pope_prompt_text(pope.question_text(rng.choice(present))), "Yes"
+    absent = [c for c in CATEGORY_NAMES if c not in present]
+    r = rng.random()
+    if r < 0.4:
+        weights = [1.0] * len(absent)
+    elif r < 0.7:
+        weights = [stats.frequency[c] + 1.0 for c in absent]
+    else:
+        weights = [sum(stats.cooccurrence.get(p, {}).get(c, 0) for p in present) + 1.0 for c in absent]
+    category = rng.choices(absent, weights=weights)[0]
+    return pope_prompt_text(pope.question_text(category)), "No"
+
+
+def sqa_turn(problem: SqaProblem) -> tuple[str, str]:
+    return sqa_prompt_text(problem.question, problem.choices, problem.hint), LETTERS[problem.answer]
+
+
+class Encoder:
+    """Builds token ids and labels for (prompt, answer) turns in the chat template's exact token layout."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.tok = tokenizer
+        self.cache: dict[str, list[int]] = {}
+        self.bos = int(tokenizer.bos_token_id)
+        self.eos = int(tokenizer.eos_token_id)
+        self.pad = int(tokenizer.pad_token_id)
+        self.image = int(tokenizer.convert_tokens_to_ids("<image>"))
+
+    def words(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        return self.cache[text]
+
+    def encode(self, turns: Sequence[tuple[str, str | None]]) -> tuple[list[int], list[int]]:
+        """``answer=None`` on the last turn leaves the sequence open at the generation prompt."""
+        ids = [self.bos, *self.words("USER:"), *[self.image] * NUM_IMAGE_TOKENS]
+        labels = [-100] * len(ids)
+        for i, (prompt, answer) in enumerate(turns):
+            head = self.words(prompt + " ASSISTANT:") if i == 0 else self.words(f"USER: {prompt} ASSISTANT:")
+            ids += head
+            labels += [-100] * len(head)
+            if answer is not None:
+                tail = [*self.words(answer), self.eos]
+                ids += tail
+                labels += tail
+        return ids, labels
+
+    def batch(self, seqs: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded batch (training and last-position scoring both use the last real token)."""
+        width = max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad)
+        labels = torch.full((len(seqs), width), -100)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(seqs):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine down to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class ValSet:
+    pope: dict[str, list[tuple[Scene, str, str]]]  # split -> (scene, question, label)
+    sqa: list[tuple[Scene, SqaProblem]]
+
+
+def build_val(cfg: TrainConfig) -> ValSet:
+    """Held-out images (their own random streams) for the periodic metrics."""
+    scenes = generate_scenes(cfg.seed, cfg.val_images, "trainval", min_categories=3)
+    by_id = {s.image_id: s for s in scenes}
+    out: dict[str, list[tuple[Scene, str, str]]] = {}
+    for split in pope.SPLITS:
+        qs = pope.build_split(scenes, split, cfg.seed)
+        out[split] = [(by_id[q.image], q.text, q.label) for q in qs]
+    sqa = scienceqa.generate_problems(cfg.seed, cfg.val_problems, "trainval", ObjectStats.from_scenes(scenes))
+    return ValSet(out, sqa)
+
+
+@torch.no_grad()
+def last_logits(
+    model: LlavaForConditionalGeneration, enc: Encoder, items: Sequence[tuple[Scene, str]], batch: int = 128
+) -> torch.Tensor:
+    """Next-token logits at the generation prompt for each (scene, prompt)."""
+    out = []
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        b = enc.batch([enc.encode([(prompt, None)]) for _, prompt in chunk])
+        pixels = normalise(torch.stack([torch.from_numpy(np.asarray(render(s))).permute(2, 0, 1) for s, _ in chunk]))
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=pixels).logits
+        last = b["attention_mask"].sum(1) - 1
+        out.append(logits[torch.arange(len(chunk)), last])
+    return torch.cat(out)
+
+
+def quick_eval(model: LlavaForConditionalGeneration, enc: Encoder, val: ValSet, limit: int) -> dict[str, float]:
+    """Balanced accuracy / yes-ratio per POPE split and SQA accuracy from first-token logits."""
+    model.eval()
+    yes, no = enc.words("Yes")[0], enc.words("No")[0]
+    metrics: dict[str, float] = {}
+    for split, rows in val.pope.items():
+        rows = rows[:limit]
+        logits = last_logits(model, enc, [(s, pope_prompt_text(q)) for s, q, _ in rows])
+        preds = ["yes" if v else "no" for v in (logits[:, yes] > logits[:, no]).tolist()]
+        m = pope.compute_metrics(preds, [lab for _, _, lab in rows])
+        metrics[f"{split}_bacc"] = round(m.balanced_accuracy, 4)
+        metrics[f"{split}_yes"] = round(m.yes_ratio, 3)
+    problems = [p for _, p in val.sqa]
+    logits = last_logits(model, enc, [(s, sqa_turn(p)[0]) for s, p in val.sqa])
+    letter_ids = [enc.words(x)[0] for x in LETTERS]
+    preds = [int(torch.argmax(row[letter_ids[: len(p.choices)]]).item()) for row, p in zip(logits, problems, strict=True)]
+    sm = scienceqa.compute_metrics(preds, problems)
+    metrics["sqa"] = round(sm.accuracy, 4)
+    for kind, (c, t) in sm.by_kind.items():
+        metrics[f"sqa_{kind}"] = round(c / t, 3)
+    model.train()
+    return metrics
+
+
+class VisionCapture:
+    """Forward hook that keeps the vision tower's last hidden state (what LLaVA feeds the projector)."""
+
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        self.hidden: torch.Tensor | None = None
+        model.model.vision_tower.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: object, output: object) -> None:
+        self.hidden = output.last_hidden_state  # type: ignore[attr-defined]
+
+
+def _log(path: Path, record: dict[str, object], report: Reporter) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    report.log(json.dumps(record))
+
+
+def train_stage1(
+    model: LlavaForConditionalGeneration, heads: AuxHeads, pool: Pool, cfg: TrainConfig, log: Path, report: Reporter
+) -> None:
+    vision = model.model.vision_tower
+    params = list(vision.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.time()
+    report.stage("stage1", "vision tower with auxiliary heads")
+    for step in range(cfg.stage1_steps):
+        report.check()
+        for g in opt.param_groups:
+            g["lr"] = cfg.stage1_lr * lr_factor(step, cfg.stage1_steps, cfg.warmup)
+        idx = torch.randint(0, len(pool.scenes), (cfg.batch,), generator=gen)
+        hidden = vision(pixel_values=normalise(pool.images[idx])).last_hidden_state
+        loss, f1 = heads.loss(hidden, pool, idx)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == cfg.stage1_steps - 1:
+            rec = {"stage": 1, "step": step, "loss": round(loss.item(), 4), "presence_f1": round(f1, 3)}
+            _log(log, {**rec, "minutes": round((time.time() - start) / 60, 2)}, report)
+
+
+def _stage2_batch(
+    pool: Pool, cfg: TrainConfig, rng: random.Random, stats: ObjectStats, enc: Encoder, multiturn: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    sqa_idx = pool.sqa_index
+    seqs, rows = [], []
+    for _ in range(cfg.batch):
+        if multiturn:
+            i = rng.choice(sqa_idx)
+            problem = pool.problems[i]
+            assert problem is not None
+            turns = [sqa_turn(problem)] + [sample_pope_turn(pool.scenes[i], rng, stats) for _ in range(cfg.turns - 1)]
+            rng.shuffle(turns)
+        elif rng.random() < cfg.sqa_share:
+            i = rng.choice(sqa_idx)
+            problem = pool.problems[i]
+            assert problem is not None
+            turns = [sqa_turn(problem)]
+        else:
+            i = rng.randrange(len(pool.scenes))
+            turns = [sample_pope_turn(pool.scenes[i], rng, stats)]
+        seqs.append(enc.encode([(p, a) for p, a in turns]))
+        rows.append(i)
+    return enc.batch(seqs), torch.tensor(rows)
+
+
+def train_stage2(
+    model: LlavaForConditionalGeneration,
+    heads: AuxHeads,
+    pool: Pool,
+    stats: ObjectStats,
+    enc: Encoder,
+    val: ValSet,
+    cfg: TrainConfig,
+    work: Path,
+    report: Reporter,
+) -> dict[str, float]:
+    vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    vision_ids = {id(p) for p in vision_params}
+    other = [p for p in model.parameters() if id(p) not in vision_ids]
+    opt = torch.optim.AdamW(
+        [
+            {"params": other, "scale": 1.0},
+            {"params": vision_params, "scale": cfg.vision_lr_scale},
+        ],
+        lr=cfg.stage2_lr,
+        betas=(0.9, 0.98),
+        weight_decay=0.01,
+    )
+    capture = VisionCapture(model)
+    rng = random.Random(f"{cfg.seed}:stage2")
+    log = work / "train_log.jsonl"
+    start = time.time()
+    metrics: dict[str, float] = {}
+    report.stage("stage2", "LLaVA question answering")
+    model.train()
+    for step in range(cfg.stage2_steps):
+        report.check()
+        for g in opt.param_groups:
+            g["lr"] = cfg.stage2_lr * g["scale"] * lr_factor(step, cfg.stage2_steps, cfg.warmup)
+        batch, rows = _stage2_batch(pool, cfg, rng, stats, enc, multiturn=step >= cfg.multiturn_from)
+        out = model(**batch, pixel_values=normalise(pool.images[rows]))
+        assert capture.hidden is not None
+        aux, f1 = heads.loss(capture.hidden, pool, rows)
+        loss = out.loss + cfg.aux_weight * aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            rec = {"stage": 2, "step": step, "qa_loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4)}
+            _log(log, {**rec, "presence_f1": round(f1, 3), "minutes": round((time.time() - start) / 60, 2)}, report)
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.stage2_steps - 1:
+            metrics = quick_eval(model, enc, val, limit=600)
+            _log(log, {"stage": 2, "step": step + 1, "eval": metrics}, report)
+            model.save_pretrained(work / "checkpoint")
+    return metrics
+
+
+def export(model: LlavaForConditionalGeneration, out: Path) -> None:
+    """fp16 safetensors plus the processor files, loadable with the Auto classes offline."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
+    build_processor().save_pretrained(out)
+
+
+def train(cfg: TrainConfig, out: Path, work: Path, report: Reporter = SILENT) -> dict[str, object]:
+    """Run both stages and export to ``out``; checkpoints and the log go to ``work``."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log = work / "train_log.jsonl"
+    t0 = time.time()
+    report.stage("data", "generating and rendering the training split")
+    pope_scenes = generate_scenes(cfg.seed, cfg.pope_images, "train")
+    stats = ObjectStats.from_scenes(pope_scenes)
+    sqa = scienceqa.generate_problems(cfg.seed, cfg.sqa_problems, "train", stats)
+    pool = build_pool(
+        pope_scenes + [s for s, _ in sqa], [None] * len(pope_scenes) + [p for _, p in sqa], report
+    )
+    val = build_val(cfg)
+    processor = build_processor()
+    enc = Encoder(processor.tokenizer)
+    model = build_model(dict(processor.tokenizer.get_vocab()))
+    heads = AuxHeads(model.config.vision_config.hidden_size)
+    _log(log, {"data_minutes": round((time.time() - t0) / 60, 2), "params": model.num_parameters()}, report)
+    train_stage1(model, heads, pool, cfg, log, report)
+    metrics = train_stage2(model, heads, pool, stats, enc, val, cfg, work, report)
+    minutes = (time.time() - t0) / 60
+    export(model, out)
+    summary: dict[str, object] = {"minutes": round(minutes, 1), "val": metrics, "config": asdict(cfg)}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def time_steps(cfg: TrainConfig, steps: int = 5) -> dict[str, float]:
+    """Seconds per step of each stage on a tiny pool (used to size a run to the time budget)."""
+    torch.set_num_threads(cfg.threads)
+    scenes = generate_scenes(cfg.seed, 256, "timing")
+    sqa = scienceqa.generate_problems(cfg.seed, 256, "timing", ObjectStats.from_scenes(scenes))
+    pool = build_pool(scenes + [s for s, _ in sqa], [None] * len(scenes) + [p for _, p in sqa], SILENT)
+    processor = build_processor()
+    enc = Encoder(processor.tokenizer)
+    model = build_model(dict(processor.tokenizer.get_vocab()))
+    heads = AuxHeads(model.config.vision_config.hidden_size)
+    stats = ObjectStats.from_scenes(scenes)
+    result: dict[str, float] = {}
+    for name, fn in _timing_fns(model, heads, pool, stats, enc, cfg).items():
+        fn()
+        t = time.time()
+        for _ in range(steps):
+            fn()
+        result[name] = (time.time() - t) / steps
+    return result
+
+
+def _timing_fns(
+    model: LlavaForConditionalGeneration, heads: AuxHeads, pool: Pool, stats: ObjectStats, enc: Encoder, cfg: TrainConfig
+) -> dict[str, Callable[[], None]]:
+    rng = random.Random(0)
+    capture = VisionCapture(model)
+
+    def stage1() -> None:
+        idx = torch.randint(0, len(pool.scenes), (cfg.batch,))
+        hidden = model.model.vision_tower(pixel_values=normalise(pool.images[idx])).last_hidden_state
+        heads.loss(hidden, pool, idx)[0].backward()
+
+    def stage2(multiturn: bool) -> Callable[[], None]:
+        def run() -> None:
+            batch, rows = _stage2_batch(pool, cfg, rng, stats, enc, multiturn)
+            out = model(**batch, pixel_values=normalise(pool.images[rows]))
+            assert capture.hidden is not None
+            (out.loss + heads.loss(capture.hidden, pool, rows)[0]).backward()
+
+        return run
+
+    return {"stage1": stage1, "stage2_single": stage2(False), "stage2_multi": stage2(True)}
