@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     api_key_cache_s: float = Field(
         default=10.0, description="How long a verified API key is cached in-process"
     )
-    allowed_models: list[str] = Field(default_factory=lambda: ["tiny-llava", "testbed"])
-    model_dirs: list[Path] = Field(
+    allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny-llava", "testbed"])
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server folders whose models may be used"
     )
     allow_hub_models: bool = Field(default=False, description="Accept Hugging Face hub ids (org/name)")
