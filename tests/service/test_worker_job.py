@@ -1,0 +1,169 @@
+"""A whole job through a real Celery worker process (Redis broker, Postgres, moto S3) on the tiny model:
+status and stage progress seen while polling, events listed, checkpoint downloaded through the presigned URL,
+its sha256 verified, and loaded in a fresh process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from app.config import Settings
+from app.db import session_scope
+from app.models import Job
+from tests.service.conftest import auth, stack_env
+from worker.cli.jobs import LOAD_SNIPPET
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        settings.gpu_queue,
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    return subprocess.Popen(
+        cmd, env=stack_env(settings), stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
+
+
+@pytest.fixture(scope="module")
+def worker_settings(stack_settings: Settings) -> Settings:
+    # Its own queue, so jobs queued by the API tests (no worker there) are not picked up here.
+    return stack_settings.model_copy(update={"gpu_queue": f"{stack_settings.gpu_queue}-w"})
+
+
+@pytest.fixture(scope="module")
+def worker(worker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start_worker(worker_settings, log_path)
+    yield log_path
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def wclient(worker_settings: Settings):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(worker_settings)) as c:
+        yield c
+
+
+def poll(
+    client, key: str, job_id: str, timeout: float = 240
+) -> tuple[dict, list[tuple[str, str | None, float]]]:  # type: ignore[no-untyped-def]
+    seen: list[tuple[str, str | None, float]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+        point = (job["status"], job["stage"], job["progress"])
+        if not seen or seen[-1] != point:
+            seen.append(point)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job, seen
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish; saw {seen}")
+
+
+def test_full_job_through_a_worker_process(worker, wclient, tenant_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": "tiny-llava", "preference": {"utility": 0.4, "robustness": 0.2, "compression": 0.4}}
+    r = wclient.post("/jobs", json=body, headers=auth(tenant_key))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    job, seen = poll(wclient, tenant_key, job_id)
+    assert job["status"] == "succeeded", (job, worker.read_text()[-3000:])
+    # progress was observed while running, stage by stage, and never went backwards
+    running = [s for s in seen if s[0] == "running"]
+    assert running, seen
+    assert len({s[1] for s in running}) >= 2, seen
+    progresses = [s[2] for s in seen]
+    assert progresses == sorted(progresses) and job["progress"] == 1.0
+    assert job["attempt"] == 1 and job["error"] is None
+    result = job["result"]
+    assert result["plan_source"] == "baseline"
+    assert 0.2 < result["chosen_plan"]["sparsity"] < 0.35
+    assert result["stages"]["recover"]["status"] == "skipped"
+    assert result["metrics"]["parameters"] < result["metrics"]["dense_parameters"]
+
+    events = wclient.get(f"/jobs/{job_id}/events", headers=auth(tenant_key)).json()["items"]
+    messages = [e["message"] for e in events]
+    for stage in ("load", "sensitivity", "plan", "prune", "recover", "evaluate", "upload"):
+        assert f"{stage} started" in messages
+    assert any(m.startswith("recover skipped: no recovery requested") for m in messages)
+    assert messages[-1] == "job succeeded"
+    ids = [e["id"] for e in events]
+    assert ids == sorted(ids)
+
+    plans = wclient.get(f"/jobs/{job_id}/plans", headers=auth(tenant_key)).json()
+    assert len(plans) == 1 and plans[0]["chosen"]
+
+    arts = {a["name"]: a for a in wclient.get(f"/jobs/{job_id}/artifacts", headers=auth(tenant_key)).json()}
+    assert set(arts) == {"checkpoint.tar", "hipp_plan.json", "metrics.json"}
+    ckpt = arts["checkpoint.tar"]
+    download = httpx.get(ckpt["url"])
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == ckpt["sha256"] == result["checkpoint"]["sha256"]
+    archive = tmp_path / "checkpoint.tar"
+    archive.write_bytes(download.content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_SNIPPET, str(tmp_path / "checkpoint")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded["parameters"] == result["metrics"]["parameters"]
+    assert loaded["plan"] == result["chosen_plan"]["fingerprint"]
+
+
+def test_unknown_builtin_fails_without_retry_and_duplicates_are_not_claimed(  # type: ignore[no-untyped-def]
+    worker, wclient, tenant_key, worker_settings: Settings
+) -> None:
+    # The testbed is allowed by the API but may not be installed: then the worker fails the job at once
+    # with model_not_found (not retried). If it is installed, point the job at a path that vanished.
+    r = wclient.post(
+        "/jobs", json={"model": "tiny-llava", "preference": {"utility": 1}}, headers=auth(tenant_key)
+    )
+    job_id = r.json()["id"]
+    with session_scope(worker_settings.resolved_database_url) as s:
+        s.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(model="/nonexistent/model-dir"))
+    from app.queue import publish
+
+    publish(worker_settings, uuid.UUID(job_id))  # a second delivery of the same job
+    job, _ = poll(wclient, tenant_key, job_id, timeout=120)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "model_not_found" and job["error"]["retryable"] is False
+    assert "/nonexistent/model-dir" in job["error"]["message"]
+    assert job["attempt"] == 1

@@ -1,0 +1,46 @@
+"""The Celery app: ``celery -A worker.celery_app worker -Q gpu`` (GPU work) and ``-Q default`` (light work).
+
+Prefork, one process per GPU (concurrency 1), one task per child (a fresh process per job: GPU memory is
+returned when it exits), prefetch 1 with late acks (a worker holds at most the job it runs). Torch is imported
+inside the task, never here. The database engine is built once per process, after the fork.
+Beat runs the outbox relay on the default queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from app.config import get_settings
+from app.queue import RELAY, RUN_JOB, celery_config
+
+settings = get_settings()
+
+celery_app = Celery("hipp", include=["worker.tasks"])
+celery_app.conf.update(celery_config(settings))
+celery_app.conf.update(
+    task_routes={RUN_JOB: {"queue": settings.gpu_queue}, RELAY: {"queue": settings.default_queue}},
+    task_acks_late=True,
+    task_reject_on_worker_lost=False,
+    worker_prefetch_multiplier=1,
+    worker_max_tasks_per_child=1,
+    worker_concurrency=1,
+    worker_pool="prefork",
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    worker_enable_remote_control=not settings.embedded_broker,
+    beat_schedule={
+        "relay-pending-jobs": {"task": RELAY, "schedule": max(5.0, settings.enqueue_retry_s / 2)},
+    },
+)
+app = celery_app
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked child must not share the parent's pooled database connections."""
+    from app.db import dispose_all
+
+    dispose_all()

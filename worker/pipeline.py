@@ -1,0 +1,543 @@
+"""The job pipeline: load -> sensitivity -> plan -> prune -> recover -> evaluate -> upload.
+
+Each stage is a small function that calls the engine (``worker.hipp``) and never re-implements it. The
+runner around them owns the job row:
+
+- **claim**: a conditional UPDATE (queued -> running, attempt + 1, lease owner and expiry). A second delivery
+  of the same job finds nothing to claim and returns.
+- **heartbeat**: a thread renews ``heartbeat_at`` and the lease every ``HIPP_HEARTBEAT_S`` and reads the
+  status, so a ``cancelling`` job stops at the engine's next ``reporter.check()``.
+- **events, progress**: every stage start/finish/skip is an event; the engine's progress ticks become
+  ``stage_progress`` and overall ``progress`` (throttled writes).
+- **stage outputs**: the plan is saved to object storage and its key recorded in ``stage_outputs``; a retry
+  reuses it instead of planning again.
+- **outcome**: succeeded with a result; a ``HippError`` fails the job without retry (the caller must change
+  the request); any other error re-queues the job until ``max_attempts``; ``Cancelled`` -> cancelled.
+  Every final write is conditional on still holding the lease.
+
+A stage whose engine part does not exist yet records that it was skipped and why; results are never faked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tarfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db import session_factory
+from app.models import STAGES, Artifact, Event, Job, JobStatus, Policy, utcnow
+from app.queue import dispatch
+from app.storage import Storage, get_storage
+from worker.hipp.progress import Cancelled, Reporter
+
+log = logging.getLogger("hipp.pipeline")
+
+# Share of overall progress per stage (sums to 1).
+STAGE_WEIGHTS = {
+    "load": 0.10,
+    "sensitivity": 0.05,
+    "plan": 0.35,
+    "prune": 0.05,
+    "recover": 0.20,
+    "evaluate": 0.10,
+    "upload": 0.15,
+}
+# Preference -> target sparsity for the baseline allocator: all compression -> SPARSITY_MAX.
+SPARSITY_MIN, SPARSITY_MAX = 0.05, 0.6
+CALIBRATION_SAMPLES = 16
+
+
+class Skipped(Exception):
+    """A stage did not run; the message says why."""
+
+
+class LeaseLost(Exception):
+    """Another worker owns this job now; stop without touching it."""
+
+
+# --- the job's view of the database ------------------------------------------------------------------------
+class JobRun(Reporter):
+    """One claimed attempt at a job: events, progress, heartbeats and cancellation, as an engine Reporter."""
+
+    def __init__(self, factory: sessionmaker[Session], job: Job, owner: str, settings: Settings) -> None:
+        self.factory = factory
+        self.job_id = job.id
+        self.owner = owner
+        self.settings = settings
+        self.stage_name: str | None = None
+        self.done_weight = 0.0
+        self._last_write = 0.0
+        self._cancel = threading.Event()
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._hb = threading.Thread(target=self._heartbeat_loop, name="hipp-heartbeat", daemon=True)
+
+    # lifecycle
+    def start_heartbeat(self) -> None:
+        self._hb.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._hb.is_alive():
+            self._hb.join(timeout=5)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                self.heartbeat()
+            except Exception as exc:  # a missed beat is not fatal; the lease is longer than a beat
+                log.warning("heartbeat failed for job %s: %s", self.job_id, exc)
+
+    def heartbeat(self) -> None:
+        now = utcnow()
+        with self.factory() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.lease_owner == self.owner)
+                .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=self.settings.lease_s))
+                .returning(Job.status)
+            )
+            row = res.first()
+            s.commit()
+        if row is None:
+            self._lost.set()
+        elif row[0] == JobStatus.cancelling.value:
+            self._cancel.set()
+
+    # writes
+    def _update(self, **values: Any) -> None:
+        with self.factory() as s:
+            res = s.execute(
+                update(Job).where(Job.id == self.job_id, Job.lease_owner == self.owner).values(**values)
+            )
+            s.commit()
+        if not res.rowcount:  # type: ignore[attr-defined]
+            self._lost.set()
+            raise LeaseLost(f"job {self.job_id} is no longer leased to {self.owner}")
+
+    def event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        with self.factory() as s:
+            s.add(
+                Event(
+                    job_id=self.job_id, stage=self.stage_name, level=level, message=message, data=data or {}
+                )
+            )
+            s.commit()
+
+    def begin(self, stage: str) -> None:
+        self.stage_name = stage
+        self._update(
+            stage=stage, stage_progress=0.0, progress=round(self.done_weight, 4), heartbeat_at=utcnow()
+        )
+        self.event(f"{stage} started")
+
+    def end(
+        self, stage: str, seconds: float, skipped: str | None = None, data: dict[str, Any] | None = None
+    ) -> None:
+        self.done_weight += STAGE_WEIGHTS[stage]
+        self._update(stage_progress=1.0, progress=round(min(self.done_weight, 1.0), 4))
+        payload = {"seconds": round(seconds, 3), **(data or {})}
+        if skipped is not None:
+            self.event(f"{stage} skipped: {skipped}", level="warning", data={**payload, "skipped": skipped})
+        else:
+            self.event(f"{stage} finished in {seconds:.1f}s", data=payload)
+
+    def save_stage_output(self, stage: str, key: str) -> None:
+        with self.factory() as s:
+            job = s.get(Job, self.job_id)
+            assert job is not None
+            job.stage_outputs = {**(job.stage_outputs or {}), stage: key}
+            s.commit()
+
+    # Reporter hooks (called by the engine)
+    def stage(self, name: str, message: str = "") -> None:
+        self.event(f"{name}: {message}".rstrip(": "), data={"substage": name})
+
+    def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if not finished and now - self._last_write < 0.5:
+            return
+        self._last_write = now
+        frac = min(done / total, 1.0) if total else 0.0
+        weight = STAGE_WEIGHTS.get(self.stage_name or "", 0.0)
+        self._update(
+            stage_progress=round(frac, 4), progress=round(min(self.done_weight + weight * frac, 1.0), 4)
+        )
+
+    def log(self, message: str) -> None:
+        self.event(message)
+
+    def should_stop(self) -> bool:
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job_id} is no longer leased to {self.owner}")
+        return self._cancel.is_set()
+
+
+# --- what the stages share ----------------------------------------------------------------------------------
+@dataclass
+class JobContext:
+    job: Job
+    run: JobRun
+    settings: Settings
+    storage: Storage
+    work_dir: Path
+    loaded: Any = None
+    plan: Any = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_load(ctx: JobContext) -> dict[str, Any]:
+    from worker.hipp.loading import load_model
+
+    ctx.loaded = load_model(ctx.job.model)
+    params = sum(p.numel() for p in ctx.loaded.model.parameters())
+    ctx.result["dense"] = {"parameters": params}
+    return {"parameters": params, "adapter": type(ctx.loaded.adapter).__name__}
+
+
+def stage_sensitivity(ctx: JobContext) -> dict[str, Any]:
+    wired = False  # flip when the engine ships worker.hipp.sensitivity and the policy planner consumes it
+    if not wired:
+        missing = importlib.util.find_spec("worker.hipp.sensitivity") is None
+        why = "the engine has no sensitivity analysis yet" if missing else "not wired into the service yet"
+        raise Skipped(f"{why}; the baseline allocator does not use it")
+    return {}
+
+
+def baseline_sparsity(preference: dict[str, float], ceiling: float) -> float:
+    """Matched sparsity for the baseline allocator: linear in the compression weight, capped below the
+    model's ceiling (utility and robustness weights pull it towards ``SPARSITY_MIN``)."""
+    s = SPARSITY_MIN + (SPARSITY_MAX - SPARSITY_MIN) * float(preference.get("compression", 0.0))
+    return round(min(s, 0.95 * ceiling), 4)
+
+
+def find_policy(ctx: JobContext) -> Policy | None:
+    with ctx.run.factory() as s:
+        return s.scalar(
+            select(Policy)
+            .where(Policy.tenant_id == ctx.job.tenant_id, Policy.model == ctx.job.model)
+            .order_by(Policy.created_at.desc())
+            .limit(1)
+        )
+
+
+def stage_plan(ctx: JobContext) -> dict[str, Any]:
+    from worker.hipp.allocation import max_sparsity
+    from worker.hipp.calibration import synthetic_samples
+    from worker.hipp.plan import PruningPlan, geometry_of
+    from worker.hipp.pruner import build_plan
+
+    key = f"jobs/{ctx.job.id}/stages/plan.json"
+    saved = (ctx.job.stage_outputs or {}).get("plan")
+    policy = find_policy(ctx)
+    source, detail = "baseline", "uniform allocation, wanda-sp importance"
+    if policy is not None:
+        detail = (
+            f"policy {policy.id} ({policy.name}) is registered for this model, but the engine cannot run "
+            "policies yet; used the baseline allocator"
+        )
+        ctx.run.event(detail, level="warning", data={"policy_id": str(policy.id)})
+    if saved and ctx.storage.exists(saved):
+        ctx.plan = PruningPlan.from_json(ctx.storage.get_bytes(saved).decode())
+        ctx.run.event("reused the plan saved by a previous attempt", data={"key": saved})
+        source = ctx.plan.meta.get("source", source)
+    else:
+        ceiling = max_sparsity(geometry_of(ctx.loaded.adapter))
+        if ctx.job.target_sparsity is not None:
+            sparsity, mode = ctx.job.target_sparsity, "matched (target_sparsity)"
+        else:
+            sparsity, mode = (
+                baseline_sparsity(ctx.job.preference, ceiling),
+                "from preference (compression weight)",
+            )
+        ctx.run.event(
+            f"target sparsity {sparsity:.3f} {mode}", data={"sparsity": sparsity, "ceiling": ceiling}
+        )
+        ctx.plan = build_plan(
+            ctx.loaded,
+            sparsity,
+            criterion="wanda-sp",
+            allocation="uniform",
+            samples=synthetic_samples(CALIBRATION_SAMPLES, seed=0),
+            reporter=ctx.run,
+        )
+        ctx.plan.meta.update(source=source, preference=ctx.job.preference, job_id=str(ctx.job.id))
+        ctx.storage.put_bytes(key, ctx.plan.to_json().encode(), "application/json")
+        ctx.run.save_stage_output("plan", key)
+    summary = ctx.plan.summary()
+    summary.pop("layers", None)
+    chosen = {"fingerprint": ctx.plan.fingerprint, **summary, "meta": ctx.plan.meta}
+    ctx.result["plan_source"] = source
+    ctx.result["plan_source_detail"] = detail
+    ctx.result["chosen_plan"] = chosen
+    ctx.result["plans"] = [{"chosen": True, "source": source, "plan": chosen, "metrics": {}}]
+    return {"fingerprint": ctx.plan.fingerprint, "sparsity": summary["sparsity"], "source": source}
+
+
+def stage_prune(ctx: JobContext) -> dict[str, Any]:
+    from worker.hipp.surgery import apply_plan
+
+    ctx.run.check()
+    apply_plan(ctx.loaded.adapter, ctx.plan)
+    params = sum(p.numel() for p in ctx.loaded.model.parameters())
+    ctx.result["pruned"] = {"parameters": params}
+    return {"parameters": params, "removed": ctx.result["dense"]["parameters"] - params}
+
+
+def stage_recover(ctx: JobContext) -> dict[str, Any]:
+    steps = int(ctx.job.options.get("recovery", {}).get("steps", 0))
+    if steps <= 0:
+        raise Skipped("no recovery requested (recovery.steps = 0)")
+    if importlib.util.find_spec("worker.hipp.recovery") is None:
+        raise Skipped(
+            f"{steps} recovery steps requested, but the engine has no recovery yet (worker.hipp.recovery)"
+        )
+    raise Skipped("recovery is not wired into the service yet")
+
+
+def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
+    dense, pruned = ctx.result["dense"]["parameters"], ctx.result["pruned"]["parameters"]
+    ctx.result["metrics"] = {
+        "parameters": pruned,
+        "dense_parameters": dense,
+        "parameter_reduction": round(1 - pruned / dense, 6),
+        "decoder_sparsity": ctx.result["chosen_plan"]["sparsity"],
+        "flops_per_token": ctx.result["chosen_plan"]["flops_per_token"],
+        "dense_flops_per_token": ctx.result["chosen_plan"]["dense_flops_per_token"],
+    }
+    if not ctx.job.options.get("evaluation", {}).get("enabled", True):
+        raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
+    from worker.hipp import evaluation
+
+    if not hasattr(evaluation, "evaluate"):
+        raise Skipped(
+            "the engine has no task evaluation yet (worker.hipp.evaluation.evaluate); "
+            "recorded parameter and FLOP counts only"
+        )
+    raise Skipped(
+        "task evaluation is not wired into the service yet; recorded parameter and FLOP counts only"
+    )
+
+
+def stage_upload(ctx: JobContext) -> dict[str, Any]:
+    from worker.hipp.checkpoint import export_pruned
+
+    out = ctx.work_dir / "checkpoint"
+    shutil.rmtree(out, ignore_errors=True)
+    card = {"source_model": ctx.job.model, "preference": ctx.job.preference, "job_id": str(ctx.job.id)}
+    export_pruned(
+        ctx.loaded.model,
+        ctx.loaded.processor,
+        ctx.loaded.adapter,
+        out,
+        plan=ctx.plan,
+        metrics=ctx.result.get("metrics", {}),
+        card=card,
+    )
+    ctx.run.check()
+    archive = ctx.work_dir / "checkpoint.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(out, arcname="checkpoint")
+    uploads = [("checkpoint", "checkpoint.tar", archive, "application/x-tar")]
+    for name in ("hipp_plan.json", "metrics.json"):
+        if (out / name).is_file():
+            uploads.append((name.split(".")[0], name, out / name, "application/json"))
+    rows = []
+    for kind, name, path, ctype in uploads:
+        obj = ctx.storage.put_file(f"jobs/{ctx.job.id}/{name}", path, ctype)
+        rows.append(
+            Artifact(
+                job_id=ctx.job.id,
+                kind=kind,
+                name=name,
+                key=obj.key,
+                size=obj.size,
+                sha256=obj.sha256,
+                content_type=ctype,
+            )
+        )
+    with ctx.run.factory() as s:
+        s.execute(delete(Artifact).where(Artifact.job_id == ctx.job.id))
+        s.add_all(rows)
+        s.commit()
+    ctx.result["checkpoint"] = {"artifact": "checkpoint.tar", "sha256": rows[0].sha256, "size": rows[0].size}
+    return {"artifacts": [r.name for r in rows], "bytes": sum(r.size for r in rows)}
+
+
+STAGE_FUNCS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
+    "load": stage_load,
+    "sensitivity": stage_sensitivity,
+    "plan": stage_plan,
+    "prune": stage_prune,
+    "recover": stage_recover,
+    "evaluate": stage_evaluate,
+    "upload": stage_upload,
+}
+assert tuple(STAGE_FUNCS) == STAGES
+
+
+# --- the runner ---------------------------------------------------------------------------------------
+def claim(factory: sessionmaker[Session], job_id: uuid.UUID, owner: str, lease_s: int) -> Job | None:
+    """queued -> running for exactly one caller (conditional UPDATE); None when there is nothing to claim."""
+    now = utcnow()
+    with factory() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued.value, Job.attempt < Job.max_attempts)
+            .values(
+                status=JobStatus.running.value,
+                attempt=Job.attempt + 1,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                heartbeat_at=now,
+                updated_at=now,
+                error=None,
+            )
+            .returning(Job.id)
+        )
+        claimed = res.first() is not None
+        if claimed:
+            s.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now))
+        s.commit()
+        if not claimed:
+            return None
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.add(Event(job_id=job_id, message=f"attempt {job.attempt} of {job.max_attempts} started by {owner}"))
+        s.commit()
+        return job
+
+
+def run_job(job_id: str | uuid.UUID, settings: Settings) -> str:
+    """Run one job to an end state (or give it back for a retry). Returns what happened, for logs."""
+    factory = session_factory(settings.resolved_database_url)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    job = claim(factory, uuid.UUID(str(job_id)), owner, settings.lease_s)
+    if job is None:
+        log.info("job %s: nothing to claim (already running, finished or cancelled)", job_id)
+        return "not-claimed"
+    run = JobRun(factory, job, owner, settings)
+    work_dir = settings.resolved_work_dir / str(job.id)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ctx = JobContext(job=job, run=run, settings=settings, storage=get_storage(settings), work_dir=work_dir)
+    ctx.result["stages"] = {}
+    run.start_heartbeat()
+    started = time.perf_counter()
+    try:
+        for stage in STAGES:
+            run.check()
+            run.begin(stage)
+            t0 = time.perf_counter()
+            try:
+                data = STAGE_FUNCS[stage](ctx)
+                ctx.result["stages"][stage] = {
+                    "status": "done",
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+                run.end(stage, time.perf_counter() - t0, data=data)
+            except Skipped as skip:
+                ctx.result["stages"][stage] = {"status": "skipped", "reason": str(skip)}
+                run.end(stage, time.perf_counter() - t0, skipped=str(skip))
+        run.check()
+        ctx.result["seconds"] = round(time.perf_counter() - started, 3)
+        return _finish(run, JobStatus.succeeded, result=ctx.result, progress=1.0, stage=None)
+    except LeaseLost as exc:
+        log.warning("%s", exc)
+        return "lease-lost"
+    except Cancelled:
+        run.stage_name = None
+        run.event("cancelled at the caller's request")
+        return _finish(run, JobStatus.cancelled, result=ctx.result or None)
+    except Exception as exc:
+        return _fail(run, job, exc, settings)
+    finally:
+        run.stop_heartbeat()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _finish(run: JobRun, status: JobStatus, **values: Any) -> str:
+    now = utcnow()
+    with run.factory() as s:
+        res = s.execute(
+            update(Job)
+            .where(
+                Job.id == run.job_id,
+                Job.lease_owner == run.owner,
+                Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+            )
+            .values(
+                status=status.value,
+                finished_at=now,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                **values,
+            )
+        )
+        s.commit()
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return "lease-lost"
+    run.stage_name = None
+    run.event(f"job {status.value}")
+    return status.value
+
+
+def _fail(run: JobRun, job: Job, exc: Exception, settings: Settings) -> str:
+    from worker.hipp.errors import HippError
+
+    code = getattr(exc, "code", "internal_error")
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, HippError):
+        run.event(f"failed: {message}", level="error", data={"code": code})
+        return _finish(run, JobStatus.failed, error={"code": code, "message": message, "retryable": False})
+    detail = {"type": type(exc).__name__, "traceback": traceback.format_exc(limit=8)[-4000:]}
+    run.event(f"attempt {job.attempt} failed: {type(exc).__name__}: {message}", level="error", data=detail)
+    if job.attempt < job.max_attempts:
+        with run.factory() as s:
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == run.job_id, Job.lease_owner == run.owner, Job.status == JobStatus.running.value
+                )
+                .values(
+                    status=JobStatus.queued.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    enqueued_at=None,
+                    stage=None,
+                    stage_progress=0.0,
+                    progress=0.0,
+                    updated_at=utcnow(),
+                    error={"code": "internal_error", "message": message, "retryable": True},
+                )
+            )
+            s.commit()
+        if res.rowcount:  # type: ignore[attr-defined]
+            dispatch(settings, run.factory, [run.job_id])
+            return "requeued"
+    return _finish(
+        run,
+        JobStatus.failed,
+        error={
+            "code": "internal_error",
+            "message": f"{type(exc).__name__}: {message} (after {job.attempt} attempts)",
+            "retryable": True,
+        },
+    )
