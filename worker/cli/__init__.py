@@ -14,6 +14,8 @@ from collections.abc import Sequence
 # Modules that define ``register(subparsers)``. Imported lazily so `hipp --help` stays fast.
 COMMAND_MODULES = [
     "worker.cli.prune",
+    "worker.cli.jobs",
+    "worker.cli.serve",
 ]
 
 

@@ -1,0 +1,247 @@
+"""Running the service: ``hipp serve`` (API + worker in one command), ``hipp migrate``, ``hipp api-key``, and
+``hipp demo`` (the README's first command: a whole job over HTTP against the embedded service).
+
+With no ``HIPP_*`` settings, ``hipp serve`` is the embedded deployment: SQLite, the local artifact folder
+served through signed URLs, and Celery's filesystem broker, all under ``HIPP_HOME`` (default ``.hipp``).
+With Postgres/Redis/S3 settings it runs the same API and worker against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("serve", help="run the API and a worker (embedded default: no servers needed)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--no-worker", action="store_true", help="API only")
+    s.add_argument(
+        "--migrate",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="run migrations first (auto: only for SQLite; use `hipp migrate` as a release step)",
+    )
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("migrate", help="upgrade the database schema (a release step)")
+    m.set_defaults(func=cmd_migrate)
+
+    k = sub.add_parser("api-key", help="manage API keys (stored hashed)")
+    ks = k.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    c = ks.add_parser("create", help="create a key for a tenant (created if new); prints the key once")
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--name", default="")
+    c.set_defaults(func=cmd_key_create)
+    r = ks.add_parser("revoke", help="revoke a key by its prefix (the part after hipp_)")
+    r.add_argument("prefix")
+    r.set_defaults(func=cmd_key_revoke)
+
+    d = sub.add_parser("demo", help="start the embedded service, run a job over HTTP, verify and load the result")
+    d.add_argument("--home", type=Path, default=None, help="state folder (default: $HIPP_HOME or .hipp)")
+    d.add_argument("--model", default=None, help="default: testbed if installed, else tiny-llava")
+    d.add_argument("--preference", default="utility=0.5,robustness=0.2,compression=0.3")
+    d.add_argument("--out", type=Path, default=None, help="where to unpack the checkpoint")
+    d.set_defaults(func=cmd_demo)
+
+
+def _settings() -> Any:
+    from app.config import get_settings
+
+    return get_settings()
+
+
+def _migrate_if(settings: Any, mode: str) -> None:
+    from app.migrate import upgrade
+
+    url = settings.resolved_database_url
+    if mode == "yes" or (mode == "auto" and url.startswith("sqlite")):
+        upgrade(url)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    upgrade(_settings().resolved_database_url)
+    print("database at head", file=sys.stderr)
+    return 0
+
+
+def cmd_key_create(args: argparse.Namespace) -> int:
+    from app.db import session_scope
+    from app.security import create_api_key
+
+    settings = _settings()
+    _migrate_if(settings, "auto")
+    with session_scope(settings.resolved_database_url) as session:
+        key, tenant = create_api_key(session, args.tenant, args.name)
+    print(f"created a key for tenant {tenant.name!r}; it is shown only once", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> int:
+    from sqlalchemy import update
+
+    from app.db import session_scope
+    from app.models import ApiKey, utcnow
+
+    with session_scope(_settings().resolved_database_url) as session:
+        n = session.execute(update(ApiKey).where(ApiKey.prefix == args.prefix).values(revoked_at=utcnow())).rowcount  # type: ignore[attr-defined]
+    if not n:
+        print(f"hipp: error: no key with prefix {args.prefix!r}", file=sys.stderr)
+        return 2
+    print("revoked", file=sys.stderr)
+    return 0
+
+
+def worker_command(settings: Any) -> list[str]:
+    queues = f"{settings.gpu_queue},{settings.default_queue}"
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-B",
+        "--schedule",
+        str((settings.home / "celerybeat-schedule").resolve()),
+    ]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.db import session_factory
+    from app.main import create_app
+    from app.queue import relay_pending
+
+    settings = _settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    _migrate_if(settings, args.migrate)
+    if settings.storage == "local":
+        settings.resolved_signing_secret  # noqa: B018  (create the key file once, before the worker starts)
+    worker = None
+    if not args.no_worker:
+        env = dict(os.environ, HIPP_HOME=str(settings.home.resolve()))
+        log = (settings.home / "worker.log").open("ab")
+        worker = subprocess.Popen(worker_command(settings), env=env, stdout=log, stderr=subprocess.STDOUT)
+        print(f"worker pid {worker.pid}, log {settings.home / 'worker.log'}", file=sys.stderr)
+    try:
+        relay_pending(settings, session_factory(settings.resolved_database_url), min_age_s=0)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+# --- the demo: what the README's first command runs --------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"hipp: error: the service exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"hipp: error: the service at {url} did not become ready in {timeout}s")
+
+
+def default_model() -> str:
+    from worker.hipp import builtin
+
+    return "testbed" if (builtin.TESTBED_DIR / "config.json").is_file() else "tiny-llava"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.cli.jobs import LOAD_SNIPPET, Client, parse_preference
+
+    home = (args.home or Path(os.environ.get("HIPP_HOME", ".hipp"))).resolve()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIPP_")}
+    env.update(HIPP_HOME=str(home), HIPP_PUBLIC_URL=url)
+    say = lambda msg: print(f"== {msg}", flush=True)  # noqa: E731
+    cli = [sys.executable, "-m", "worker.cli"]
+
+    say(f"setting up {home} (SQLite, local artifact store, filesystem broker)")
+    key = subprocess.run(
+        [*cli, "api-key", "create", "--tenant", "demo"], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    say(f"starting the embedded service on {url}")
+    server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env)
+    try:
+        t0 = time.monotonic()
+        _wait_ready(url, server)
+        client = Client(url, key)
+        model = args.model or default_model()
+        preference = parse_preference(args.preference)
+        say(f"POST /jobs model={model} preference={preference}")
+        job = client.submit({"model": model, "preference": preference})
+        say(f"job {job['id']} queued; polling GET /jobs/{job['id']}")
+        job = client.wait(job["id"], interval=0.3)
+        for event in client.request("GET", f"/jobs/{job['id']}/events")["items"]:
+            print(f"   {event['created_at'][11:19]} [{event['stage'] or '-':<11}] {event['message']}")
+        if job["status"] != "succeeded":
+            print(json.dumps(job["error"], indent=1))
+            return 1
+        say(f"job succeeded in {time.monotonic() - t0:.1f}s (plan from {job['result']['plan_source']})")
+        out = args.out or home / "demo" / job["id"]
+        path = client.download(job["id"], out)
+        sha = job["result"]["checkpoint"]["sha256"]
+        say(f"downloaded through the signed URL, sha256 {sha[:16]}... verified -> {path}")
+        loaded = subprocess.run(
+            [sys.executable, "-c", LOAD_SNIPPET, str(path)],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in env.items() if not k.startswith("HIPP_")},
+        )
+        if loaded.returncode != 0:
+            print(loaded.stderr[-2000:], file=sys.stderr)
+            return 1
+        info = json.loads(loaded.stdout.strip().splitlines()[-1])
+        say(f"loaded in a fresh process: {info['class']}, {info['parameters']:,} parameters, plan {info['plan']}")
+        say("metrics")
+        print(json.dumps(job["result"]["metrics"], indent=1))
+        return 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            server.kill()
