@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "worker.cli.prune",
     "worker.cli.jobs",
     "worker.cli.serve",
+    "worker.cli.testbed",
+    "worker.cli.evaluate",
 ]
 
 

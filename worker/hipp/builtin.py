@@ -19,11 +19,13 @@ TESTBED_DIR = Path(__file__).parent / "testbed" / "model"
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
-BASE_WORDS = (
-    "user assistant : . , ? yes no is there a an the in image picture what colour color shape how many "
-    "of on left right top bottom red green blue yellow purple orange white black circle square triangle "
-    "star cross object objects answer with option letter from given choices directly A B C D E"
-).split()
+BASE_WORDS = [
+    "user", "assistant", ":", ".", ",", "?", "yes", "no", "is", "there", "a", "an", "the", "in", "image",
+    "picture", "what", "colour", "color", "shape", "how", "many", "of", "on", "left", "right", "top",
+    "bottom", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square",
+    "triangle", "star", "cross", "object", "objects", "answer", "with", "option", "letter", "from", "given",
+    "choices", "directly", "A", "B", "C", "D", "E"
+]
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ METRICS_FILE = "metrics.json"
 REMOTE_CLASS = "HippForConditionalGeneration"
 
 
-def _base_classes(model: nn.Module) -> tuple[str, str, str]:
+def _base_classes(model: Any) -> tuple[str, str, str]:
     """(model class, config class, model_type) of the stock transformers model behind ``model``."""
     config = model.config
-    base_class = getattr(config, "hipp_base_model_class", None) or type(model).__name__
-    base_type = getattr(config, "hipp_base_model_type", None) or config.model_type
+    base_class = str(getattr(config, "hipp_base_model_class", None) or type(model).__name__)
+    base_type = str(getattr(config, "hipp_base_model_type", None) or config.model_type)
     if not hasattr(transformers, base_class):
         raise OptionError(f"{base_class} is not a transformers class; only stock architectures can be exported")
     return base_class, getattr(transformers, base_class).config_class.__name__, base_type
@@ -79,7 +79,7 @@ def export_pruned(
     out.mkdir(parents=True, exist_ok=True)
     base_class, config_class, base_type = _base_classes(model)
     write_remote_code(out, base_class, config_class, base_type)
-    remote_cls = get_class_from_dynamic_module(f"modeling_hipp.{REMOTE_CLASS}", str(out))
+    remote_cls: Any = get_class_from_dynamic_module(f"modeling_hipp.{REMOTE_CLASS}", str(out))
     config = remote_cls.config_class(**_export_config_dict(model, adapter, base_class, base_type))
     exported = _as_remote_model(model, remote_cls, config)
     exported.save_pretrained(out)
@@ -92,7 +92,7 @@ def export_pruned(
     return out
 
 
-def _export_config_dict(model: nn.Module, adapter: ModelAdapter, base_class: str, base_type: str) -> dict[str, Any]:
+def _export_config_dict(model: Any, adapter: ModelAdapter, base_class: str, base_type: str) -> dict[str, Any]:
     data = model.config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         data.pop(key, None)
@@ -108,7 +108,7 @@ def _export_config_dict(model: nn.Module, adapter: ModelAdapter, base_class: str
     return data
 
 
-def _as_remote_model(model: nn.Module, remote_cls: type, config: Any) -> nn.Module:
+def _as_remote_model(model: nn.Module, remote_cls: Any, config: Any) -> Any:
     """The remote class sharing ``model``'s tensors (built on the meta device: no second copy in memory)."""
     with torch.device("meta"):
         exported = remote_cls(config)
@@ -167,7 +167,7 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
 
 @torch.no_grad()
 def export_zero_padded(
-    model: nn.Module, processor: Any, adapter: ModelAdapter, plan: PruningPlan, out_dir: str | Path
+    model: Any, processor: Any, adapter: ModelAdapter, plan: PruningPlan, out_dir: str | Path
 ) -> Path:
     """Write the stock architecture at dense shapes, removed units as zeros (no remote code needed)."""
     base_class, _, base_type = _base_classes(model)

@@ -60,6 +60,7 @@ def load_model(
         raise OptionError(
             f"unknown attention implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}"
         )
+    model: Any
     model, processor = _load_model_and_processor(ref, torch_dtype, attn_implementation, trust_remote_code)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)

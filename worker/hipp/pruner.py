@@ -13,7 +13,12 @@ import torch
 
 from worker.hipp.adapters.base import LayerShape
 from worker.hipp.allocation import LayerCounts, allocate, validate_sparsity
-from worker.hipp.calibration import CalibrationSample, LayerActivations, collect_activations, synthetic_samples
+from worker.hipp.calibration import (
+    CalibrationSample,
+    LayerActivations,
+    collect_activations,
+    synthetic_samples,
+)
 from worker.hipp.importance import LayerScores, get_criterion
 from worker.hipp.loading import LoadedModel
 from worker.hipp.plan import LayerPlan, PruningPlan, geometry_of

@@ -86,7 +86,8 @@ class LayerAdapter:
 
     @property
     def head_dim(self) -> int:
-        return int(self.attention.head_dim)
+        attn: Any = self.attention
+        return int(attn.head_dim)
 
     @property
     def num_heads(self) -> int:
@@ -117,7 +118,7 @@ class LayerAdapter:
 
     def set_head_counts(self, num_heads: int, num_kv_heads: int) -> None:
         """Update the attributes the attention forward reads after its projections changed size."""
-        attn = self.attention
+        attn: Any = self.attention
         attn.num_key_value_groups = num_heads // num_kv_heads
         # Some implementations keep these too; keep them truthful when present.
         for name, value in (
@@ -139,7 +140,7 @@ class ModelAdapter(ABC):
     layer_adapter_class: ClassVar[type[LayerAdapter]] = LayerAdapter
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: Any = model
 
     # --- structure -------------------------------------------------------------------------------
     @property

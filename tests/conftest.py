@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny LLaVA models built from configs (no downloads) and calibration batches."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_gqa():
+    from worker.hipp.loading import load_model
+
+    return load_model("tiny-llava")
+
+
+@pytest.fixture
+def tiny_mha():
+    from worker.hipp.loading import load_model
+
+    return load_model("tiny-llava-mha")
+
+
+@pytest.fixture
+def tiny_bias():
+    from worker.hipp.loading import load_model
+
+    return load_model("tiny-llava-bias")
+
+
+def calibration_batch(loaded, n: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
+    from worker.hipp.calibration import iter_batches, synthetic_samples
+
+    return next(iter_batches(loaded, synthetic_samples(n, seed=seed), batch_size=n))
+
+
+@pytest.fixture
+def batch_for():
+    return calibration_batch

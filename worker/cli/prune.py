@@ -1,0 +1,101 @@
+"""``hipp prune`` (build a plan, slice the model, export it) and ``hipp inspect`` (show an export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("prune", help="prune a model to a target sparsity and export it")
+    p.add_argument("--model", required=True, help="built-in name, local directory or hub id")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of LM-decoder parameters to remove")
+    p.add_argument("--criterion", default="wanda-sp", help="magnitude | wanda-sp | random")
+    p.add_argument("--allocation", default="uniform", help="per-layer allocation (uniform, ...)")
+    p.add_argument("--plan", help="replay a saved hipp_plan.json instead of building one")
+    p.add_argument("--mlp-multiple", type=int, default=1, help="round MLP widths to this multiple")
+    p.add_argument("--calibration-samples", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--zero-padded", action="store_true", help="also write a stock-architecture zero-padded copy")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_prune)
+
+    i = sub.add_parser("inspect", help="print the plan and per-layer shapes of an exported model")
+    i.add_argument("path", help="directory written by `hipp prune`")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=run_inspect)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from worker.hipp.allocation import validate_sparsity
+    from worker.hipp.calibration import synthetic_samples
+    from worker.hipp.checkpoint import export_pruned, export_zero_padded
+    from worker.hipp.errors import OptionError
+    from worker.hipp.importance import get_criterion
+    from worker.hipp.loading import load_model
+    from worker.hipp.plan import PruningPlan
+    from worker.hipp.progress import TqdmReporter
+    from worker.hipp.pruner import build_plan
+    from worker.hipp.surgery import apply_plan
+
+    validate_sparsity(args.sparsity)
+    get_criterion(args.criterion)
+    if args.mlp_multiple < 1:
+        raise OptionError("--mlp-multiple must be >= 1")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise OptionError(f"{out} exists and is not empty; choose a new --out directory")
+    reporter = TqdmReporter(enabled=not args.quiet)
+    start = time.perf_counter()
+    reporter.stage("load", args.model)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.plan:
+        plan = PruningPlan.load(args.plan)
+    else:
+        plan = build_plan(loaded, args.sparsity, args.criterion, args.allocation, args.mlp_multiple,
+                          samples=synthetic_samples(args.calibration_samples, seed=args.seed), seed=args.seed,
+                          reporter=reporter)
+    reporter.stage("prune", f"slicing to plan {plan.fingerprint}")
+    apply_plan(loaded.adapter, plan)
+    reporter.stage("export", str(out))
+    card = {"source_model": args.model}
+    export_pruned(loaded.model, loaded.processor, loaded.adapter, out, plan=plan, card=card,
+                  metrics={"plan": plan.summary()})
+    if args.zero_padded:
+        export_zero_padded(loaded.model, loaded.processor, loaded.adapter, plan, out / "zero_padded")
+    s = plan.summary()
+    print(f"pruned {args.model}: sparsity {s['sparsity']:.4f} of the LM decoder "
+          f"({s['model_fraction_removed']:.4f} of the model), plan {plan.fingerprint}, "
+          f"{time.perf_counter() - start:.1f}s -> {out}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from worker.hipp.checkpoint import PLAN_FILE
+    from worker.hipp.errors import OptionError
+    from worker.hipp.plan import PruningPlan
+
+    path = Path(args.path)
+    if not (path / PLAN_FILE).is_file():
+        raise OptionError(f"{path} has no {PLAN_FILE}: not a HiPP-Prune export")
+    plan = PruningPlan.load(path / PLAN_FILE)
+    config = json.loads((path / "config.json").read_text())
+    shapes = config.get("hipp_layers") or []
+    s = plan.summary()
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "config_layers": shapes}, indent=1))
+        return 0
+    print(f"{path}: {plan.geometry.family}, plan {plan.fingerprint}, criterion {plan.meta.get('criterion')}, "
+          f"allocation {plan.meta.get('allocation')}")
+    print(f"sparsity {s['sparsity']:.4f} of {s['prunable_parameters']:,} prunable parameters; "
+          f"{s['model_fraction_removed']:.4f} of the whole model ({s['total_parameters']:,})")
+    print(f"{'layer':>5} {'heads':>9} {'kv':>7} {'mlp':>13} {'sparsity':>8}")
+    for i, (shape, layer) in enumerate(zip(plan.geometry.layers, s["layers"], strict=True)):
+        print(f"{i:>5} {layer['heads']:>4}/{shape.num_heads:<4} {layer['kv_heads']:>3}/{shape.num_kv_heads:<3} "
+              f"{layer['channels']:>6}/{shape.intermediate_size:<6} {layer['sparsity']:>8.3f}")
+    return 0
