@@ -1,0 +1,1 @@
+"""Benchmarks: each writes bench/results/<name>.json and .md and prints the command that reproduces it."""

@@ -1,0 +1,48 @@
+"""Shared output for benchmarks: JSON + a short markdown table + the reproducing command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None) -> Path:
+    out = out_dir or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench." + name + " " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    data = {"command": command.strip(), "machine": machine(), **data}
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (out / f"{name}.md").write_text(f"# bench/{name}\n\n{markdown}\n\nReproduce: `{command.strip()}`\n"
+                                    f"Machine: {data['machine']}\n")
+    print(markdown)
+    print(f"\nwrote {out / (name + '.json')}; reproduce with: {command.strip()}")
+    return out
