@@ -16,7 +16,7 @@ from worker.hipp.world import CATEGORIES, IMAGE_SIZE, SCENE_TYPES
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
-PATCH_SIZE = 8
+PATCH_SIZE = 16
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 # Image tokens per image: one per patch plus the class token, which the "full" feature strategy keeps.

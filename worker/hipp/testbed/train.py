@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +28,18 @@ from worker.hipp.benchmarks.pope import ObjectStats
 from worker.hipp.benchmarks.scienceqa import SqaProblem
 from worker.hipp.evaluation import LETTERS, pope_prompt_text, sqa_prompt_text
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.testbed.model import build_model
-from worker.hipp.testbed.tokenizer import IMAGE_MEAN, IMAGE_STD, NUM_IMAGE_TOKENS, PATCH_SIZE, build_processor
+from worker.hipp.testbed.model import VISION_WIDTH, build_model
+from worker.hipp.testbed.tokenizer import (
+    BOS,
+    EOS,
+    IMAGE,
+    IMAGE_MEAN,
+    IMAGE_STD,
+    NUM_IMAGE_TOKENS,
+    PAD,
+    PATCH_SIZE,
+    build_processor,
+)
 from worker.hipp.world import CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
 
 N_CAT = len(CATEGORY_NAMES)
@@ -42,9 +53,9 @@ class TrainConfig:
     seed: int = 0
     pope_images: int = 24000
     sqa_problems: int = 24000
-    stage1_steps: int = 900
+    stage1_steps: int = 1500
     stage2_steps: int = 3000
-    multiturn_from: int = 1500
+    multiturn_from: int = 3000  # single-turn throughout by default (17 image tokens: turns save little)
     turns: int = 3
     batch: int = 64
     stage1_lr: float = 2e-3
@@ -53,10 +64,15 @@ class TrainConfig:
     aux_weight: float = 0.3
     sqa_share: float = 0.45
     warmup: int = 100
-    eval_every: int = 250
+    eval_every: int = 300
+    # Wall-clock budgets: when set, a stage runs until its budget is spent and its schedule follows elapsed
+    # time instead of steps (the CPUs here are shared, so a step count cannot be sized in advance).
+    stage1_minutes: float | None = None
+    stage2_minutes: float | None = None
+    eval_every_minutes: float = 6.0
     val_images: int = 300
     val_problems: int = 450
-    threads: int = 2
+    threads: int = 1  # one thread degrades gracefully when other jobs share the two cores
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -174,7 +190,7 @@ def sample_pope_turn(scene: Scene, rng: random.Random, stats: ObjectStats) -> tu
     elif r < 0.7:
         weights = [stats.frequency[c] + 1.0 for c in absent]
     else:
-        weights = [sum(stats.cooccurrence.get(p, {}).get(c, 0) for p in present) + 1.0 for c in absent]
+        weights = [sum(stats.cooccurrence.get(p, Counter())[c] for p in present) + 1.0 for c in absent]
     category = rng.choices(absent, weights=weights)[0]
     return pope_prompt_text(pope.question_text(category)), "No"
 
@@ -189,10 +205,15 @@ class Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
         self.tok = tokenizer
         self.cache: dict[str, list[int]] = {}
-        self.bos = int(tokenizer.bos_token_id)
-        self.eos = int(tokenizer.eos_token_id)
-        self.pad = int(tokenizer.pad_token_id)
-        self.image = int(tokenizer.convert_tokens_to_ids("<image>"))
+        self.bos = self._id(BOS)
+        self.eos = self._id(EOS)
+        self.pad = self._id(PAD)
+        self.image = self._id(IMAGE)
+
+    def _id(self, token: str) -> int:
+        found = self.tok.convert_tokens_to_ids(token)
+        assert isinstance(found, int)
+        return found
 
     def words(self, text: str) -> list[int]:
         if text not in self.cache:
@@ -229,12 +250,33 @@ class Encoder:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine down to 5% of the peak."""
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine (in ``progress``, 0..1) down to 5% of the peak."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Schedule:
+    """Progress of a stage, by steps or, when ``minutes`` is set, by wall-clock time."""
+
+    def __init__(self, steps: int, minutes: float | None, warmup: int) -> None:
+        self.steps, self.minutes, self.warmup = steps, minutes, warmup
+        self.start = time.time()
+
+    def elapsed_minutes(self) -> float:
+        return (time.time() - self.start) / 60
+
+    def progress(self, step: int) -> float:
+        if self.minutes is not None:
+            return self.elapsed_minutes() / self.minutes
+        return (step - self.warmup) / max(1, self.steps - self.warmup)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0 if self.minutes is not None else step >= self.steps
+
+    def lr(self, step: int) -> float:
+        return lr_factor(step, self.progress(step), self.warmup)
 
 
 @dataclass
@@ -264,7 +306,7 @@ def last_logits(
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         b = enc.batch([enc.encode([(prompt, None)]) for _, prompt in chunk])
-        pixels = normalise(torch.stack([torch.from_numpy(np.asarray(render(s))).permute(2, 0, 1) for s, _ in chunk]))
+        pixels = normalise(torch.stack([torch.from_numpy(np.array(render(s))).permute(2, 0, 1) for s, _ in chunk]))
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=pixels).logits
         last = b["attention_mask"].sum(1) - 1
         out.append(logits[torch.arange(len(chunk)), last])
@@ -286,8 +328,11 @@ def quick_eval(model: LlavaForConditionalGeneration, enc: Encoder, val: ValSet, 
     problems = [p for _, p in val.sqa]
     logits = last_logits(model, enc, [(s, sqa_turn(p)[0]) for s, p in val.sqa])
     letter_ids = [enc.words(x)[0] for x in LETTERS]
-    preds = [int(torch.argmax(row[letter_ids[: len(p.choices)]]).item()) for row, p in zip(logits, problems, strict=True)]
-    sm = scienceqa.compute_metrics(preds, problems)
+    choices = [
+        int(torch.argmax(row[letter_ids[: len(p.choices)]]).item())
+        for row, p in zip(logits, problems, strict=True)
+    ]
+    sm = scienceqa.compute_metrics(choices, problems)
     metrics["sqa"] = round(sm.accuracy, 4)
     for kind, (c, t) in sm.by_kind.items():
         metrics[f"sqa_{kind}"] = round(c / t, 3)
@@ -314,17 +359,18 @@ def _log(path: Path, record: dict[str, object], report: Reporter) -> None:
 
 def train_stage1(
     model: LlavaForConditionalGeneration, heads: AuxHeads, pool: Pool, cfg: TrainConfig, log: Path, report: Reporter
-) -> None:
+) -> int:
     vision = model.model.vision_tower
     params = list(vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, betas=(0.9, 0.98), weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start = time.time()
+    schedule = Schedule(cfg.stage1_steps, cfg.stage1_minutes, cfg.warmup)
     report.stage("stage1", "vision tower with auxiliary heads")
-    for step in range(cfg.stage1_steps):
+    step = 0
+    while not schedule.done(step):
         report.check()
         for g in opt.param_groups:
-            g["lr"] = cfg.stage1_lr * lr_factor(step, cfg.stage1_steps, cfg.warmup)
+            g["lr"] = cfg.stage1_lr * schedule.lr(step)
         idx = torch.randint(0, len(pool.scenes), (cfg.batch,), generator=gen)
         hidden = vision(pixel_values=normalise(pool.images[idx])).last_hidden_state
         loss, f1 = heads.loss(hidden, pool, idx)
@@ -332,9 +378,12 @@ def train_stage1(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 50 == 0 or step == cfg.stage1_steps - 1:
+        if step % 50 == 0:
             rec = {"stage": 1, "step": step, "loss": round(loss.item(), 4), "presence_f1": round(f1, 3)}
-            _log(log, {**rec, "minutes": round((time.time() - start) / 60, 2)}, report)
+            _log(log, {**rec, "minutes": round(schedule.elapsed_minutes(), 2)}, report)
+        step += 1
+    _log(log, {"stage": 1, "steps": step, "minutes": round(schedule.elapsed_minutes(), 2)}, report)
+    return step
 
 
 def _stage2_batch(
@@ -388,14 +437,16 @@ def train_stage2(
     capture = VisionCapture(model)
     rng = random.Random(f"{cfg.seed}:stage2")
     log = work / "train_log.jsonl"
-    start = time.time()
+    schedule = Schedule(cfg.stage2_steps, cfg.stage2_minutes, cfg.warmup)
+    last_eval = time.time()
     metrics: dict[str, float] = {}
     report.stage("stage2", "LLaVA question answering")
     model.train()
-    for step in range(cfg.stage2_steps):
+    step = 0
+    while not schedule.done(step):
         report.check()
         for g in opt.param_groups:
-            g["lr"] = cfg.stage2_lr * g["scale"] * lr_factor(step, cfg.stage2_steps, cfg.warmup)
+            g["lr"] = cfg.stage2_lr * g["scale"] * schedule.lr(step)
         batch, rows = _stage2_batch(pool, cfg, rng, stats, enc, multiturn=step >= cfg.multiturn_from)
         out = model(**batch, pixel_values=normalise(pool.images[rows]))
         assert capture.hidden is not None
@@ -407,19 +458,35 @@ def train_stage2(
         opt.step()
         if step % 50 == 0:
             rec = {"stage": 2, "step": step, "qa_loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4)}
-            _log(log, {**rec, "presence_f1": round(f1, 3), "minutes": round((time.time() - start) / 60, 2)}, report)
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.stage2_steps - 1:
-            metrics = quick_eval(model, enc, val, limit=600)
-            _log(log, {"stage": 2, "step": step + 1, "eval": metrics}, report)
-            model.save_pretrained(work / "checkpoint")
+            _log(log, {**rec, "presence_f1": round(f1, 3), "minutes": round(schedule.elapsed_minutes(), 2)}, report)
+        step += 1
+        if _eval_due(cfg, step, last_eval):
+            metrics = _evaluate_and_save(model, enc, val, work, step, log, report)
+            last_eval = time.time()
+    metrics = _evaluate_and_save(model, enc, val, work, step, log, report)
+    return {**metrics, "steps": step}
+
+
+def _eval_due(cfg: TrainConfig, step: int, last_eval: float) -> bool:
+    if cfg.stage2_minutes is not None:
+        return time.time() - last_eval >= cfg.eval_every_minutes * 60
+    return step % cfg.eval_every == 0
+
+
+def _evaluate_and_save(
+    model: LlavaForConditionalGeneration, enc: Encoder, val: ValSet, work: Path, step: int, log: Path, report: Reporter
+) -> dict[str, float]:
+    metrics = quick_eval(model, enc, val, limit=400)
+    _log(log, {"stage": 2, "step": step, "eval": metrics}, report)
+    model.save_pretrained(work / "checkpoint")
     return metrics
 
 
 def export(model: LlavaForConditionalGeneration, out: Path) -> None:
     """fp16 safetensors plus the processor files, loadable with the Auto classes offline."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    model.to(torch.float32)
+    model.half().save_pretrained(out, safe_serialization=True)
+    model.float()
     build_processor().save_pretrained(out)
 
 
@@ -442,13 +509,18 @@ def train(cfg: TrainConfig, out: Path, work: Path, report: Reporter = SILENT) ->
     processor = build_processor()
     enc = Encoder(processor.tokenizer)
     model = build_model(dict(processor.tokenizer.get_vocab()))
-    heads = AuxHeads(model.config.vision_config.hidden_size)
+    heads = AuxHeads(VISION_WIDTH)
     _log(log, {"data_minutes": round((time.time() - t0) / 60, 2), "params": model.num_parameters()}, report)
-    train_stage1(model, heads, pool, cfg, log, report)
+    stage1_steps = train_stage1(model, heads, pool, cfg, log, report)
     metrics = train_stage2(model, heads, pool, stats, enc, val, cfg, work, report)
     minutes = (time.time() - t0) / 60
     export(model, out)
-    summary: dict[str, object] = {"minutes": round(minutes, 1), "val": metrics, "config": asdict(cfg)}
+    summary: dict[str, object] = {
+        "minutes": round(minutes, 1),
+        "stage1_steps": stage1_steps,
+        "val": metrics,
+        "config": asdict(cfg),
+    }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -462,7 +534,7 @@ def time_steps(cfg: TrainConfig, steps: int = 5) -> dict[str, float]:
     processor = build_processor()
     enc = Encoder(processor.tokenizer)
     model = build_model(dict(processor.tokenizer.get_vocab()))
-    heads = AuxHeads(model.config.vision_config.hidden_size)
+    heads = AuxHeads(VISION_WIDTH)
     stats = ObjectStats.from_scenes(scenes)
     result: dict[str, float] = {}
     for name, fn in _timing_fns(model, heads, pool, stats, enc, cfg).items():
@@ -475,7 +547,12 @@ def time_steps(cfg: TrainConfig, steps: int = 5) -> dict[str, float]:
 
 
 def _timing_fns(
-    model: LlavaForConditionalGeneration, heads: AuxHeads, pool: Pool, stats: ObjectStats, enc: Encoder, cfg: TrainConfig
+    model: LlavaForConditionalGeneration,
+    heads: AuxHeads,
+    pool: Pool,
+    stats: ObjectStats,
+    enc: Encoder,
+    cfg: TrainConfig,
 ) -> dict[str, Callable[[], None]]:
     rng = random.Random(0)
     capture = VisionCapture(model)

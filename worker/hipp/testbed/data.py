@@ -1,0 +1,38 @@
+"""Writes the testbed's benchmark files (POPE- and ScienceQA-format) from held-out world images.
+
+The image streams here (prefixes ``pope_test`` and ``sqa_*``) never overlap the training split (``train``)
+or the training-time validation images (``trainval``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.hipp.benchmarks import pope, scienceqa
+from worker.hipp.benchmarks.pope import ObjectStats
+from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.world import generate_scenes
+
+DEFAULT_SEED = 1234
+POPE_IMAGES = 500  # x 6 questions = 3,000 per split, as in the real POPE
+SQA_SIZES = {"train": 1000, "val": 500, "test": 1200}
+
+
+def write_benchmarks(
+    out: Path,
+    seed: int = DEFAULT_SEED,
+    pope_images: int = POPE_IMAGES,
+    sqa_sizes: dict[str, int] | None = None,
+    report: Reporter = SILENT,
+) -> dict[str, dict[str, int]]:
+    """Write ``out/pope`` and ``out/scienceqa``; returns the number of questions per split."""
+    sizes = sqa_sizes or SQA_SIZES
+    report.stage("pope", f"{pope_images} images")
+    # POPE uses images with at least 3 objects so each one gets 3 yes and 3 no questions.
+    scenes = generate_scenes(seed, pope_images, "pope_test", min_categories=3)
+    pope_counts = pope.write_pope(scenes, out / "pope", seed)
+    report.stage("scienceqa", ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    stats = ObjectStats.from_scenes(scenes)
+    splits = {name: scienceqa.generate_problems(seed, n, f"sqa_{name}_", stats) for name, n in sizes.items()}
+    sqa_counts = scienceqa.write_scienceqa(splits, out / "scienceqa")
+    return {"pope": pope_counts, "scienceqa": sqa_counts}
