@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.hipp.allocation import allocate, counts_from_ratios, max_sparsity, removed_parameters
+from worker.hipp.allocation import counts_from_ratios, max_sparsity, removed_parameters
+from worker.hipp.allocators import allocate
 from worker.hipp.errors import OptionError
 from worker.hipp.plan import dense_layer_parameters, geometry_of, mlp_parameters
 

@@ -1,14 +1,14 @@
 """Allocation: how many units every layer keeps, given a global sparsity budget.
 
-An allocator turns a target sparsity into per-layer ratios; :func:`counts_from_ratios` turns ratios into
-feasible unit counts (GQA-valid head counts, MLP widths rounded to a multiple) and then corrects the MLP
-widths so that the removed parameters hit the global budget within one rounding unit. Which units go is
+An allocator (``allocators``) turns a target sparsity into per-layer ratios; :func:`counts_from_ratios`
+turns ratios into feasible unit counts (GQA-valid head counts, MLP widths rounded to a multiple) and then
+corrects the MLP widths so that the removed parameters hit the global budget within one rounding unit. Which units go is
 decided later by a criterion (see ``pruner.select_units``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.hipp.adapters.base import LayerShape
@@ -143,35 +143,3 @@ def max_sparsity(geometry: ModelGeometry) -> float:
     minimal = [LayerCounts(1, 1, 0) for _ in geometry.layers]
     total = sum(dense_layer_parameters(s, hidden) for s in geometry.layers)
     return removed_parameters(geometry, minimal) / total
-
-
-# --- allocators: target sparsity -> per-layer ratios ---------------------------------------------------
-
-Allocator = Callable[[ModelGeometry, float], list[float]]
-
-
-def uniform_ratios(geometry: ModelGeometry, sparsity: float) -> list[float]:
-    return [sparsity] * geometry.num_layers
-
-
-ALLOCATORS: dict[str, Allocator] = {"uniform": uniform_ratios}
-
-
-def get_allocator(name: str) -> Allocator:
-    if name not in ALLOCATORS:
-        raise OptionError(f"unknown allocation {name!r}; use one of {', '.join(ALLOCATORS)}")
-    return ALLOCATORS[name]
-
-
-def allocate(geometry: ModelGeometry, sparsity: float, allocation: str = "uniform",
-             mlp_multiple: int = 1) -> list[LayerCounts]:
-    """Per-layer kept counts for ``sparsity`` with the named allocator."""
-    validate_sparsity(sparsity)
-    ceiling = max_sparsity(geometry)
-    if sparsity > ceiling:
-        raise OptionError(
-            f"sparsity {sparsity:.3f} cannot be reached: keeping one head per layer and no MLP removes "
-            f"{ceiling:.3f}; ask for at most that"
-        )
-    ratios = get_allocator(allocation)(geometry, sparsity)
-    return counts_from_ratios(geometry, ratios, sparsity, mlp_multiple)

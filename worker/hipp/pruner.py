@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from worker.hipp.adapters.base import LayerShape
-from worker.hipp.allocation import LayerCounts, allocate, validate_sparsity
+from worker.hipp.allocation import LayerCounts, validate_sparsity
+from worker.hipp.allocators import AllocationContext, allocate, get_allocator, outlier_ratios
 from worker.hipp.calibration import (
     CalibrationSample,
     LayerActivations,
@@ -59,11 +60,12 @@ def score_model(
     max_length: int | None = 1024,
     seed: int = 0,
     reporter: Reporter = SILENT,
+    with_activations: bool = False,
 ) -> ScoringResult:
-    """Per-layer unit scores with ``criterion`` (calibrating first when it needs activations)."""
+    """Per-layer unit scores with ``criterion`` (calibrating first when it, or the caller, needs activations)."""
     crit = get_criterion(criterion, seed=seed)
     activations = None
-    if crit.needs_activations:
+    if crit.needs_activations or with_activations:
         reporter.stage("calibrate", f"activation statistics for {criterion}")
         if samples is None:
             samples = synthetic_samples(32, seed=seed)
@@ -86,6 +88,38 @@ def plan_from_counts(
     return plan
 
 
+def owl_outlier_ratios(loaded: LoadedModel, activations: Sequence[LayerActivations]) -> list[float]:
+    """Wanda element scores of each layer's head and MLP consumers -> OWL outlier ratio per layer."""
+    per_layer = []
+    for layer, act in zip(loaded.adapter.layers(), activations, strict=True):
+        down = layer.down_proj.weight.detach().abs().float().cpu() * act.down_proj_norm.float()[None, :]
+        o = layer.o_proj.weight.detach().abs().float().cpu() * act.o_proj_norm.float()[None, :]
+        per_layer.append(torch.cat([down.flatten(), o.flatten()]))
+    return outlier_ratios(per_layer)
+
+
+def allocation_context(
+    loaded: LoadedModel,
+    allocation: str,
+    scoring: ScoringResult,
+    samples: Sequence[CalibrationSample],
+    seed: int = 0,
+    reporter: Reporter = SILENT,
+) -> AllocationContext:
+    """The signals ``allocation`` needs, computed from the scoring pass (and attention flow for ``visual``)."""
+    get_allocator(allocation)
+    context = AllocationContext(scores=scoring.scores, seed=seed)
+    if allocation == "owl":
+        assert scoring.activations is not None, "score_model(with_activations=True) is needed for owl"
+        context.outlier_ratios = owl_outlier_ratios(loaded, scoring.activations)
+    if allocation == "visual":
+        from worker.hipp.sensitivity import compute_visual_sensitivity
+
+        reporter.stage("sensitivity", "attention flow")
+        context.sensitivity = compute_visual_sensitivity(loaded, samples, reporter=reporter).normalized()
+    return context
+
+
 def build_plan(
     loaded: LoadedModel,
     sparsity: float,
@@ -96,14 +130,20 @@ def build_plan(
     seed: int = 0,
     reporter: Reporter = SILENT,
     scoring: ScoringResult | None = None,
+    context: AllocationContext | None = None,
 ) -> PruningPlan:
     """A plan that removes ``sparsity`` of the prunable LM-decoder parameters."""
     validate_sparsity(sparsity)
+    get_allocator(allocation)
     geometry = geometry_of(loaded.adapter)
-    counts = allocate(geometry, sparsity, allocation, mlp_multiple)
+    samples = samples if samples is not None else synthetic_samples(32, seed=seed)
     if scoring is None:
-        scoring = score_model(loaded, criterion, samples, seed=seed, reporter=reporter)
+        scoring = score_model(loaded, criterion, samples, seed=seed, reporter=reporter,
+                              with_activations=allocation == "owl")
+    if context is None:
+        context = allocation_context(loaded, allocation, scoring, samples, seed, reporter)
     reporter.stage("plan", f"{allocation} allocation")
+    counts = allocate(geometry, sparsity, allocation, mlp_multiple, context)
     meta = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
             "requested_sparsity": sparsity, "seed": seed}
     return plan_from_counts(loaded, counts, scoring.scores, mlp_multiple, meta)

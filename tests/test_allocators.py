@@ -1,0 +1,68 @@
+"""Baseline allocators: every one hits its target within one rounding unit with valid (GQA) plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.hipp.allocators import ALLOCATORS, AllocationContext, spread
+from worker.hipp.calibration import synthetic_samples
+from worker.hipp.errors import OptionError
+from worker.hipp.plan import mlp_parameters
+from worker.hipp.pruner import allocation_context, build_plan, score_model
+
+
+@pytest.fixture(scope="module")
+def scored():
+    from worker.hipp.loading import load_model
+
+    loaded = load_model("tiny-llava")
+    samples = synthetic_samples(8, seed=0)
+    scoring = score_model(loaded, "wanda-sp", samples, with_activations=True)
+    return loaded, samples, scoring
+
+
+@pytest.mark.parametrize("allocation", sorted(ALLOCATORS))
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.4, 0.5])
+def test_allocator_hits_target_with_valid_plans(scored, allocation, sparsity):
+    loaded, samples, scoring = scored
+    context = allocation_context(loaded, allocation, scoring, samples, seed=3)
+    plan = build_plan(loaded, sparsity, "wanda-sp", allocation, mlp_multiple=8, samples=samples,
+                      scoring=scoring, context=context)
+    plan.validate()
+    unit = mlp_parameters(plan.geometry.layers[0], plan.geometry.hidden_size, 8)
+    assert abs(plan.removed_parameters() - sparsity * plan.prunable_parameters()) <= unit / 2
+    assert plan.meta["allocation"] == allocation
+
+
+def test_allocators_are_deterministic_given_a_seed(scored):
+    loaded, samples, scoring = scored
+    plans = [
+        build_plan(loaded, 0.4, "wanda-sp", "random", samples=samples, scoring=scoring, seed=s,
+                   context=AllocationContext(scores=scoring.scores, seed=s))
+        for s in (1, 1, 2)
+    ]
+    assert plans[0].fingerprint == plans[1].fingerprint != plans[2].fingerprint
+
+
+def test_non_uniform_allocators_differ_from_uniform(scored):
+    loaded, samples, scoring = scored
+    uniform = build_plan(loaded, 0.4, "wanda-sp", "uniform", samples=samples, scoring=scoring)
+    for allocation in ("flap", "random"):
+        context = allocation_context(loaded, allocation, scoring, samples, seed=5)
+        other = build_plan(loaded, 0.4, "wanda-sp", allocation, samples=samples, scoring=scoring, context=context)
+        assert other.layer_sparsities() != uniform.layer_sparsities(), allocation
+
+
+def test_spread_prunes_less_where_signal_is_high():
+    ratios = spread(0.3, [0.0, 1.0, 0.5], 0.1)
+    assert ratios == pytest.approx([0.4, 0.2, 0.3])
+    assert spread(0.3, [2.0, 2.0], 0.1) == [0.3, 0.3]
+
+
+def test_allocators_that_need_signals_say_so(tiny_gqa):
+    from worker.hipp.allocators import allocate
+    from worker.hipp.plan import geometry_of
+
+    for allocation, needed in (("owl", "outlier"), ("visual", "sensitivity"), ("flap", "scores")):
+        with pytest.raises(OptionError, match=needed):
+            allocate(geometry_of(tiny_gqa.adapter), 0.3, allocation)
