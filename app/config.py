@@ -31,9 +31,7 @@ class Settings(BaseSettings):
 
     # Artifact storage.
     storage: Literal["local", "s3"] = "local"
-    storage_dir: Path | None = Field(
-        default=None, description="Local store root; default HIPP_HOME/artifacts"
-    )
+    storage_dir: Path | None = Field(default=None, description="Local store root; default HIPP_HOME/artifacts")
     s3_bucket: str = "hipp-artifacts"
     s3_prefix: str = ""
     s3_endpoint_url: str | None = None
@@ -48,17 +46,13 @@ class Settings(BaseSettings):
 
     # Signed download URLs.
     url_expiry_s: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
-    signing_secret: str = Field(
-        default="", description="HMAC key for local signed URLs; empty = per-home file"
-    )
+    signing_secret: str = Field(default="", description="HMAC key for local signed URLs; empty = per-home file")
     public_url: str = Field(default="http://127.0.0.1:8000", description="Base URL the API is reached at")
 
     # API behaviour.
     max_body_bytes: int = 64 * 1024
     page_size_max: int = 200
-    api_key_cache_s: float = Field(
-        default=10.0, description="How long a verified API key is cached in-process"
-    )
+    api_key_cache_s: float = Field(default=10.0, description="How long a verified API key is cached in-process")
     allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny-llava", "testbed"])
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server folders whose models may be used"

@@ -21,6 +21,7 @@ class Base(DeclarativeBase):
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
+_read_factories: dict[str, sessionmaker[Session]] = {}
 
 
 def make_engine(url: str) -> Engine:
@@ -36,7 +37,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pre-ping: it costs a round trip per checkout, as much as the query of a GET. A connection the
+    # server dropped fails one request and invalidates the pool; recycling bounds connection age.
+    return create_engine(url, pool_pre_ping=False, pool_recycle=1800, pool_size=10, max_overflow=20)
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -48,6 +51,9 @@ def get_engine(url: str | None = None) -> Engine:
         if url not in _engines:
             _engines[url] = make_engine(url)
             _factories[url] = sessionmaker(_engines[url], expire_on_commit=False)
+            # Reads that need no transaction: one round trip per query, no ROLLBACK when the session ends.
+            autocommit = _engines[url].execution_options(isolation_level="AUTOCOMMIT")
+            _read_factories[url] = sessionmaker(autocommit, expire_on_commit=False)
         return _engines[url]
 
 
@@ -57,6 +63,16 @@ def session_factory(url: str | None = None) -> sessionmaker[Session]:
         for key, eng in _engines.items():
             if eng is engine:
                 return _factories[key]
+    raise KeyError("engine not registered")
+
+
+def read_session_factory(url: str | None = None) -> sessionmaker[Session]:
+    """Sessions in autocommit mode, for single-statement reads (GET routes, API-key checks)."""
+    engine = get_engine(url)
+    with _lock:
+        for key, eng in _engines.items():
+            if eng is engine:
+                return _read_factories[key]
     raise KeyError("engine not registered")
 
 
@@ -81,3 +97,4 @@ def dispose_all() -> None:
             engine.dispose()
         _engines.clear()
         _factories.clear()
+        _read_factories.clear()

@@ -128,9 +128,7 @@ class JobOut(BaseModel):
 
 class Page(BaseModel, Generic[T]):
     items: list[T]
-    next_cursor: str | None = Field(
-        description="Pass as ?cursor= to get the next page; null on the last page"
-    )
+    next_cursor: str | None = Field(description="Pass as ?cursor= to get the next page; null on the last page")
 
 
 class EventOut(BaseModel):

@@ -84,6 +84,10 @@ class KeyCache:
 key_cache = KeyCache()
 
 
+def cached_principal(key: str) -> Principal | None:
+    return key_cache.get(hash_key(key))
+
+
 def verify_api_key(session: Session, key: str, cache_ttl: float) -> Principal | None:
     key_hash = hash_key(key)
     cached = key_cache.get(key_hash)

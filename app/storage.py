@@ -70,9 +70,7 @@ class Storage(Protocol):
         """Upload a file; return its size and SHA-256 (verified against what the store holds)."""
         ...
 
-    def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
-    ) -> StoredObject: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject: ...
 
     def get_bytes(self, key: str) -> bytes: ...
 
@@ -82,9 +80,7 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
-    def signed_url(
-        self, key: str, filename: str, expires_s: int, base_url: str | None = None
-    ) -> tuple[str, datetime]:
+    def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         """A GET URL valid for ``expires_s`` seconds, minted now; never stored."""
         ...
 
@@ -130,9 +126,7 @@ class LocalStorage:
             raise IntegrityError(f"stored {key} has sha256 {obj.sha256}, expected {expected}")
         return obj
 
-    def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
-    ) -> StoredObject:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         return self._write(key, lambda f: f.write(data))
 
     def get_bytes(self, key: str) -> bytes:
@@ -154,15 +148,11 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def signed_url(
-        self, key: str, filename: str, expires_s: int, base_url: str | None = None
-    ) -> tuple[str, datetime]:
+    def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         from app.security import sign
 
         expires = int(time.time()) + expires_s
-        query = urlencode(
-            {"expires": expires, "filename": filename, "sig": sign(self.secret, key, expires, filename)}
-        )
+        query = urlencode({"expires": expires, "filename": filename, "sig": sign(self.secret, key, expires, filename)})
         base = (base_url or self.public_url).rstrip("/")
         return f"{base}/files/{quote(check_key(key))}?{query}", datetime.fromtimestamp(expires, UTC)
 
@@ -240,9 +230,7 @@ class S3Storage:
         self._verify(key, size, digest)
         return StoredObject(key=key, size=size, sha256=digest)
 
-    def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
-    ) -> StoredObject:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         digest = hashlib.sha256(data).hexdigest()
         self.client.put_object(
             Bucket=self.bucket,
@@ -278,9 +266,7 @@ class S3Storage:
         except ClientError:
             return False
 
-    def signed_url(
-        self, key: str, filename: str, expires_s: int, base_url: str | None = None
-    ) -> tuple[str, datetime]:
+    def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         url = self.client.generate_presigned_url(
             "get_object",
             Params={

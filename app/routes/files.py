@@ -25,13 +25,9 @@ def download(
     if not isinstance(storage, LocalStorage):
         raise ApiError(404, "not_found", "this deployment serves artifacts from object storage, not /files")
     if expires < time.time():
-        raise ApiError(
-            403, "url_expired", "this download URL has expired; list the job's artifacts for a fresh one"
-        )
+        raise ApiError(403, "url_expired", "this download URL has expired; list the job's artifacts for a fresh one")
     if not check_signature(storage.secret, key, expires, filename, sig):
-        raise ApiError(
-            403, "bad_signature", "this download URL is not valid (altered or from another server)"
-        )
+        raise ApiError(403, "bad_signature", "this download URL is not valid (altered or from another server)")
     try:
         path = storage.path(key)
     except ValueError as exc:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
 
 from app.db import session_factory
-from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep, StorageDep
 from app.errors import ApiError
 from app.metrics import JOBS_SUBMITTED
-from app.models import JobStatus
-from app.queue import dispatch
+from app.models import Job, JobStatus
+from app.queue import get_dispatcher
 from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
 from app.services import jobs as service
 
@@ -27,24 +27,23 @@ def submit_job(
     settings: SettingsDep,
     who: CurrentTenant,
     response: Response,
-    background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JobOut:
+) -> Job:
     """Queue a pruning job. Poll ``GET /jobs/{id}``; a repeated ``Idempotency-Key`` returns the same job."""
     job, created = service.create_job(session, settings, who, body, idempotency_key)
     response.headers["Location"] = f"/jobs/{job.id}"
     if created:
         JOBS_SUBMITTED.inc()
         # Enqueue only after the row is committed (create_job commits); the relay covers a failed publish.
-        background.add_task(dispatch, settings, session_factory(settings.resolved_database_url), [job.id])
+        get_dispatcher(settings, session_factory(settings.resolved_database_url)).submit(job.id)
     else:
         response.status_code = status.HTTP_200_OK
-    return JobOut.model_validate(job)
+    return job
 
 
 @router.get("", response_model=Page[JobOut])
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     who: CurrentTenant,
     status_: Annotated[list[JobStatus] | None, Query(alias="status", description="Repeat to OR")] = None,
@@ -59,8 +58,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> JobOut:
-    return JobOut.model_validate(service.get_job(session, who, job_id))
+def get_job(job_id: uuid.UUID, session: ReadSessionDep, who: CurrentTenant) -> Job:
+    # The row goes straight to the response model (validated once, from attributes).
+    return service.get_job(session, who, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED)
@@ -72,7 +72,7 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> Jo
 @router.get("/{job_id}/events", response_model=Page[EventOut])
 def list_events(
     job_id: uuid.UUID,
-    session: SessionDep,
+    session: ReadSessionDep,
     who: CurrentTenant,
     after: Annotated[int | None, Query(description="Only events with a larger id")] = None,
     cursor: str | None = None,
@@ -91,7 +91,7 @@ def list_events(
 def list_artifacts(
     job_id: uuid.UUID,
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     who: CurrentTenant,
@@ -120,7 +120,7 @@ def download_artifact(
     job_id: uuid.UUID,
     name: str,
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     who: CurrentTenant,
@@ -130,13 +130,11 @@ def download_artifact(
         if a.name == name:
             url, _ = storage.signed_url(a.key, a.name, settings.url_expiry_s, str(request.base_url))
             return RedirectResponse(url, status_code=307, headers={"X-Checksum-Sha256": a.sha256})
-    raise ApiError(
-        404, "not_found", f"job {job_id} has no artifact {name!r}; list them at /jobs/{job_id}/artifacts"
-    )
+    raise ApiError(404, "not_found", f"job {job_id} has no artifact {name!r}; list them at /jobs/{job_id}/artifacts")
 
 
 @router.get("/{job_id}/plans", response_model=list[PlanOut])
-def list_plans(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> list[PlanOut]:
+def list_plans(job_id: uuid.UUID, session: ReadSessionDep, who: CurrentTenant) -> list[PlanOut]:
     """The plans the job considered (the non-dominated set), the chosen one flagged. Empty until planned."""
     job = service.get_job(session, who, job_id)
     plans = (job.result or {}).get("plans") or []

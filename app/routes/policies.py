@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from app.deps import CurrentTenant, SessionDep
+from app.deps import CurrentTenant, ReadSessionDep, SessionDep
 from app.errors import not_found
 from app.models import Policy
 from app.schemas import PolicyCreate, PolicyOut
@@ -32,7 +32,7 @@ def create_policy(body: PolicyCreate, session: SessionDep, who: CurrentTenant) -
 
 
 @router.get("", response_model=list[PolicyOut])
-def list_policies(session: SessionDep, who: CurrentTenant, model: str | None = None) -> list[PolicyOut]:
+def list_policies(session: ReadSessionDep, who: CurrentTenant, model: str | None = None) -> list[PolicyOut]:
     q = select(Policy).where(Policy.tenant_id == who.tenant_id)
     if model is not None:
         q = q.where(Policy.model == model)
@@ -40,7 +40,7 @@ def list_policies(session: SessionDep, who: CurrentTenant, model: str | None = N
 
 
 @router.get("/{policy_id}", response_model=PolicyOut)
-def get_policy(policy_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> PolicyOut:
+def get_policy(policy_id: uuid.UUID, session: ReadSessionDep, who: CurrentTenant) -> PolicyOut:
     policy = session.scalar(select(Policy).where(Policy.id == policy_id, Policy.tenant_id == who.tenant_id))
     if policy is None:
         raise not_found("policy", policy_id)

@@ -41,6 +41,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
     job = Job(
+        id=uuid.uuid4(),
         tenant_id=who.tenant_id,
         model=model,
         preference=body.preference.model_dump(),
@@ -55,7 +56,7 @@ def create_job(
     )
     session.add(job)
     try:
-        session.flush()
+        session.flush()  # the job row first: the event references it
         session.add(Event(job_id=job.id, stage=None, message="job queued", data={"model": model}))
         session.commit()
     except IntegrityError:
@@ -133,9 +134,7 @@ def cancel_job(session: Session, who: Principal, job_id: uuid.UUID) -> Job:
         values: dict[str, Any] = {"status": target.value, "cancel_requested_at": now, "updated_at": now}
         if target is JobStatus.cancelled:
             values["finished_at"] = now
-        res = session.execute(
-            update(Job).where(Job.id == job.id, Job.status == source.value).values(**values)
-        )
+        res = session.execute(update(Job).where(Job.id == job.id, Job.status == source.value).values(**values))
         if res.rowcount:  # type: ignore[attr-defined]
             session.add(Event(job_id=job.id, stage=job.stage, message=f"cancel requested ({target.value})"))
             session.commit()

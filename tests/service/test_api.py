@@ -115,6 +115,10 @@ def test_submit_commits_then_enqueues(client, tenant_key, stack_settings: Settin
     assert r.status_code == 201
     job = r.json()
     assert job["status"] == "queued" and job["attempt"] == 0 and r.headers["Location"] == f"/jobs/{job['id']}"
+    from app.db import session_factory
+    from app.queue import get_dispatcher
+
+    assert get_dispatcher(stack_settings, session_factory(stack_settings.resolved_database_url)).flush()
     with session_scope(stack_settings.resolved_database_url) as s:
         row = s.get(Job, uuid.UUID(job["id"]))
         assert row is not None and row.enqueued_at is not None
@@ -151,9 +155,7 @@ def test_list_paginates_with_cursor_and_filters_status(client, tenant_key) -> No
     assert r.status_code == 202 and r.json()["status"] == "cancelled"
     page = client.get("/jobs", params={"status": "cancelled"}, headers=auth(tenant_key)).json()
     assert [j["id"] for j in page["items"]] == [ids[1]]
-    page = client.get(
-        "/jobs", params=[("status", "cancelled"), ("status", "queued")], headers=auth(tenant_key)
-    )
+    page = client.get("/jobs", params=[("status", "cancelled"), ("status", "queued")], headers=auth(tenant_key))
     assert len(page.json()["items"]) == 5
     r = client.get("/jobs", params={"status": "done"}, headers=auth(tenant_key))
     assert r.status_code == 422 and "status" in r.json()["error"]["message"]
@@ -201,9 +203,7 @@ def test_artifacts_presigned_url_downloads_verified_bytes(client, tenant_key, st
     assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == arts[0]["sha256"]
     assert 'filename="checkpoint.tar"' in got.headers["content-disposition"]
     assert "X-Amz-Expires" in arts[0]["url"] and "X-Amz-Signature" in arts[0]["url"]
-    r = client.get(
-        f"/jobs/{job_id}/artifacts/checkpoint.tar", headers=auth(tenant_key), follow_redirects=False
-    )
+    r = client.get(f"/jobs/{job_id}/artifacts/checkpoint.tar", headers=auth(tenant_key), follow_redirects=False)
     assert r.status_code == 307 and r.headers["X-Checksum-Sha256"] == obj.sha256
     assert client.get(f"/jobs/{job_id}/plans", headers=auth(tenant_key)).json() == []
 

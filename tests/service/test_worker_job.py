@@ -45,9 +45,7 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
         "--without-mingle",
         "--without-heartbeat",
     ]
-    return subprocess.Popen(
-        cmd, env=stack_env(settings), stdout=log_path.open("wb"), stderr=subprocess.STDOUT
-    )
+    return subprocess.Popen(cmd, env=stack_env(settings), stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +76,7 @@ def wclient(worker_settings: Settings):  # type: ignore[no-untyped-def]
         yield c
 
 
-def poll(
-    client, key: str, job_id: str, timeout: float = 240
-) -> tuple[dict, list[tuple[str, str | None, float]]]:  # type: ignore[no-untyped-def]
+def poll(client, key: str, job_id: str, timeout: float = 240) -> tuple[dict, list[tuple[str, str | None, float]]]:  # type: ignore[no-untyped-def]
     seen: list[tuple[str, str | None, float]] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -153,9 +149,7 @@ def test_unknown_builtin_fails_without_retry_and_duplicates_are_not_claimed(  # 
 ) -> None:
     # The testbed is allowed by the API but may not be installed: then the worker fails the job at once
     # with model_not_found (not retried). If it is installed, point the job at a path that vanished.
-    r = wclient.post(
-        "/jobs", json={"model": "tiny-llava", "preference": {"utility": 1}}, headers=auth(tenant_key)
-    )
+    r = wclient.post("/jobs", json={"model": "tiny-llava", "preference": {"utility": 1}}, headers=auth(tenant_key))
     job_id = r.json()["id"]
     with session_scope(worker_settings.resolved_database_url) as s:
         s.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(model="/nonexistent/model-dir"))
