@@ -1,4 +1,5 @@
-"""Writes the testbed's benchmark files (POPE- and ScienceQA-format) from held-out world images.
+"""Writes the testbed's benchmark files (POPE- and ScienceQA-format) from held-out world images, and makes
+calibration samples from the same world.
 
 The image streams here (prefixes ``pope_test`` and ``sqa_*``) never overlap the training split (``train``)
 or the training-time validation images (``trainval``).
@@ -6,12 +7,15 @@ or the training-time validation images (``trainval``).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from worker.hipp.benchmarks import pope, scienceqa
 from worker.hipp.benchmarks.pope import ObjectStats
+from worker.hipp.calibration import CalibrationSample
+from worker.hipp.evaluation import pope_prompt_text, sqa_prompt_text
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.world import generate_scenes
+from worker.hipp.world import CATEGORY_NAMES, generate_scenes, render
 
 DEFAULT_SEED = 1234
 POPE_IMAGES = 500  # x 6 questions = 3,000 per split, as in the real POPE
@@ -36,3 +40,23 @@ def write_benchmarks(
     splits = {name: scienceqa.generate_problems(seed, n, f"sqa_{name}_", stats) for name, n in sizes.items()}
     sqa_counts = scienceqa.write_scienceqa(splits, out / "scienceqa")
     return {"pope": pope_counts, "scienceqa": sqa_counts}
+
+
+def calibration_samples(count: int = 64, seed: int = DEFAULT_SEED) -> list[CalibrationSample]:
+    """World images with the benchmarks' prompts (POPE and ScienceQA alternating), from their own stream.
+
+    Pruning criteria that need activations (Wanda-sp) see in-distribution inputs this way.
+    """
+    scenes = generate_scenes(seed, count, "calibration")
+    problems = scienceqa.generate_problems(seed, count, "calibration_", ObjectStats.from_scenes(scenes))
+    rng = random.Random(f"{seed}:calibration")
+    samples = []
+    for i, scene in enumerate(scenes):
+        if i % 2 == 0:
+            category = rng.choice(scene.categories if rng.random() < 0.5 else list(CATEGORY_NAMES))
+            samples.append(CalibrationSample(render(scene), pope_prompt_text(pope.question_text(category))))
+        else:
+            problem_scene, problem = problems[i]
+            text = sqa_prompt_text(problem.question, problem.choices, problem.hint)
+            samples.append(CalibrationSample(render(problem_scene), text))
+    return samples
