@@ -147,10 +147,19 @@ def _randomize_norms(model: nn.Module, seed: int) -> None:
                 param.copy_(0.05 * torch.randn(param.shape, generator=gen))
 
 
+def _tiny_qwen(version: str) -> tuple[nn.Module, Any]:
+    # Imported on use: builtin_qwen reuses this module's vocabulary and norm randomization.
+    from worker.hipp.builtin_qwen import TinyQwenSpec, build_tiny_qwen
+
+    return build_tiny_qwen(TinyQwenSpec(version=version))
+
+
 BUILTINS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "tiny-llava": lambda: build_tiny_llava(TinyLlavaSpec()),
     "tiny-llava-mha": lambda: build_tiny_llava(TinyLlavaSpec(num_kv_heads=8)),
     "tiny-llava-bias": lambda: build_tiny_llava(TinyLlavaSpec(attention_bias=True, mlp_bias=True)),
+    "tiny-qwen2.5-vl": lambda: _tiny_qwen("2.5"),
+    "tiny-qwen2-vl": lambda: _tiny_qwen("2"),
 }
 
 

@@ -68,6 +68,7 @@ def iter_batches(
         texts = [loaded.adapter.format_prompt(processor, s.question) for s in chunk]
         inputs: Any = processor(text=texts, images=[s.image for s in chunk], return_tensors="pt", padding=True)
         batch = {k: v.to(loaded.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        batch = loaded.adapter.prepare_inputs(batch)
         if max_length is not None and batch["input_ids"].shape[1] > max_length:
             batch = _keep_tail(batch, max_length)
         if torch.is_floating_point(batch.get("pixel_values", torch.zeros(0))):
@@ -80,7 +81,9 @@ def _keep_tail(batch: dict[str, torch.Tensor], max_length: int) -> dict[str, tor
     cut = batch["input_ids"].shape[1] - max_length
     if bool((batch["attention_mask"][:, :cut] != 0).any()):
         return batch
-    return {k: (v[:, cut:] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
+    # Every per-token tensor (input_ids, attention_mask, mm_token_type_ids, ...) has input_ids' shape.
+    shape = batch["input_ids"].shape
+    return {k: (v[:, cut:] if v.shape == shape else v) for k, v in batch.items()}
 
 
 @dataclass

@@ -185,6 +185,14 @@ class ModelAdapter(ABC):
         """Boolean ``[batch, seq]`` mask of the positions that carry image features."""
         return inputs["input_ids"] == self.image_token_id
 
+    def prepare_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Processor outputs made complete for the model's forward (default: unchanged).
+
+        A family whose forward silently degrades without an input some processors omit (e.g. Qwen VL's
+        ``mm_token_type_ids``, needed for its 3-D positions) adds it here.
+        """
+        return inputs
+
     def format_prompt(self, processor: Any, question: str) -> str:
         """A single-turn user prompt with one image, ready for ``processor(text=..., images=...)``."""
         tokenizer = getattr(processor, "tokenizer", processor)
