@@ -95,3 +95,21 @@ def test_sensitivity_restores_attention_implementation_and_caches(tiny_gqa, tmp_
     assert again.direct == first.direct and again.samples == 2
     png = plot_sensitivity(first, tmp_path / "s.png")
     assert png.stat().st_size > 1000
+
+
+def test_policy_state_is_normalized_and_round_trips(tiny_gqa, tmp_path):
+    from worker.hipp.state import FEATURES, PolicyState, compute_policy_state
+
+    state = compute_policy_state(tiny_gqa, synthetic_samples(4, seed=0), batch_size=4)
+    assert state.features.shape == (4, len(FEATURES))
+    assert torch.isfinite(state.features).all()
+    depth = state.features[:, FEATURES.index("depth")]
+    assert depth[0] == 0 and depth[-1] == 1
+    for name in ("wanda_mean", "path_mass", "act_norm_mlp"):
+        column = state.features[:, FEATURES.index(name)]
+        assert abs(float(column.mean())) < 1e-5
+    ablated = state.without(("visual_direct", "visual_increment"))
+    assert ablated.features[:, FEATURES.index("visual_direct")].abs().sum() == 0
+    state.save(tmp_path / "state.json")
+    again = PolicyState.load(tmp_path / "state.json")
+    assert torch.equal(again.features, state.features) and again.names == state.names

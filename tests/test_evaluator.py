@@ -1,0 +1,76 @@
+"""The plan evaluator: objectives against the dense model, mask-applied plans, cache, pre-screen."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.hipp.evaluator import PRESCREEN_RETURN, EvalSet, PlanEvaluator
+from worker.hipp.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruner import build_plan
+from worker.hipp.testbed.data import write_benchmarks
+
+
+@pytest.fixture(scope="module")
+def evalset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    write_benchmarks(root, seed=5, pope_images=8, sqa_sizes={"train": 4, "val": 12, "test": 4})
+    return EvalSet.from_dirs(root / "pope", root / "scienceqa", sqa_split="val")
+
+
+def count_calls(model):
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+def test_dense_plan_scores_one_and_plans_are_cached(tiny_gqa, evalset, tmp_path):
+    evaluator = PlanEvaluator(tiny_gqa, evalset, s_max=0.5, batch_size=16, cache_path=tmp_path / "cache.jsonl")
+    assert set(evaluator.dense_metrics["pope"]) == {"random", "popular", "adversarial"}
+    dense = evaluator.evaluate(PruningPlan.dense(geometry_of(tiny_gqa.adapter)))
+    assert dense.objectives.stability == pytest.approx(1.0)
+    assert dense.objectives.compression == 0.0
+    if evaluator.dense_metrics["scienceqa"]["accuracy"] > 0:
+        assert dense.objectives.utility == pytest.approx(1.0)
+
+    plan = build_plan(tiny_gqa, 0.4, "magnitude")
+    calls = count_calls(tiny_gqa.model)
+    first = evaluator.evaluate(plan)
+    used = calls["n"]
+    assert used > 0 and not first.cached and first.seconds > 0
+    assert first.objectives.compression == pytest.approx(plan.sparsity / 0.5)
+    second = evaluator.evaluate(plan)
+    assert second.cached and calls["n"] == used, "a cache hit must not run the model"
+    assert second.metrics == first.metrics
+    # The disk cache serves a new evaluator in another mode, with objectives recomputed for that mode.
+    matched = PlanEvaluator(tiny_gqa, evalset, target_sparsity=0.4, batch_size=16,
+                            cache_path=tmp_path / "cache.jsonl")
+    again = matched.evaluate(plan)
+    assert again.cached and again.objectives.compression == pytest.approx(1 - abs(plan.sparsity - 0.4) / 0.4)
+
+
+def test_masked_evaluation_matches_the_physically_pruned_model(tiny_gqa, evalset):
+    from worker.hipp.surgery import apply_plan
+
+    evaluator = PlanEvaluator(tiny_gqa, evalset, batch_size=16)
+    plan = build_plan(tiny_gqa, 0.5, "wanda-sp")
+    masked = evaluator.evaluate(plan).metrics
+    apply_plan(tiny_gqa.adapter, plan)
+    assert evaluator._metrics(None) == masked
+
+
+def test_prescreen_skips_plans_that_empty_a_layer(tiny_gqa, evalset):
+    evaluator = PlanEvaluator(tiny_gqa, evalset, batch_size=16)
+    g = geometry_of(tiny_gqa.adapter)
+    layers = [LayerPlan.dense(s) for s in g.layers]
+    layers[1] = LayerPlan((0,), (0,), ())
+    calls = count_calls(tiny_gqa.model)
+    result = evaluator.evaluate(PruningPlan(g, layers))
+    assert result.prescreened and calls["n"] == 0
+    assert result.objectives.utility == PRESCREEN_RETURN and result.rho[1] == 0.0
+
+
+def test_empty_evaluation_set_is_refused():
+    from worker.hipp.errors import OptionError
+
+    with pytest.raises(OptionError, match="evaluation set is empty"):
+        EvalSet.from_dirs(None, None)
