@@ -245,3 +245,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             server.wait(timeout=40)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m worker.cli.serve ...``: these commands and ``jobs`` alone, for the API image (no torch),
+    where the full ``hipp`` parser (whose engine commands may import torch) is not needed."""
+    from worker.cli import jobs
+
+    parser = argparse.ArgumentParser(prog="hipp")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(sub)
+    jobs.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The API side never imports torch or transformers (the API image has neither), and the CLI that the API
+image uses (`python -m worker.cli.serve api-key|migrate|jobs ...`) runs without them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError(f'{name} imported on the API side')
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_api_worker_app_and_cli_import_without_torch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code = BLOCK + (
+        "import app.main, worker.celery_app, worker.tasks\n"
+        "import worker.cli.serve\n"
+        "app.main.create_app()\n"
+        "worker.cli.serve.main(['api-key', 'create', '--tenant', 'x'])\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HIPP_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
