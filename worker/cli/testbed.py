@@ -19,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     data.add_argument("--pope-images", type=int, default=None, help="images for POPE (6 questions each)")
     data.set_defaults(func=run_data)
 
+    card = sub.add_parser("card", help="measure an exported testbed and write its metrics.json and README.md")
+    card.add_argument("--model-dir", type=Path, default=None, help="default: the shipped model/")
+    card.add_argument("--summary", type=Path, required=True, help="summary.json written by `testbed train`")
+    card.add_argument("--command", required=True, help="the training command to document")
+    card.set_defaults(func=run_card)
+
     train = sub.add_parser("train", help="train the testbed VLM from scratch (CPU, about 45 minutes)")
     train.add_argument("--out", type=Path, default=None, help="export folder (default: the shipped model/)")
     train.add_argument("--work", type=Path, default=Path("runs/testbed"), help="checkpoints and log")
@@ -28,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument("--stage1-minutes", type=float, default=None, help="wall-clock budget for stage 1")
     train.add_argument("--stage2-minutes", type=float, default=None, help="wall-clock budget for stage 2")
     train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--resume", default=None, help="continue stage 2 from this saved model (skips stage 1)")
+    train.add_argument("--stage2-lr", type=float, default=None)
     train.add_argument("--images", type=int, default=None, help="training images per pool (POPE and SQA)")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=run_train)
@@ -60,8 +68,23 @@ def run_train(args: argparse.Namespace) -> int:
     cfg.stage2_minutes = args.stage2_minutes
     if args.threads is not None:
         cfg.threads = args.threads
+    if args.stage2_lr is not None:
+        cfg.stage2_lr = args.stage2_lr
+    cfg.resume = args.resume
     if args.images is not None:
         cfg.pope_images = cfg.sqa_problems = args.images
     summary = train(cfg, args.out or MODEL_DIR, args.work, TqdmReporter(enabled=not args.quiet))
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_card(args: argparse.Namespace) -> int:
+    from worker.hipp.testbed import MODEL_DIR
+    from worker.hipp.testbed.card import write_card
+
+    training = json.loads(args.summary.read_text())
+    metrics = write_card(args.model_dir or MODEL_DIR, training, args.command, TqdmReporter())
+    from worker.hipp.evaluation import format_table
+
+    print(format_table(metrics))
     return 0

@@ -72,6 +72,7 @@ class TrainConfig:
     eval_every_minutes: float = 6.0
     val_images: int = 300
     val_problems: int = 450
+    resume: str | None = None  # a saved model to continue stage 2 from (stage 1 is then skipped)
     threads: int = 1  # one thread degrades gracefully when other jobs share the two cores
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -508,10 +509,13 @@ def train(cfg: TrainConfig, out: Path, work: Path, report: Reporter = SILENT) ->
     val = build_val(cfg)
     processor = build_processor()
     enc = Encoder(processor.tokenizer)
-    model = build_model(dict(processor.tokenizer.get_vocab()))
+    if cfg.resume:
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.resume).float()
+    else:
+        model = build_model(dict(processor.tokenizer.get_vocab()))
     heads = AuxHeads(VISION_WIDTH)
     _log(log, {"data_minutes": round((time.time() - t0) / 60, 2), "params": model.num_parameters()}, report)
-    stage1_steps = train_stage1(model, heads, pool, cfg, log, report)
+    stage1_steps = 0 if cfg.resume else train_stage1(model, heads, pool, cfg, log, report)
     metrics = train_stage2(model, heads, pool, stats, enc, val, cfg, work, report)
     minutes = (time.time() - t0) / 60
     export(model, out)
