@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Modules that define ``register(subparsers)``. Imported lazily so `hipp --help` stays fast.
 COMMAND_MODULES = [
     "worker.cli.prune",
+    "worker.cli.recover",
     "worker.cli.jobs",
     "worker.cli.serve",
     "worker.cli.testbed",
