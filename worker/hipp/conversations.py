@@ -229,32 +229,58 @@ def encode_conversation(loaded: LoadedModel, conv: Conversation, max_length: int
         )
     image = conv.load_image()
     segments = _segments(loaded, conv, use_template)
-    if use_template:
-        full = _tokenize(loaded, segments[-1][1], image)
-        spans = [(_tokenize(loaded, prompt, image), _tokenize(loaded, text, image)) for prompt, text in segments]
-        examples = [(full, [(p, t) for p, t in spans])]
-    else:
-        examples = []
-        for prompt, text in segments:
-            full = _tokenize(loaded, text, image)
-            examples.append((full, [(_tokenize(loaded, prompt, image), full)]))
+    # With a chat template the whole conversation is one example (its last text contains every turn);
+    # without one, each turn is its own example.
+    groups = [(segments[-1][1], segments)] if use_template else [(text, [(p, text)]) for p, text in segments]
     encoded = []
-    for full, spans in examples:
+    for full_text, spans in groups:
+        full = _tokenize(loaded, full_text, image)
         ids = full["input_ids"][0]
         labels = torch.full_like(ids, IGNORE_INDEX)
-        for before, upto in spans:
-            p_ids, u_ids = before["input_ids"][0], upto["input_ids"][0]
-            if not (torch.equal(ids[: len(p_ids)], p_ids) and torch.equal(ids[: len(u_ids)], u_ids)):
-                raise OptionError(
-                    f"conversation {conv.id!r}: the prompt format does not tokenize turn by turn as a prefix of "
-                    "the whole conversation, so answer tokens cannot be located"
-                )
-            labels[len(p_ids) : len(u_ids)] = ids[len(p_ids) : len(u_ids)]
+        for start, stop in _answer_spans(loaded, conv, ids, full_text, spans, image):
+            labels[start:stop] = ids[start:stop]
         example = _truncate(loaded, ids, labels, max_length)
         if example is not None:
             extras = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
             encoded.append(EncodedExample(example[0], example[1], extras))
     return encoded
+
+
+def _answer_spans(
+    loaded: LoadedModel, conv: Conversation, ids: torch.Tensor, full_text: str, spans: list[tuple[str, str]],
+    image: Image.Image | None,
+) -> list[tuple[int, int]]:
+    """[start, stop) of each answer in ``ids`` (the processor's tokens of ``full_text``, image expanded).
+
+    Fast path: tokenize the texts with the tokenizer alone (no image processing) and shift by the number of
+    tokens the image expansion added, after checking the expansion lies wholly before every answer. Otherwise
+    every prefix goes through the processor with the image (slower, exact).
+    """
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    if callable(tokenizer):
+        plain = list(tokenizer(full_text)["input_ids"])
+        delta = len(ids) - len(plain)
+        out = []
+        for prompt, upto in spans:
+            p_ids, u_ids = list(tokenizer(prompt)["input_ids"]), list(tokenizer(upto)["input_ids"])
+            if plain[: len(p_ids)] != p_ids or plain[: len(u_ids)] != u_ids:
+                break
+            if ids[len(p_ids) + delta :].tolist() != plain[len(p_ids) :]:
+                break
+            out.append((len(p_ids) + delta, len(u_ids) + delta))
+        else:
+            return out
+    out = []
+    for prompt, upto in spans:
+        p_full = _tokenize(loaded, prompt, image)["input_ids"][0]
+        u_full = _tokenize(loaded, upto, image)["input_ids"][0]
+        if not (torch.equal(ids[: len(p_full)], p_full) and torch.equal(ids[: len(u_full)], u_full)):
+            raise OptionError(
+                f"conversation {conv.id!r}: the prompt format does not tokenize turn by turn as a prefix of "
+                "the whole conversation, so answer tokens cannot be located"
+            )
+        out.append((len(p_full), len(u_full)))
+    return out
 
 
 def _truncate(

@@ -292,9 +292,15 @@ def _lr_factor(step: int, progress: float, warmup: int) -> float:
 
 
 class _Budget:
+    """Steps and/or wall-clock seconds. The clock covers the whole call (data encoding included), so a time
+    budget bounds what the caller waits; the learning-rate schedule follows the training part of it."""
+
     def __init__(self, config: RecoveryConfig) -> None:
         self.steps, self.seconds = config.steps, config.max_seconds
-        self.start = time.perf_counter()
+        self.start = self.train_start = time.perf_counter()
+
+    def start_training(self) -> None:
+        self.train_start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -304,7 +310,8 @@ class _Budget:
         if self.steps is not None:
             parts.append(step / max(1, self.steps))
         if self.seconds is not None:
-            parts.append(self.elapsed() / self.seconds)
+            left = self.start + self.seconds - self.train_start
+            parts.append((time.perf_counter() - self.train_start) / max(left, 1e-3))
         return max(parts)
 
     def stop_reason(self, step: int) -> str | None:
@@ -359,6 +366,7 @@ def recover(
     else:
         teacher = None
     r = config.resolved()
+    budget = _Budget(config)
     reporter.stage("recover-data", f"encoding {len(conversations)} conversations")
     examples = encode_all(student, conversations, config.max_length)
     shapes_before = decoder_shapes(student)
@@ -383,7 +391,7 @@ def recover(
     optimizer = torch.optim.AdamW(params, lr=r.learning_rate, weight_decay=config.weight_decay)
     pad_id = _pad_id(student)
     image_token_id = student.adapter.image_token_id
-    budget = _Budget(config)
+    budget.start_training()
     result = RecoveryResult(steps=0, seconds=0.0, examples=len(examples))
     reporter.stage("recover", f"{config.method}: {len(params)} tensors, {len(examples)} examples")
     total = config.steps
