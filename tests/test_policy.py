@@ -1,0 +1,149 @@
+"""The hierarchical policy and plan-level GRPO."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from worker.hipp.errors import OptionError
+from worker.hipp.grpo import GRPOConfig, GRPOTrainer, Outcome, group_advantages, scalarize
+from worker.hipp.policy import Action, HippPolicy, PolicyConfig, action_to_ratios, validate_preference, water_fill
+
+LAYERS = 4
+FEATURES = torch.randn(LAYERS, 5, generator=torch.Generator().manual_seed(0))
+SIZES = [100, 100, 200, 400]
+SHARE = torch.tensor([s / sum(SIZES) for s in SIZES])
+W = torch.tensor([0.2, 0.5, 0.3])
+
+
+def policy(**kw) -> HippPolicy:
+    torch.manual_seed(0)
+    return HippPolicy(PolicyConfig(num_features=5, **kw))
+
+
+def test_untrained_policy_proposes_the_uniform_allocation():
+    p = policy()
+    mean = p.mean_action(FEATURES, SHARE, W, target=0.3)
+    assert torch.allclose(mean.shares, SHARE, atol=1e-6)
+    ratios, budget = action_to_ratios(mean, SIZES, p.config, 0.3)
+    assert ratios == pytest.approx([0.3] * LAYERS) and budget == 0.3
+    free = p.mean_action(FEATURES, SHARE, W)
+    assert float(free.budget) == pytest.approx((p.config.s_min + p.config.s_max) / 2)
+
+
+def test_sampling_matches_closed_form_log_probability():
+    # E[-log p(x)] over samples equals the closed-form entropy only if sampling and log_prob agree.
+    p = policy()
+    g = torch.Generator().manual_seed(1)
+    actions = [p.sample(FEATURES, SHARE, W, None, g) for _ in range(1000)]
+    dists = p.distributions(FEATURES, SHARE, W)
+    # Budget log-density is taken in the unit interval: shift by the rescaling Jacobian.
+    jacobian = math.log(p.config.s_max - p.config.s_min)
+    empirical = -torch.stack([a.log_prob for a in actions]).mean().item() + jacobian
+    with torch.no_grad():
+        assert empirical == pytest.approx(float(dists.entropy()) + jacobian, abs=0.2)
+    budgets = torch.stack([a.budget for a in actions])
+    unit = (budgets - p.config.s_min) / (p.config.s_max - p.config.s_min)
+    assert float(unit.mean()) == pytest.approx(float(dists.budget.mean), abs=0.02)
+    assert float(unit.var()) == pytest.approx(float(dists.budget.variance), rel=0.15)
+    shares = torch.stack([a.shares for a in actions])
+    assert torch.allclose(shares.mean(0), dists.allocation.mean, atol=0.01)
+    # Re-scoring a stored action gives its stored log-probability.
+    assert float(p.log_prob(actions[0], FEATURES, SHARE, W)) == pytest.approx(float(actions[0].log_prob), abs=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.3, 0.6, 0.8])
+def test_budget_projection_is_exact_under_bounds(budget):
+    config = PolicyConfig(num_features=5, r_min=0.0, r_max=0.85)
+    shares = torch.tensor([0.7, 0.1, 0.1, 0.1])  # asks layer 0 for far more than its cap
+    ratios, realised = action_to_ratios(Action(torch.tensor(budget), shares, torch.zeros(())), SIZES, config)
+    removed = sum(r * s for r, s in zip(ratios, SIZES, strict=True))
+    assert realised == pytest.approx(budget, abs=1e-7)  # the action stores the budget in float32
+    assert removed == pytest.approx(realised * sum(SIZES), rel=1e-9)
+    assert all(config.r_min - 1e-12 <= r <= config.r_max + 1e-12 for r in ratios)
+
+
+def test_water_fill_saturates_and_keeps_order():
+    x = water_fill(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3), torch.tensor([1.0, 1.0, 1.0]), 2.5)
+    assert float(x.sum()) == pytest.approx(2.5) and float(x[2]) == pytest.approx(1.0)
+    assert x[0] < x[1]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [([0.5, -0.1, 0.6], "non-negative"), ([float("nan"), 0.5, 0.5], "finite"), ([0, 0, 0], "all zero"),
+     ([0.5, 0.5], "needs 3 values")],
+)
+def test_invalid_preferences_fail_clearly(values, message):
+    with pytest.raises(OptionError, match=message):
+        validate_preference(values)
+    assert validate_preference([2, 1, 1]).tolist() == pytest.approx([0.5, 0.25, 0.25])
+
+
+class Bandit:
+    """A synthetic environment whose best allocation is known: shares close to ``best`` score highest."""
+
+    def __init__(self, best: torch.Tensor) -> None:
+        self.best = best
+        self.features = FEATURES
+        self.param_share = SHARE
+        self.calls = 0
+
+    def evaluate(self, action: Action, target: float | None) -> Outcome:
+        self.calls += 1
+        quality = 1.0 - 4.0 * float((action.shares - self.best).abs().sum())
+        return Outcome([quality, quality, 0.0], 1.0)
+
+
+def test_grpo_converges_to_the_known_best_allocation():
+    best = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    p = policy()
+    env = Bandit(best)
+    start = float((p.mean_action(FEATURES, SHARE, W, 0.3).shares - best).abs().sum())
+    trainer = GRPOTrainer(p, env, GRPOConfig(steps=40, preferences_per_step=2, group_size=8, lr=0.04,
+                                             kl_coef=0.0, matched_fraction=1.0, matched_budgets=(0.3,), seed=0))
+    history = trainer.train()
+    end = float((p.mean_action(FEATURES, SHARE, W, 0.3).shares - best).abs().sum())
+    assert end < 0.25 * start, (start, end)
+    assert history[-1]["return"] > history[0]["return"]
+    assert env.calls == 40 * 2 * 8
+
+
+def test_checkpoint_round_trip_gives_same_plans(tmp_path):
+    p = policy()
+    trainer = GRPOTrainer(p, Bandit(torch.tensor([0.4, 0.3, 0.2, 0.1])),
+                          GRPOConfig(steps=3, preferences_per_step=1, group_size=4, seed=3))
+    trainer.train()
+    trainer.save_checkpoint(tmp_path / "ck")
+    other = policy()
+    resumed = GRPOTrainer(other, Bandit(torch.tensor([0.4, 0.3, 0.2, 0.1])),
+                          GRPOConfig(steps=3, preferences_per_step=1, group_size=4, seed=3))
+    resumed.load_checkpoint(tmp_path / "ck")
+    assert resumed.step_index == 3 and resumed.history == trainer.history
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    a = p.sample(FEATURES, SHARE, W, None, g1)
+    b = other.sample(FEATURES, SHARE, W, None, g2)
+    assert torch.equal(a.shares, b.shares) and torch.equal(a.budget, b.budget)
+    # Resumed training continues from the same RNG and optimizer state as an uninterrupted run.
+    trainer.config.steps = resumed.config.steps = 5
+    trainer.train()
+    resumed.train()
+    assert [h["return"] for h in trainer.history] == pytest.approx([h["return"] for h in resumed.history])
+
+
+def test_scalarization_and_advantages():
+    assert scalarize([1.0, 0.5, 0.0], W, 1.0, 0.1) == pytest.approx(0.2 + 0.25 + 0.1)
+    assert scalarize([1.0, 0.5, 0.0], W, 1.0, 0.0, "chebyshev") == pytest.approx(-0.3)
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0]))
+    assert float(adv.mean()) == pytest.approx(0.0) and float(adv.std()) == pytest.approx(1.0)
+    assert group_advantages(torch.tensor([1.0, 1.0])).tolist() == [0.0, 0.0]
+
+
+def test_flat_policy_samples_ratios_within_bounds():
+    p = policy(flat=True)
+    a = p.sample(FEATURES, SHARE, W, 0.4, torch.Generator().manual_seed(0))
+    ratios, budget = action_to_ratios(a, SIZES, p.config, 0.4)
+    assert sum(r * s for r, s in zip(ratios, SIZES, strict=True)) == pytest.approx(0.4 * sum(SIZES))
+    assert all(0 <= r <= p.config.r_max + 1e-9 for r in ratios)
