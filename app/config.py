@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     page_size_max: int = 200
     api_key_cache_s: float = Field(default=10.0, description="How long a verified API key is cached in-process")
-    allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny-llava", "testbed"])
+    allowed_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["testbed", "tiny-llava", "tiny-qwen2.5-vl", "tiny-qwen2-vl"]
+    )
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server folders whose models may be used"
     )

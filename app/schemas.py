@@ -65,12 +65,17 @@ class Preference(Strict):
 
 class RecoveryOptions(Strict):
     steps: int = Field(default=0, ge=0, le=100_000, description="Recovery (fine-tuning) steps; 0 = none")
-    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
+    method: Literal["lora", "kd", "lora+kd"] = Field(
+        default="lora", description="lora: cross-entropy; kd / lora+kd distill from the dense model"
+    )
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0, description="Default: the method's own")
+    batch_size: int = Field(default=4, ge=1, le=256)
+    max_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="Time budget")
 
 
 class EvaluationOptions(Strict):
     enabled: bool = True
-    max_samples: int = Field(default=32, ge=1, le=100_000)
+    max_samples: int = Field(default=16, ge=1, le=100_000, description="Questions per benchmark split")
 
 
 class JobCreate(Strict):

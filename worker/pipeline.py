@@ -20,7 +20,7 @@ A stage whose engine part does not exist yet records that it was skipped and why
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -123,9 +123,7 @@ class JobRun(Reporter):
     # writes
     def _update(self, **values: Any) -> None:
         with self.factory() as s:
-            res = s.execute(
-                update(Job).where(Job.id == self.job_id, Job.lease_owner == self.owner).values(**values)
-            )
+            res = s.execute(update(Job).where(Job.id == self.job_id, Job.lease_owner == self.owner).values(**values))
             s.commit()
         if not res.rowcount:  # type: ignore[attr-defined]
             self._lost.set()
@@ -133,23 +131,15 @@ class JobRun(Reporter):
 
     def event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
         with self.factory() as s:
-            s.add(
-                Event(
-                    job_id=self.job_id, stage=self.stage_name, level=level, message=message, data=data or {}
-                )
-            )
+            s.add(Event(job_id=self.job_id, stage=self.stage_name, level=level, message=message, data=data or {}))
             s.commit()
 
     def begin(self, stage: str) -> None:
         self.stage_name = stage
-        self._update(
-            stage=stage, stage_progress=0.0, progress=round(self.done_weight, 4), heartbeat_at=utcnow()
-        )
+        self._update(stage=stage, stage_progress=0.0, progress=round(self.done_weight, 4), heartbeat_at=utcnow())
         self.event(f"{stage} started")
 
-    def end(
-        self, stage: str, seconds: float, skipped: str | None = None, data: dict[str, Any] | None = None
-    ) -> None:
+    def end(self, stage: str, seconds: float, skipped: str | None = None, data: dict[str, Any] | None = None) -> None:
         self.done_weight += STAGE_WEIGHTS[stage]
         self._update(stage_progress=1.0, progress=round(min(self.done_weight, 1.0), 4))
         payload = {"seconds": round(seconds, 3), **(data or {})}
@@ -177,9 +167,7 @@ class JobRun(Reporter):
         self._last_write = now
         frac = min(done / total, 1.0) if total else 0.0
         weight = STAGE_WEIGHTS.get(self.stage_name or "", 0.0)
-        self._update(
-            stage_progress=round(frac, 4), progress=round(min(self.done_weight + weight * frac, 1.0), 4)
-        )
+        self._update(stage_progress=round(frac, 4), progress=round(min(self.done_weight + weight * frac, 1.0), 4))
 
     def log(self, message: str) -> None:
         self.event(message)
@@ -203,22 +191,59 @@ class JobContext:
     result: dict[str, Any] = field(default_factory=dict)
 
 
+def calibration_samples(ctx: JobContext, count: int) -> list[Any]:
+    """In-distribution images for the testbed (its world), simple synthetic scenes for anything else."""
+    if ctx.job.model == "testbed":
+        from worker.hipp.testbed.data import calibration_samples as world_samples
+
+        return world_samples(count)
+    from worker.hipp.calibration import synthetic_samples
+
+    return synthetic_samples(count, seed=0)
+
+
+def evaluation_enabled(ctx: JobContext) -> bool:
+    return bool(ctx.job.options.get("evaluation", {}).get("enabled", True))
+
+
+def evaluate_model(ctx: JobContext, model: Any) -> dict[str, Any]:
+    """POPE and ScienceQA-style accuracy on the world benchmarks (written once per job, ``max_samples``
+    questions per split), scored from first-token logits."""
+    from worker.hipp.evaluation import evaluate
+    from worker.hipp.testbed.data import write_benchmarks
+
+    n = int(ctx.job.options.get("evaluation", {}).get("max_samples", 16))
+    bench = ctx.work_dir / "benchmarks"
+    if not (bench / "scienceqa").exists():
+        write_benchmarks(bench, pope_images=max(1, -(-n // 6)), sqa_sizes={"test": n})
+    return evaluate(
+        model, ctx.loaded.processor, bench / "pope", bench / "scienceqa", limit=n, batch_size=16, report=ctx.run
+    )
+
+
 def stage_load(ctx: JobContext) -> dict[str, Any]:
     from worker.hipp.loading import load_model
 
     ctx.loaded = load_model(ctx.job.model)
     params = sum(p.numel() for p in ctx.loaded.model.parameters())
     ctx.result["dense"] = {"parameters": params}
+    if evaluation_enabled(ctx):
+        ctx.run.event("evaluating the dense model (baseline for the metrics)")
+        ctx.result["dense"]["metrics"] = evaluate_model(ctx, ctx.loaded.model)
     return {"parameters": params, "adapter": type(ctx.loaded.adapter).__name__}
 
 
 def stage_sensitivity(ctx: JobContext) -> dict[str, Any]:
-    wired = False  # flip when the engine ships worker.hipp.sensitivity and the policy planner consumes it
-    if not wired:
-        missing = importlib.util.find_spec("worker.hipp.sensitivity") is None
-        why = "the engine has no sensitivity analysis yet" if missing else "not wired into the service yet"
-        raise Skipped(f"{why}; the baseline allocator does not use it")
-    return {}
+    """Visual sensitivity per decoder layer (attention flow), saved with the job's stage outputs. The
+    baseline allocator does not consume it; a policy will."""
+    from worker.hipp.sensitivity import compute_visual_sensitivity
+
+    result = compute_visual_sensitivity(ctx.loaded, calibration_samples(ctx, 8), batch_size=4, reporter=ctx.run)
+    key = f"jobs/{ctx.job.id}/stages/sensitivity.json"
+    ctx.storage.put_bytes(key, json.dumps(result.to_dict()).encode(), "application/json")
+    ctx.run.save_stage_output("sensitivity", key)
+    ctx.result["sensitivity"] = {"direct": result.direct, "increment": result.increment, "samples": result.samples}
+    return {"layers": result.num_layers, "samples": result.samples}
 
 
 def baseline_sparsity(preference: dict[str, float], ceiling: float) -> float:
@@ -240,7 +265,6 @@ def find_policy(ctx: JobContext) -> Policy | None:
 
 def stage_plan(ctx: JobContext) -> dict[str, Any]:
     from worker.hipp.allocation import max_sparsity
-    from worker.hipp.calibration import synthetic_samples
     from worker.hipp.plan import PruningPlan, geometry_of
     from worker.hipp.pruner import build_plan
 
@@ -267,15 +291,13 @@ def stage_plan(ctx: JobContext) -> dict[str, Any]:
                 baseline_sparsity(ctx.job.preference, ceiling),
                 "from preference (compression weight)",
             )
-        ctx.run.event(
-            f"target sparsity {sparsity:.3f} {mode}", data={"sparsity": sparsity, "ceiling": ceiling}
-        )
+        ctx.run.event(f"target sparsity {sparsity:.3f} {mode}", data={"sparsity": sparsity, "ceiling": ceiling})
         ctx.plan = build_plan(
             ctx.loaded,
             sparsity,
             criterion="wanda-sp",
             allocation="uniform",
-            samples=synthetic_samples(CALIBRATION_SAMPLES, seed=0),
+            samples=calibration_samples(ctx, CALIBRATION_SAMPLES),
             reporter=ctx.run,
         )
         ctx.plan.meta.update(source=source, preference=ctx.job.preference, job_id=str(ctx.job.id))
@@ -302,14 +324,29 @@ def stage_prune(ctx: JobContext) -> dict[str, Any]:
 
 
 def stage_recover(ctx: JobContext) -> dict[str, Any]:
-    steps = int(ctx.job.options.get("recovery", {}).get("steps", 0))
+    """LoRA (or distillation) recovery on world conversations, merged back into the pruned model."""
+    options = ctx.job.options.get("recovery", {})
+    steps = int(options.get("steps", 0))
     if steps <= 0:
         raise Skipped("no recovery requested (recovery.steps = 0)")
-    if importlib.util.find_spec("worker.hipp.recovery") is None:
-        raise Skipped(
-            f"{steps} recovery steps requested, but the engine has no recovery yet (worker.hipp.recovery)"
-        )
-    raise Skipped("recovery is not wired into the service yet")
+    from worker.hipp.conversations import world_conversations
+    from worker.hipp.loading import load_model
+    from worker.hipp.recovery import RecoveryConfig, recover
+
+    config = RecoveryConfig(
+        method=options.get("method", "lora"),
+        steps=steps,
+        max_seconds=options.get("max_seconds"),
+        learning_rate=options.get("learning_rate"),
+        batch_size=int(options.get("batch_size", 4)),
+    )
+    count = min(max(steps * config.batch_size, 32), 2000)
+    teacher = load_model(ctx.job.model) if config.needs_teacher else None
+    outcome = recover(ctx.loaded, world_conversations(count, seed=0), config, teacher=teacher, reporter=ctx.run)
+    ctx.result["recovery"] = outcome.record(
+        config, teacher=ctx.job.model if teacher else None, data=f"world training split ({count} conversations)"
+    )
+    return {"steps": outcome.steps, "loss_last": ctx.result["recovery"]["loss_last"]}
 
 
 def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
@@ -322,18 +359,11 @@ def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
         "flops_per_token": ctx.result["chosen_plan"]["flops_per_token"],
         "dense_flops_per_token": ctx.result["chosen_plan"]["dense_flops_per_token"],
     }
-    if not ctx.job.options.get("evaluation", {}).get("enabled", True):
+    if not evaluation_enabled(ctx):
         raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
-    from worker.hipp import evaluation
-
-    if not hasattr(evaluation, "evaluate"):
-        raise Skipped(
-            "the engine has no task evaluation yet (worker.hipp.evaluation.evaluate); "
-            "recorded parameter and FLOP counts only"
-        )
-    raise Skipped(
-        "task evaluation is not wired into the service yet; recorded parameter and FLOP counts only"
-    )
+    ctx.result["metrics"]["evaluation"] = evaluate_model(ctx, ctx.loaded.model)
+    ctx.result["plans"][0]["metrics"] = ctx.result["metrics"]["evaluation"]
+    return {"evaluation": ctx.result["metrics"]["evaluation"]}
 
 
 def stage_upload(ctx: JobContext) -> dict[str, Any]:
@@ -342,13 +372,16 @@ def stage_upload(ctx: JobContext) -> dict[str, Any]:
     out = ctx.work_dir / "checkpoint"
     shutil.rmtree(out, ignore_errors=True)
     card = {"source_model": ctx.job.model, "preference": ctx.job.preference, "job_id": str(ctx.job.id)}
+    metrics = {**ctx.result.get("metrics", {}), "dense": ctx.result.get("dense", {})}
+    if "recovery" in ctx.result:
+        metrics["recovery"] = ctx.result["recovery"]
     export_pruned(
         ctx.loaded.model,
         ctx.loaded.processor,
         ctx.loaded.adapter,
         out,
         plan=ctx.plan,
-        metrics=ctx.result.get("metrics", {}),
+        metrics=metrics,
         card=card,
     )
     ctx.run.check()
@@ -513,9 +546,7 @@ def _fail(run: JobRun, job: Job, exc: Exception, settings: Settings) -> str:
         with run.factory() as s:
             res = s.execute(
                 update(Job)
-                .where(
-                    Job.id == run.job_id, Job.lease_owner == run.owner, Job.status == JobStatus.running.value
-                )
+                .where(Job.id == run.job_id, Job.lease_owner == run.owner, Job.status == JobStatus.running.value)
                 .values(
                     status=JobStatus.queued.value,
                     lease_owner=None,

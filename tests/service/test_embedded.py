@@ -75,6 +75,8 @@ def test_embedded_job_with_the_cli_client(embedded, tmp_path: Path) -> None:  # 
         "tiny-llava",
         "--preference",
         "utility=1,compression=1",
+        "--eval-samples",
+        "4",
         "--wait",
         "--download",
         str(tmp_path / "ckpt"),
@@ -104,7 +106,8 @@ def test_embedded_job_with_the_cli_client(embedded, tmp_path: Path) -> None:  # 
 
 
 def test_demo_the_readme_first_command(tmp_path: Path) -> None:
-    out = hipp("demo", "--home", str(tmp_path / "home"), env=embedded_env(tmp_path / "home"))
+    home = tmp_path / "home"
+    out = hipp("demo", "--home", str(home), "--eval-samples", "4", env=embedded_env(home))
     text = out.stdout
     assert "job succeeded" in text and "verified" in text and "loaded in a fresh process" in text
     metrics = json.loads(text[text.rindex("== metrics") + len("== metrics") :])

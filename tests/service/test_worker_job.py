@@ -91,7 +91,12 @@ def poll(client, key: str, job_id: str, timeout: float = 240) -> tuple[dict, lis
 
 
 def test_full_job_through_a_worker_process(worker, wclient, tenant_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    body = {"model": "tiny-llava", "preference": {"utility": 0.4, "robustness": 0.2, "compression": 0.4}}
+    body = {
+        "model": "tiny-llava",
+        "preference": {"utility": 0.4, "robustness": 0.2, "compression": 0.4},
+        "recovery": {"steps": 2, "batch_size": 2},
+        "evaluation": {"max_samples": 6},
+    }
     r = wclient.post("/jobs", json=body, headers=auth(tenant_key))
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -107,14 +112,21 @@ def test_full_job_through_a_worker_process(worker, wclient, tenant_key, tmp_path
     result = job["result"]
     assert result["plan_source"] == "baseline"
     assert 0.2 < result["chosen_plan"]["sparsity"] < 0.35
-    assert result["stages"]["recover"]["status"] == "skipped"
+    assert {k: v["status"] for k, v in result["stages"].items()} == dict.fromkeys(
+        ("load", "sensitivity", "plan", "prune", "recover", "evaluate", "upload"), "done"
+    )
+    assert result["recovery"]["steps"] == 2 and result["recovery"]["method"] == "lora"
     assert result["metrics"]["parameters"] < result["metrics"]["dense_parameters"]
+    evaluation = result["metrics"]["evaluation"]
+    assert evaluation["scienceqa"]["n"] == 6 and set(evaluation["pope"]) == {"random", "popular", "adversarial"}
+    assert "scienceqa" in result["dense"]["metrics"]
+    assert len(result["sensitivity"]["direct"]) > 0
 
     events = wclient.get(f"/jobs/{job_id}/events", headers=auth(tenant_key)).json()["items"]
     messages = [e["message"] for e in events]
     for stage in ("load", "sensitivity", "plan", "prune", "recover", "evaluate", "upload"):
         assert f"{stage} started" in messages
-    assert any(m.startswith("recover skipped: no recovery requested") for m in messages)
+    assert any(m.startswith("recover finished") for m in messages)
     assert messages[-1] == "job succeeded"
     ids = [e["id"] for e in events]
     assert ids == sorted(ids)

@@ -106,9 +106,7 @@ class Client:
                     f.write(chunk)
         if digest.hexdigest() != art["sha256"]:
             dest.unlink()
-            raise ApiClientError(
-                f"sha256 mismatch for {name}: got {digest.hexdigest()}, expected {art['sha256']}"
-            )
+            raise ApiClientError(f"sha256 mismatch for {name}: got {digest.hexdigest()}, expected {art['sha256']}")
         if name.endswith(".tar"):
             with tarfile.open(dest) as tar:
                 tar.extractall(out_dir, filter="data")
@@ -126,9 +124,7 @@ def parse_preference(text: str) -> dict[str, float]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(
-                f"expected key=value in {part!r}, e.g. utility=0.5,compression=0.5"
-            )
+            raise argparse.ArgumentTypeError(f"expected key=value in {part!r}, e.g. utility=0.5,compression=0.5")
         out[key.strip()] = float(value)
     return out
 
@@ -150,6 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--target-sparsity", type=float)
     p.add_argument("--recovery-steps", type=int, default=0)
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-samples", type=int, default=16, help="questions per benchmark split")
     p.add_argument("--metadata", type=json.loads, default={}, help="JSON object")
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
@@ -212,7 +209,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "preference": args.preference,
             "target_sparsity": args.target_sparsity,
             "recovery": {"steps": args.recovery_steps},
-            "evaluation": {"enabled": not args.no_eval},
+            "evaluation": {"enabled": not args.no_eval, "max_samples": args.eval_samples},
             "metadata": args.metadata,
         }
         job = c.submit(body, args.idempotency_key)
@@ -242,9 +239,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     def go() -> int:
         job = _client(args).wait(args.job_id, timeout=args.timeout)
-        _print(
-            {"status": job["status"], "error": job["error"], "metrics": (job["result"] or {}).get("metrics")}
-        )
+        _print({"status": job["status"], "error": job["error"], "metrics": (job["result"] or {}).get("metrics")})
         return 0 if job["status"] == "succeeded" else 1
 
     return _run(go)

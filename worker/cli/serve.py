@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d.add_argument("--model", default=None, help="default: testbed if installed, else tiny-llava")
     d.add_argument("--preference", default="utility=0.5,robustness=0.2,compression=0.3")
     d.add_argument("--out", type=Path, default=None, help="where to unpack the checkpoint")
+    d.add_argument("--eval-samples", type=int, default=16, help="questions per benchmark split")
+    d.add_argument("--recovery-steps", type=int, default=0, help="LoRA recovery steps (0: none)")
     d.set_defaults(func=cmd_demo)
 
 
@@ -212,7 +214,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model = args.model or default_model()
         preference = parse_preference(args.preference)
         say(f"POST /jobs model={model} preference={preference}")
-        job = client.submit({"model": model, "preference": preference})
+        job = client.submit(
+            {
+                "model": model,
+                "preference": preference,
+                "evaluation": {"max_samples": args.eval_samples},
+                "recovery": {"steps": args.recovery_steps},
+            }
+        )
         say(f"job {job['id']} queued; polling GET /jobs/{job['id']}")
         job = client.wait(job["id"], interval=0.3)
         for event in client.request("GET", f"/jobs/{job['id']}/events")["items"]:
