@@ -66,7 +66,6 @@ class Settings(BaseSettings):
     lease_s: int = 120
     heartbeat_s: float = 5.0
     enqueue_retry_s: int = 30
-    recovery_steps_default: int = 0
     work_dir: Path | None = Field(default=None, description="Worker scratch folder; default HIPP_HOME/work")
 
     @field_validator("allowed_models", "model_dirs", mode="before")

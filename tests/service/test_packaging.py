@@ -33,3 +33,13 @@ def test_api_worker_app_and_cli_import_without_torch(tmp_path) -> None:  # type:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_every_setting_is_documented() -> None:
+    from pathlib import Path
+
+    from app.config import Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    missing = [f"HIPP_{name.upper()}" for name in Settings.model_fields if f"`HIPP_{name.upper()}`" not in doc]
+    assert not missing, f"document these settings in docs/service.md: {missing}"
