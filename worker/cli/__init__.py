@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "worker.cli.serve",
     "worker.cli.testbed",
     "worker.cli.evaluate",
+    "worker.cli.search",
 ]
 
 

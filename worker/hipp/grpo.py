@@ -192,7 +192,7 @@ class GRPOTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.optimizer.step()
-        return {"loss": float(loss), "kl": float(kl), "entropy": float(entropy)}
+        return {"loss": loss.item(), "kl": kl.item(), "entropy": entropy.item()}
 
     # --- loop, checkpoints ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:

@@ -1,0 +1,72 @@
+"""Policy training and plan search end to end on a tiny model, through the engine and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker.cli import main
+from worker.hipp.calibration import synthetic_samples
+from worker.hipp.evaluator import EvalSet
+from worker.hipp.grpo import GRPOConfig
+from worker.hipp.policy_store import find_policy, model_fingerprint
+from worker.hipp.search import dominates, pareto_front, prepare_search, sample_plans, train_policy
+from worker.hipp.testbed.data import write_benchmarks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_benchmarks(root, seed=3, pope_images=6, sqa_sizes={"train": 2, "val": 10, "test": 2})
+    return root
+
+
+def test_train_store_and_query_a_policy(tiny_gqa, data, tmp_path):
+    evalset = EvalSet.from_dirs(data / "pope", data / "scienceqa")
+    setup = prepare_search(tiny_gqa, evalset, synthetic_samples(4), cache_dir=tmp_path / "cache")
+    stored = train_policy(setup, tmp_path / "policy",
+                          grpo_config=GRPOConfig(steps=2, preferences_per_step=1, group_size=3, seed=1))
+    meta = stored.meta
+    assert meta["model_fingerprint"] == model_fingerprint(tiny_gqa.adapter)
+    assert meta["training"]["steps"] == 2 and meta["training"]["plan_evaluations"] >= 1
+    assert (tmp_path / "policy" / "learning_curve.png").stat().st_size > 1000
+    assert len((tmp_path / "policy" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert find_policy(str(tmp_path / "policy")).id == stored.id
+
+    candidates = sample_plans(setup, stored, [0.1, 0.8, 0.1], samples=4, target=0.4, seed=0)
+    assert candidates[0].mean_plan and len(candidates) == 5
+    for c in candidates:
+        c.plan.validate()
+        assert abs(c.plan.sparsity - 0.4) < 0.02
+    front = pareto_front(candidates)
+    assert front
+    vectors = [c.evaluation.objectives.as_vector() for c in candidates if not c.evaluation.prescreened]
+    for f in front:
+        assert not any(dominates(v, f.evaluation.objectives.as_vector()) for v in vectors)
+
+
+def test_cli_policy_train_and_plan(data, tmp_path, capsys):
+    common = ["--model", "tiny-llava", "--pope", str(data / "pope"), "--sqa", str(data / "scienceqa"),
+              "--cache-dir", str(tmp_path / "cache"), "--calibration-samples", "4", "--quiet"]
+    assert main(["policy", "train", *common, "--steps", "1", "--group-size", "2", "--preferences-per-step", "1",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert main(["plan", *common, "--policy", str(tmp_path / "p"), "--preference", "0.2,0.7,0.1",
+                 "--samples", "3", "--out", str(tmp_path / "plans.json"), "--plot", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "non-dominated" in out
+    written = json.loads((tmp_path / "plans.json").read_text())
+    assert len(written["candidates"]) == 4 and written["plans"]
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("pref", "message"), [("0.5,-1,0.5", "non-negative"), ("0,0,0", "all zero"),
+                                               ("1,2", "needs 3 values"), ("a,b,c", "comma-separated")])
+def test_cli_plan_rejects_bad_preferences(pref, message, capsys):
+    assert main(["plan", "--model", "tiny-llava", "--preference", pref, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_plan_without_policy_or_data_says_what_to_do(data, tmp_path, capsys):
+    assert main(["plan", "--model", "tiny-llava", "--preference", "1,1,1", "--quiet"]) == 2
+    assert "--pope" in capsys.readouterr().err
