@@ -19,11 +19,11 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Job, JobStatus, utcnow
+from app.models import Event, Job, JobStatus, utcnow
 
 log = logging.getLogger("hipp.queue")
 
@@ -95,7 +95,15 @@ def dispatch(settings: Settings, factory: sessionmaker[Session], job_ids: Iterab
                 # The marker only saves the relay a re-publish (harmless: claiming is conditional), so it
                 # need not wait for the WAL flush.
                 session.execute(text("SET LOCAL synchronous_commit = off"))
-            session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=utcnow()))
+            now = utcnow()
+            session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
+            session.execute(
+                insert(Event),
+                [
+                    {"job_id": i, "created_at": now, "level": "info", "message": "job enqueued", "data": {}}
+                    for i in sent
+                ],
+            )
             session.commit()
     return len(sent)
 

@@ -131,6 +131,20 @@ async def load(
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux), to report server CPU per request: a figure that other
+    load on the machine disturbs much less than throughput."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(proc: subprocess.Popen[bytes], *args: Any) -> dict[str, float]:
+    c0 = cpu_seconds(proc.pid)
+    result = asyncio.run(load(*args))
+    result["server_cpu_ms_per_req"] = round(1000 * (cpu_seconds(proc.pid) - c0) / max(result["requests"], 1), 3)
+    return result
+
+
 def pg_and_redis() -> tuple[str, str] | None:
     pg = os.environ.get("HIPP_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     rd = os.environ.get("HIPP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -183,11 +197,11 @@ def bench_http(duration: float, concurrency: int) -> dict[str, Any]:
         import httpx
 
         job_id = httpx.post(f"{api_url}/jobs", json=body, headers=headers).json()["id"]
-        run = asyncio.run
-        results["get_bare"] = run(load("GET", f"{bare_url}/bare/{job_id}", {}, None, duration, concurrency))
-        results["get_job"] = run(load("GET", f"{api_url}/jobs/{job_id}", headers, None, duration, concurrency))
-        results["post_bare"] = run(load("POST", f"{bare_url}/bare", {}, body, duration, concurrency))
-        results["post_jobs"] = run(load("POST", f"{api_url}/jobs", headers, body, duration, concurrency))
+        d, c = duration, concurrency
+        results["get_bare"] = measured(bare, "GET", f"{bare_url}/bare/{job_id}", {}, None, d, c)
+        results["get_job"] = measured(api, "GET", f"{api_url}/jobs/{job_id}", headers, None, d, c)
+        results["post_bare"] = measured(bare, "POST", f"{bare_url}/bare", {}, body, d, c)
+        results["post_jobs"] = measured(api, "POST", f"{api_url}/jobs", headers, body, d, c)
     finally:
         stop(api)
         stop(bare)
@@ -202,6 +216,11 @@ def bench_http(duration: float, concurrency: int) -> dict[str, Any]:
                 c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
     results["ratio_get"] = round(results["get_job"]["rps"] / results["get_bare"]["rps"], 3)
     results["ratio_post"] = round(results["post_jobs"]["rps"] / results["post_bare"]["rps"], 3)
+    for kind, api_key, bare_key in (("get", "get_job", "get_bare"), ("post", "post_jobs", "post_bare")):
+        results[f"cpu_ratio_{kind}"] = round(
+            results[bare_key]["server_cpu_ms_per_req"] / max(results[api_key]["server_cpu_ms_per_req"], 1e-9), 3
+        )
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
 
@@ -253,8 +272,10 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         f"Machine: {res['machine']}. Setup: {h['setup']}; uvicorn, 1 process; client: httpx async, "
         f"concurrency {h['concurrency']}, {h['duration_s']} s per endpoint, same machine as the server.",
         "",
-        "| endpoint | req/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|",
+        f"Load average on the machine during the run (other work shares it): {h['load_average']}.",
+        "",
+        "| endpoint | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
+        "|---|---|---|---|---|---|",
     ]
     for name, label in (
         ("get_bare", "bare GET"),
@@ -263,8 +284,15 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         ("post_jobs", "POST /jobs"),
     ):
         r = h[name]
-        lines.append(f"| {label} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
-    lines += ["", f"Ratio (API / bare): GET {h['ratio_get']}, POST {h['ratio_post']} (target >= 0.5).", ""]
+        cpu = r["server_cpu_ms_per_req"]
+        lines.append(f"| {label} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {cpu} |")
+    lines += [
+        "",
+        f"Throughput ratio (API / bare): GET {h['ratio_get']}, POST {h['ratio_post']} (target >= 0.5).",
+        f"Server-CPU ratio (bare CPU per request / API CPU per request): GET {h['cpu_ratio_get']}, "
+        f"POST {h['cpu_ratio_post']}.",
+        "",
+    ]
     j = res.get("job")
     if j:
         lines += [

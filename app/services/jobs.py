@@ -56,9 +56,7 @@ def create_job(
     )
     session.add(job)
     try:
-        session.flush()  # the job row first: the event references it
-        session.add(Event(job_id=job.id, stage=None, message="job queued", data={"model": model}))
-        session.commit()
+        session.commit()  # one INSERT; the "job enqueued" event is written by the dispatcher, in its batch
     except IntegrityError:
         session.rollback()
         existing = _by_idempotency_key(session, who, idempotency_key) if idempotency_key else None

@@ -125,7 +125,7 @@ def test_submit_commits_then_enqueues(client, tenant_key, stack_settings: Settin
     queued = redis.Redis.from_url(stack_settings.broker_url).lrange(stack_settings.gpu_queue, 0, -1)
     assert any(job["id"] in m.decode() for m in queued)
     events = client.get(f"/jobs/{job['id']}/events", headers=auth(tenant_key)).json()["items"]
-    assert [e["message"] for e in events] == ["job queued"]
+    assert [e["message"] for e in events] == ["job enqueued"]
 
 
 def test_other_tenants_job_is_404(client, tenant_key, stack_settings: Settings) -> None:  # type: ignore[no-untyped-def]
