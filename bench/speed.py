@@ -34,11 +34,11 @@ SIZES = {
     # ~230M parameters: Llama-like decoder of 12 layers at d=1024, a small CLIP tower.
     "230m": TinyLlavaSpec(hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=16, intermediate_size=2816,
                           vision_hidden=256, vision_layers=4, vision_heads=4, vision_intermediate=1024,
-                          image_size=112, patch_size=14),
+                          image_size=112, patch_size=14, vocab_size=32000),
     # LLaVA-1.5-7B decoder shapes (vision tower kept small: only the decoder is pruned).
     "7b": TinyLlavaSpec(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
                         vision_hidden=1024, vision_layers=4, vision_heads=16, vision_intermediate=4096,
-                        image_size=336, patch_size=14),
+                        image_size=336, patch_size=14, vocab_size=32000),
 }
 
 
@@ -107,8 +107,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype)
     spec = SIZES[args.size]
 
-    dense_model, processor = build_tiny_llava(spec)
-    dense_model.to(device=args.device, dtype=dtype)
+    dense_model, processor = build_tiny_llava(spec, device=args.device)
+    dense_model.to(dtype=dtype)
     loaded = LoadedModel(dense_model, processor, get_adapter(dense_model), f"random-{args.size}")
     question = " ".join(["what colour is the circle on the left of the image ?"] * (args.text_words // 11 + 1))
     samples = [s.__class__(s.image, question) for s in synthetic_samples(args.batch, seed=0, size=spec.image_size)]

@@ -47,6 +47,8 @@ class TinyLlavaSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     vocab_words: tuple[str, ...] = tuple(BASE_WORDS)
+    #: Embedding rows beyond the tokenizer's (e.g. 32000 for a realistic LM head cost); None: the tokenizer's.
+    vocab_size: int | None = None
     seed: int = 0
 
 
@@ -77,14 +79,15 @@ def build_word_tokenizer(words: list[str] | tuple[str, ...]) -> Any:
     return fast
 
 
-def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec()) -> tuple[nn.Module, Any]:
-    """A random-weight ``LlavaForConditionalGeneration`` and its processor, seeded."""
+def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), device: str = "cpu") -> tuple[nn.Module, Any]:
+    """A random-weight ``LlavaForConditionalGeneration`` and its processor, seeded; built on ``device``
+    (a 7B-shaped model is initialised on the GPU directly)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.processing_llava import LlavaProcessor
 
     tokenizer = build_word_tokenizer(spec.vocab_words)
-    vocab_size = len(tokenizer)
+    vocab_size = max(len(tokenizer), spec.vocab_size or 0)
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -118,7 +121,8 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec()) -> tuple[nn.Module, 
         vision_feature_layer=-1,
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
     _randomize_norms(model, spec.seed)
     model.eval()
     image_processor = CLIPImageProcessorPil(
