@@ -61,6 +61,7 @@ STAGE_WEIGHTS = {
 # Preference -> target sparsity for the baseline allocator: all compression -> SPARSITY_MAX.
 SPARSITY_MIN, SPARSITY_MAX = 0.05, 0.6
 CALIBRATION_SAMPLES = 16
+POLICY_SAMPLES = 8  # sampled plans per job, besides the policy's mean plan
 
 
 class Skipped(Exception):
@@ -253,7 +254,8 @@ def baseline_sparsity(preference: dict[str, float], ceiling: float) -> float:
     return round(min(s, 0.95 * ceiling), 4)
 
 
-def find_policy(ctx: JobContext) -> Policy | None:
+def registered_policy(ctx: JobContext) -> Policy | None:
+    """The tenant's newest policy registered (POST /policies) for this model reference."""
     with ctx.run.factory() as s:
         return s.scalar(
             select(Policy)
@@ -263,53 +265,113 @@ def find_policy(ctx: JobContext) -> Policy | None:
         )
 
 
-def stage_plan(ctx: JobContext) -> dict[str, Any]:
+def trained_policy(ctx: JobContext) -> tuple[Any, str]:
+    """A trained HiPP policy for this model, and how it was found (or why there is none): the tenant's
+    registered policy (its ``uri`` is a policy directory, id or model fingerprint) first, then the engine's
+    store (shipped and user policies) by the model's fingerprint."""
+    try:
+        from worker.hipp.policy_store import find_policy, policy_for_model
+    except ImportError:
+        return None, "the engine has no policy store"
+    from worker.hipp.errors import HippError
+
+    row = registered_policy(ctx)
+    if row is not None and row.uri:
+        try:
+            return find_policy(row.uri), f"registered policy {row.id} ({row.name})"
+        except HippError as exc:
+            ctx.run.event(f"registered policy {row.id} cannot be used: {exc}", level="warning")
+    stored = policy_for_model(ctx.loaded.adapter)
+    if stored is not None:
+        return stored, f"stored policy {stored.id} trained for this model"
+    return None, "no trained policy for this model"
+
+
+def plans_from_policy(ctx: JobContext, stored: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """The policy's mean plan and samples for the job's preference, scored on the world's search split;
+    the best non-dominated one (by the preference-weighted return) is chosen."""
+    from worker.hipp.search import pareto_front, prepare_search, sample_plans, testbed_search_set
+
+    n = int(ctx.job.options.get("evaluation", {}).get("max_samples", 16))
+    evalset = testbed_search_set(ctx.work_dir / "search", limit=n)
+    s_max = float(getattr(stored.policy.config, "s_max", 0.6))
+    setup = prepare_search(
+        ctx.loaded, evalset, calibration_samples(ctx, CALIBRATION_SAMPLES), s_max=s_max, reporter=ctx.run
+    )
+    preference = [float(ctx.job.preference.get(k, 0.0)) for k in ("utility", "robustness", "compression")]
+    candidates = sample_plans(
+        setup, stored, preference, samples=POLICY_SAMPLES, target=ctx.job.target_sparsity, reporter=ctx.run
+    )
+    front = pareto_front(candidates) or candidates
+    best = max(front, key=lambda c: c.value)
+    plans = []
+    for c in front:
+        summary = c.summary()
+        metrics = summary.pop("metrics", {})
+        plans.append({"chosen": c is best, "source": "policy", "plan": summary, "metrics": metrics})
+    return best.plan, plans
+
+
+def baseline_plan(ctx: JobContext) -> Any:
     from worker.hipp.allocation import max_sparsity
-    from worker.hipp.plan import PruningPlan, geometry_of
+    from worker.hipp.plan import geometry_of
     from worker.hipp.pruner import build_plan
+
+    ceiling = max_sparsity(geometry_of(ctx.loaded.adapter))
+    if ctx.job.target_sparsity is not None:
+        sparsity, mode = ctx.job.target_sparsity, "matched (target_sparsity)"
+    else:
+        sparsity, mode = baseline_sparsity(ctx.job.preference, ceiling), "from preference (compression weight)"
+    ctx.run.event(f"target sparsity {sparsity:.3f} {mode}", data={"sparsity": sparsity, "ceiling": ceiling})
+    return build_plan(
+        ctx.loaded,
+        sparsity,
+        criterion="wanda-sp",
+        allocation="uniform",
+        samples=calibration_samples(ctx, CALIBRATION_SAMPLES),
+        reporter=ctx.run,
+    )
+
+
+def stage_plan(ctx: JobContext) -> dict[str, Any]:
+    """A trained policy's plan when one exists for the model, else the baseline allocator's (uniform
+    allocation, Wanda-sp importance). The plan is saved to object storage; a retry reuses it."""
+    from worker.hipp.plan import PruningPlan
 
     key = f"jobs/{ctx.job.id}/stages/plan.json"
     saved = (ctx.job.stage_outputs or {}).get("plan")
-    policy = find_policy(ctx)
-    source, detail = "baseline", "uniform allocation, wanda-sp importance"
-    if policy is not None:
-        detail = (
-            f"policy {policy.id} ({policy.name}) is registered for this model, but the engine cannot run "
-            "policies yet; used the baseline allocator"
-        )
-        ctx.run.event(detail, level="warning", data={"policy_id": str(policy.id)})
+    plans: list[dict[str, Any]] = []
     if saved and ctx.storage.exists(saved):
         ctx.plan = PruningPlan.from_json(ctx.storage.get_bytes(saved).decode())
+        source, detail = ctx.plan.meta.get("source", "baseline"), ctx.plan.meta.get("source_detail", "")
+        considered = (ctx.job.stage_outputs or {}).get("plans")
+        if considered and ctx.storage.exists(considered):
+            plans = json.loads(ctx.storage.get_bytes(considered))
         ctx.run.event("reused the plan saved by a previous attempt", data={"key": saved})
-        source = ctx.plan.meta.get("source", source)
     else:
-        ceiling = max_sparsity(geometry_of(ctx.loaded.adapter))
-        if ctx.job.target_sparsity is not None:
-            sparsity, mode = ctx.job.target_sparsity, "matched (target_sparsity)"
+        stored, found = trained_policy(ctx)
+        if stored is not None:
+            ctx.run.event(f"planning with {found}")
+            ctx.plan, plans = plans_from_policy(ctx, stored)
+            source, detail = "policy", found
         else:
-            sparsity, mode = (
-                baseline_sparsity(ctx.job.preference, ceiling),
-                "from preference (compression weight)",
-            )
-        ctx.run.event(f"target sparsity {sparsity:.3f} {mode}", data={"sparsity": sparsity, "ceiling": ceiling})
-        ctx.plan = build_plan(
-            ctx.loaded,
-            sparsity,
-            criterion="wanda-sp",
-            allocation="uniform",
-            samples=calibration_samples(ctx, CALIBRATION_SAMPLES),
-            reporter=ctx.run,
-        )
-        ctx.plan.meta.update(source=source, preference=ctx.job.preference, job_id=str(ctx.job.id))
+            ctx.plan = baseline_plan(ctx)
+            source, detail = "baseline", f"{found}; baseline allocator (uniform, wanda-sp)"
+        ctx.plan.meta.update(source=source, source_detail=detail, preference=ctx.job.preference, job_id=str(ctx.job.id))
         ctx.storage.put_bytes(key, ctx.plan.to_json().encode(), "application/json")
         ctx.run.save_stage_output("plan", key)
+        if plans:
+            plans_key = f"jobs/{ctx.job.id}/stages/plans.json"
+            ctx.storage.put_bytes(plans_key, json.dumps(plans).encode(), "application/json")
+            ctx.run.save_stage_output("plans", plans_key)
+
     summary = ctx.plan.summary()
     summary.pop("layers", None)
     chosen = {"fingerprint": ctx.plan.fingerprint, **summary, "meta": ctx.plan.meta}
     ctx.result["plan_source"] = source
     ctx.result["plan_source_detail"] = detail
     ctx.result["chosen_plan"] = chosen
-    ctx.result["plans"] = [{"chosen": True, "source": source, "plan": chosen, "metrics": {}}]
+    ctx.result["plans"] = plans or [{"chosen": True, "source": source, "plan": chosen, "metrics": {}}]
     return {"fingerprint": ctx.plan.fingerprint, "sparsity": summary["sparsity"], "source": source}
 
 
@@ -362,7 +424,8 @@ def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
     if not evaluation_enabled(ctx):
         raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
     ctx.result["metrics"]["evaluation"] = evaluate_model(ctx, ctx.loaded.model)
-    ctx.result["plans"][0]["metrics"] = ctx.result["metrics"]["evaluation"]
+    if ctx.result["plan_source"] == "baseline":
+        ctx.result["plans"][0]["metrics"] = ctx.result["metrics"]["evaluation"]
     return {"evaluation": ctx.result["metrics"]["evaluation"]}
 
 

@@ -173,3 +173,39 @@ def test_unknown_builtin_fails_without_retry_and_duplicates_are_not_claimed(  # 
     assert job["error"]["code"] == "model_not_found" and job["error"]["retryable"] is False
     assert "/nonexistent/model-dir" in job["error"]["message"]
     assert job["attempt"] == 1
+
+
+def test_a_registered_policy_plans_the_job(worker, wclient, tenant_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    pytest.importorskip("worker.hipp.search", reason="the engine's policy search is not in this checkout")
+    from worker.hipp.loading import load_model
+    from worker.hipp.policy import HippPolicy, PolicyConfig
+    from worker.hipp.policy_store import model_fingerprint, save_policy
+    from worker.hipp.state import FEATURES
+
+    # An untrained (randomly initialized) policy is still a policy: the job must plan with it.
+    torch.manual_seed(0)
+    fingerprint = model_fingerprint(load_model("tiny-llava").adapter)
+    policy_dir = save_policy(
+        HippPolicy(PolicyConfig(num_features=len(FEATURES))),
+        tmp_path / "policy",
+        {"model_fingerprint": fingerprint, "model_reference": "tiny-llava"},
+    )
+    body = {"name": "random-init", "model": "tiny-llava", "uri": str(policy_dir)}
+    assert wclient.post("/policies", json=body, headers=auth(tenant_key)).status_code == 201
+    job_body = {
+        "model": "tiny-llava",
+        "preference": {"utility": 0.2, "robustness": 0.2, "compression": 0.6},
+        "evaluation": {"max_samples": 4},
+    }
+    job_id = wclient.post("/jobs", json=job_body, headers=auth(tenant_key)).json()["id"]
+    job, _ = poll(wclient, tenant_key, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    result = job["result"]
+    assert result["plan_source"] == "policy" and "registered policy" in result["plan_source_detail"]
+    plans = wclient.get(f"/jobs/{job_id}/plans", headers=auth(tenant_key)).json()
+    chosen = [p for p in plans if p["chosen"]]
+    assert len(chosen) == 1 and all(p["source"] == "policy" for p in plans)
+    assert chosen[0]["plan"]["fingerprint"] == result["chosen_plan"]["fingerprint"]
+    assert {"utility", "robustness", "compression"} <= set(chosen[0]["plan"])
