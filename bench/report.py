@@ -35,10 +35,11 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None) -> Path:
+def write_report(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None,
+                 module: str | None = None) -> Path:
     out = out_dir or RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench." + name + " " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = f"python -m bench.{module or name} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     data = {"command": command.strip(), "machine": machine(), **data}
     (out / f"{name}.json").write_text(json.dumps(data, indent=1))
     (out / f"{name}.md").write_text(f"# bench/{name}\n\n{markdown}\n\nReproduce: `{command.strip()}`\n"

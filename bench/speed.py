@@ -165,7 +165,7 @@ def main() -> None:
           f"MLP widths rounded to {args.mlp_multiple}\n\n" + markdown_table(header, rows))
     write_report("speed" if args.out is None or args.size == "230m" else f"speed_{args.size}",
                  {"size": args.size, "device": args.device, "dtype": args.dtype, "prompt_tokens": seq,
-                  "results": records}, md, args.out)
+                  "results": records}, md, args.out, module="speed")
 
 
 def checkpoint_bytes(model: Any, processor: Any, plan: PruningPlan) -> int:
