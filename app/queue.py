@@ -116,6 +116,7 @@ class Dispatcher:
         self.settings = settings
         self.factory = factory
         self.pending: queue.Queue[uuid.UUID] = queue.Queue()
+        self.linger_s = 0.02
         self.thread = threading.Thread(target=self._loop, name="hipp-dispatcher", daemon=True)
         self.thread.start()
 
@@ -125,9 +126,11 @@ class Dispatcher:
     def _loop(self) -> None:
         while True:
             batch = [self.pending.get()]
+            # Linger briefly so that under load one transaction marks many jobs enqueued.
+            deadline = time.monotonic() + self.linger_s
             while len(batch) < 100:
                 try:
-                    batch.append(self.pending.get_nowait())
+                    batch.append(self.pending.get(timeout=max(deadline - time.monotonic(), 0.0)))
                 except queue.Empty:
                     break
             try:
