@@ -17,9 +17,10 @@ def evalset(tmp_path_factory):
     return EvalSet.from_dirs(root / "pope", root / "scienceqa", sqa_split="val")
 
 
-def count_calls(model):
+def count_calls(loaded):
+    """Counts language-model runs (the evaluator runs only the decoder per plan)."""
     calls = {"n": 0}
-    model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    loaded.adapter.language_model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     return calls
 
 
@@ -33,7 +34,7 @@ def test_dense_plan_scores_one_and_plans_are_cached(tiny_gqa, evalset, tmp_path)
         assert dense.objectives.utility == pytest.approx(1.0)
 
     plan = build_plan(tiny_gqa, 0.4, "magnitude")
-    calls = count_calls(tiny_gqa.model)
+    calls = count_calls(tiny_gqa)
     first = evaluator.evaluate(plan)
     used = calls["n"]
     assert used > 0 and not first.cached and first.seconds > 0
@@ -63,7 +64,7 @@ def test_prescreen_skips_plans_that_empty_a_layer(tiny_gqa, evalset):
     g = geometry_of(tiny_gqa.adapter)
     layers = [LayerPlan.dense(s) for s in g.layers]
     layers[1] = LayerPlan((0,), (0,), ())
-    calls = count_calls(tiny_gqa.model)
+    calls = count_calls(tiny_gqa)
     result = evaluator.evaluate(PruningPlan(g, layers))
     assert result.prescreened and calls["n"] == 0
     assert result.objectives.utility == PRESCREEN_RETURN and result.rho[1] == 0.0
@@ -74,3 +75,14 @@ def test_empty_evaluation_set_is_refused():
 
     with pytest.raises(OptionError, match="evaluation set is empty"):
         EvalSet.from_dirs(None, None)
+
+
+def test_decoder_only_scoring_matches_the_full_model(tiny_gqa, evalset):
+    from worker.hipp.evaluation import evaluate_pope_split, evaluate_sqa
+
+    evaluator = PlanEvaluator(tiny_gqa, evalset, batch_size=16)
+    for split, questions in evalset.pope.items():
+        full = evaluate_pope_split(tiny_gqa.model, tiny_gqa.processor, questions, batch_size=16)
+        assert evaluator.dense_metrics["pope"][split] == full.metrics.to_dict()
+    full_sqa = evaluate_sqa(tiny_gqa.model, tiny_gqa.processor, evalset.sqa, batch_size=16)
+    assert evaluator.dense_metrics["scienceqa"] == full_sqa.metrics.to_dict()

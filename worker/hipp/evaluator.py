@@ -100,8 +100,15 @@ class PlanEvaluation:
 
 @dataclass
 class _Batch:
-    inputs: dict[str, torch.Tensor]
+    """Decoder inputs of one batch, captured once: the vision tower and projector do not depend on the plan,
+    so every plan evaluation runs only the language model on these."""
+
+    decoder_kwargs: dict[str, Any]
     rows: list[int]
+
+
+class _Captured(Exception):
+    pass
 
 
 class PlanEvaluator:
@@ -152,14 +159,41 @@ class PlanEvaluator:
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
             inputs = _model_inputs(self.loaded.model, self.loaded.processor, chunk, family)
-            batches.append(_Batch({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)},
-                                  list(range(start, start + len(chunk)))))
+            inputs = self.loaded.adapter.prepare_inputs({k: v for k, v in inputs.items()
+                                                         if isinstance(v, torch.Tensor)})
+            batches.append(_Batch(self._capture_decoder_kwargs(inputs), list(range(start, start + len(chunk)))))
         return batches
+
+    @torch.no_grad()
+    def _capture_decoder_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Run the model up to its language model and keep what the language model is called with."""
+        captured: dict[str, Any] = {}
+
+        def grab(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args:
+                raise RuntimeError("the language model was called with positional arguments")
+            captured.update({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+            raise _Captured
+
+        handle = self.loaded.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.loaded.model(**inputs, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        captured["use_cache"] = False
+        return captured
 
     # --- scoring ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def _last_logits(self, batches: Sequence[_Batch]) -> torch.Tensor:
-        rows = [self.loaded.model(**b.inputs, logits_to_keep=1).logits[:, -1].float().cpu() for b in batches]
+        language_model = self.loaded.adapter.language_model
+        head = self.loaded.model.get_output_embeddings()
+        rows = []
+        for b in batches:
+            hidden = language_model(**b.decoder_kwargs).last_hidden_state[:, -1]
+            rows.append(head(hidden).float().cpu())
         return torch.cat(rows) if rows else torch.zeros(0, 0)
 
     def _metrics(self, plan: PruningPlan | None) -> dict[str, Any]:
