@@ -28,7 +28,7 @@ from worker.hipp.benchmarks.pope import ObjectStats
 from worker.hipp.benchmarks.scienceqa import SqaProblem
 from worker.hipp.evaluation import LETTERS, pope_prompt_text, sqa_prompt_text
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.testbed.model import VISION_WIDTH, build_model
+from worker.hipp.testbed.model import TEXT_WIDTH, VISION_WIDTH, build_model
 from worker.hipp.testbed.tokenizer import (
     BOS,
     EOS,
@@ -40,7 +40,7 @@ from worker.hipp.testbed.tokenizer import (
     PATCH_SIZE,
     build_processor,
 )
-from worker.hipp.world import CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
+from worker.hipp.world import CATEGORIES, CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
 
 N_CAT = len(CATEGORY_NAMES)
 MAX_COUNT = 3
@@ -63,6 +63,8 @@ class TrainConfig:
     vision_lr_scale: float = 0.3
     aux_weight: float = 0.3
     align_weight: float = 0.5
+    probe_weight: float = 1.0
+    probe_layer: int = 2  # hidden state after this many decoder layers
     sqa_share: float = 0.45
     warmup: int = 100
     eval_every: int = 300
@@ -386,6 +388,54 @@ class Alignment(nn.Module):
         return bce(logits[:, 0], pool.presence[idx]) + bce(logits[:, 1:], pool.patches[idx].float())
 
 
+class NameProbe(nn.Module):
+    """Probes the decoder at every category-name token (singular or plural) of the prompt: is that object in
+    the image, how many are there, which side is it on.
+
+    This teaches the first decoder layers to look up the named object among the image tokens right where the
+    name is (one attention hop); the answer position then only has to read it from the name's position. Without
+    it the run sat at the answer prior: both hops had to be found at once from the answer loss alone.
+    """
+
+    def __init__(self, width: int, token_to_category: torch.Tensor, layer: int) -> None:
+        super().__init__()
+        self.token_to_category = token_to_category
+        self.layer = layer
+        self.norm = nn.LayerNorm(width)
+        self.presence = nn.Linear(width, 1)
+        self.count = nn.Linear(width, MAX_COUNT + 1)
+        self.side = nn.Linear(width, 2)
+
+    def loss(self, hidden_states: Sequence[torch.Tensor], input_ids: torch.Tensor, pool: Pool, rows: torch.Tensor
+             ) -> torch.Tensor:
+        category = self.token_to_category[input_ids]
+        batch_index, position = torch.nonzero(category >= 0, as_tuple=True)
+        if len(batch_index) == 0:
+            return hidden_states[0].sum() * 0.0
+        cats = category[batch_index, position]
+        image_rows = rows[batch_index]
+        h = self.norm(hidden_states[self.layer][batch_index, position])
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            self.presence(h).squeeze(-1), pool.presence[image_rows, cats]
+        )
+        loss = loss + nn.functional.cross_entropy(self.count(h), pool.counts[image_rows, cats])
+        side = pool.side[image_rows, cats]
+        if (side >= 0).any():
+            loss = loss + nn.functional.cross_entropy(self.side(h), side, ignore_index=-100)
+        return loss
+
+
+def name_token_table(enc: Encoder, vocab_size: int) -> torch.Tensor:
+    """Vocabulary id -> category index (-1 for words that are not a category name or its plural)."""
+    table = torch.full((vocab_size,), -1, dtype=torch.long)
+    for i, category in enumerate(CATEGORIES):
+        for word in {category.name, category.plural}:
+            ids = enc.words(word)
+            if len(ids) == 1:
+                table[ids[0]] = i
+    return table
+
+
 def _log(path: Path, record: dict[str, object], report: Reporter) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -460,7 +510,9 @@ def train_stage2(
     vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     vision_ids = {id(p) for p in vision_params}
     align = Alignment(model, [enc.words(name)[0] for name in CATEGORY_NAMES])
+    probe = NameProbe(TEXT_WIDTH, name_token_table(enc, len(enc.tok)), cfg.probe_layer)
     other = [p for p in model.parameters() if id(p) not in vision_ids] + [align.scale, align.bias]
+    other += list(probe.parameters())
     opt = torch.optim.AdamW(
         [
             {"params": other, "scale": 1.0},
@@ -484,18 +536,19 @@ def train_stage2(
         for g in opt.param_groups:
             g["lr"] = cfg.stage2_lr * g["scale"] * schedule.lr(step)
         batch, rows = _stage2_batch(pool, cfg, rng, stats, enc, multiturn=step >= cfg.multiturn_from)
-        out = model(**batch, pixel_values=normalise(pool.images[rows]))
+        out = model(**batch, pixel_values=normalise(pool.images[rows]), output_hidden_states=True)
         assert capture.hidden is not None
         aux, f1 = heads.loss(capture.hidden, pool, rows)
         aligned = align.loss(pool, rows)
-        loss = out.loss + cfg.aux_weight * aux + cfg.align_weight * aligned
+        probed = probe.loss(out.hidden_states, batch["input_ids"], pool, rows)
+        loss = out.loss + cfg.aux_weight * aux + cfg.align_weight * aligned + cfg.probe_weight * probed
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
             rec = {"stage": 2, "step": step, "qa_loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4),
-                   "align": round(aligned.item(), 4)}
+                   "align": round(aligned.item(), 4), "probe": round(probed.item(), 4)}
             _log(log, {**rec, "presence_f1": round(f1, 3), "minutes": round(schedule.elapsed_minutes(), 2)}, report)
         step += 1
         if _eval_due(cfg, step, last_eval):
