@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b = sub.add_parser("baselines", help="every baseline allocator at the given sparsities (table + plot)")
     _common(b)
     b.add_argument("--sparsity", default="0.2,0.3,0.4,0.5", help="comma-separated sparsities")
-    b.add_argument("--allocations", default="uniform,owl,flap,random,visual")
+    b.add_argument("--allocations", default="uniform,owl,flap,random,visual", help="allocators to include")
     b.add_argument("--plot", type=Path, default=Path("baselines.png"))
     b.add_argument("--json", type=Path, help="also write the results as JSON here")
     b.set_defaults(func=run_baselines)
@@ -112,52 +112,27 @@ def run_sensitivity(args: argparse.Namespace) -> int:
 
 
 def run_baselines(args: argparse.Namespace) -> int:
-    from worker.hipp.allocators import get_allocator
+    from worker.hipp.baselines import ALL_BASELINES, evaluate_baselines, metrics_row
     from worker.hipp.calibration import default_samples
     from worker.hipp.evaluator import PlanEvaluator
     from worker.hipp.loading import load_model
-    from worker.hipp.pruner import allocation_context, build_plan, score_model
 
     sparsities = _floats(args.sparsity, "--sparsity")
     allocations = [a.strip() for a in args.allocations.split(",") if a.strip()]
-    for a in allocations:
-        get_allocator(a)
+    baselines = [b for b in ALL_BASELINES if b.split("/")[0] in allocations]
     reporter = _reporter(args)
     loaded = load_model(args.model)
     evaluator = PlanEvaluator(loaded, evaluation_set(args), reporter=reporter)
     samples = default_samples(args.model, args.calibration_samples, args.seed)
-    rows = []
-    for criterion in ("magnitude", "wanda-sp"):
-        scoring = score_model(loaded, criterion, samples, reporter=reporter, with_activations=True)
-        for allocation in allocations:
-            if criterion == "magnitude" and allocation != "uniform":
-                continue  # the non-uniform allocators are compared on the default criterion
-            context = allocation_context(loaded, allocation, scoring, samples, args.seed, reporter)
-            for s in sparsities:
-                plan = build_plan(loaded, s, criterion, allocation, samples=samples, seed=args.seed,
-                                  scoring=scoring, context=context)
-                result = evaluator.evaluate(plan)
-                rows.append(_baseline_row(f"{allocation}/{criterion}", plan.sparsity, result))
-    rows.insert(0, _baseline_row("dense", 0.0, None, evaluator.dense_metrics))
+    results = evaluate_baselines(loaded, evaluator, samples, sparsities, baselines, args.seed, reporter)
+    rows = [metrics_row("dense", 0.0, evaluator.dense_metrics)]
+    rows += [metrics_row(name, plan.sparsity, r.metrics, r.seconds) for name, _, plan, r in results]
     _print_rows(rows)
     print(f"evaluation cost: {evaluator.seconds_per_plan:.2f} s per plan")
     _plot_baselines(rows, args.plot)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
-
-
-def _baseline_row(name: str, sparsity: float, result: Any, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    from worker.hipp.evaluator import PlanEvaluator
-
-    m = metrics if metrics is not None else result.metrics
-    pope = m.get("pope", {})
-    return {"baseline": name, "sparsity": round(sparsity, 4),
-            **{f"{k}_bacc": round(v["balanced_accuracy"], 4) for k, v in pope.items()},
-            **{f"{k}_yes": round(v["yes_ratio"], 4) for k, v in pope.items()},
-            "pope_bacc": round(PlanEvaluator.pope_balanced_accuracy(m), 4),
-            "sqa": round(m.get("scienceqa", {}).get("accuracy", float("nan")), 4),
-            "seconds": round(result.seconds, 2) if result is not None else None}
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
