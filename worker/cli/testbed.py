@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     card = sub.add_parser("card", help="measure an exported testbed and write its metrics.json and README.md")
     card.add_argument("--model-dir", type=Path, default=None, help="default: the shipped model/")
     card.add_argument("--summary", type=Path, required=True, help="summary.json written by `testbed train`")
-    card.add_argument("--command", required=True, help="the training command to document")
+    card.add_argument("--command", required=True, help="the training command(s) to document")
+    card.add_argument("--notes", type=Path, default=None, help="a markdown file with notes on the training run")
     card.set_defaults(func=run_card)
 
     train = sub.add_parser("train", help="train the testbed VLM from scratch (CPU, about 45 minutes)")
@@ -83,7 +84,8 @@ def run_card(args: argparse.Namespace) -> int:
     from worker.hipp.testbed.card import write_card
 
     training = json.loads(args.summary.read_text())
-    metrics = write_card(args.model_dir or MODEL_DIR, training, args.command, TqdmReporter())
+    notes = args.notes.read_text() if args.notes else ""
+    metrics = write_card(args.model_dir or MODEL_DIR, training, args.command, notes, TqdmReporter())
     from worker.hipp.evaluation import format_table
 
     print(format_table(metrics))

@@ -27,7 +27,7 @@ def measure(model_dir: Path, report: Reporter = SILENT) -> dict[str, Any]:
         return evaluate(model, processor, data / "pope", data / "scienceqa", batch_size=64, report=report)
 
 
-def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str) -> str:
+def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str, notes: str = "") -> str:
     pope = metrics["pope"]
     sqa = metrics["scienceqa"]
     rows = "\n".join(
@@ -37,6 +37,7 @@ def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str)
     )
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in sqa["by_kind"].items())
     cfg = training.get("config", {})
+    command_block = "\n".join("    " + line for line in command.strip().splitlines())
     return f"""# HiPP-Prune testbed VLM
 
 A small LLaVA (CLIP-style ViT 64 px, patch 16, 4 layers, width 128 -> 17 image tokens including the class token;
@@ -47,14 +48,16 @@ It is the model reference `testbed`. Weights are fp16 safetensors; load with
 
 ## Training
 
-    {command}
+{command_block}
+
+{notes}
 
 - seed: {cfg.get('seed', 0)}
-- wall time: {training.get('minutes', '?')} minutes on 2 shared CPU cores ({cfg.get('threads', 1)} torch thread)
-- stage 1 (vision tower + auxiliary heads): {training.get('stage1_steps', '?')} steps of batch {cfg.get('batch')},
-  lr {cfg.get('stage1_lr')}, {cfg.get('stage1_minutes')} minutes
-- stage 2 (full LLaVA, single-turn QA, every answer token supervised, auxiliary loss weight
-  {cfg.get('aux_weight')}, vision lr x{cfg.get('vision_lr_scale')}): {training.get('val', {}).get('steps', '?')}
+- wall time of the last run: {training.get('minutes', '?')} minutes on 2 shared CPU cores
+  ({cfg.get('threads', 1)} torch thread)
+- last run: stage 2 (full LLaVA, single-turn QA, every answer token supervised; auxiliary losses: vision heads
+  x{cfg.get('aux_weight')}, word/image alignment x{cfg.get('align_weight')}, name-token probe
+  x{cfg.get('probe_weight')}; vision lr x{cfg.get('vision_lr_scale')}): {training.get('val', {}).get('steps', '?')}
   steps of batch {cfg.get('batch')}, lr {cfg.get('stage2_lr')}, {cfg.get('stage2_minutes')} minutes
 - training data: {cfg.get('pope_images')} world images for POPE-style questions + {cfg.get('sqa_problems')}
   ScienceQA-style problems (kinds presence / count / side in equal shares), generated from the seed.
@@ -78,9 +81,11 @@ Exact numbers: `metrics.json`.
 """
 
 
-def write_card(model_dir: Path, training: dict[str, Any], command: str, report: Reporter = SILENT) -> dict[str, Any]:
+def write_card(
+    model_dir: Path, training: dict[str, Any], command: str, notes: str = "", report: Reporter = SILENT
+) -> dict[str, Any]:
     """Measure the model in ``model_dir`` and write metrics.json and README.md there."""
     metrics = measure(model_dir, report)
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (model_dir / "README.md").write_text(render_card(metrics, training, command))
+    (model_dir / "README.md").write_text(render_card(metrics, training, command, notes))
     return metrics
