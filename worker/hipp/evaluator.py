@@ -189,7 +189,8 @@ class PlanEvaluator:
     @torch.no_grad()
     def _last_logits(self, batches: Sequence[_Batch]) -> torch.Tensor:
         language_model = self.loaded.adapter.language_model
-        head: Any = self.loaded.model.get_output_embeddings()
+        model: Any = self.loaded.model
+        head = model.get_output_embeddings()
         rows = []
         for b in batches:
             hidden = language_model(**b.decoder_kwargs).last_hidden_state[:, -1]
