@@ -402,7 +402,7 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
         learning_rate=options.get("learning_rate"),
         batch_size=int(options.get("batch_size", 4)),
     )
-    count = min(steps * config.batch_size, 2000)  # each conversation seen about once
+    count = min(steps * config.batch_size, 512)  # seen about once each in short runs, cycled in long ones
     teacher = load_model(ctx.job.model) if config.needs_teacher else None
     outcome = recover(ctx.loaded, world_conversations(count, seed=0), config, teacher=teacher, reporter=ctx.run)
     ctx.result["recovery"] = outcome.record(
