@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = 5.0
     enqueue_retry_s: int = 30
     work_dir: Path | None = Field(default=None, description="Worker scratch folder; default HIPP_HOME/work")
+    device: str = Field(default="auto", description="Worker device: auto (cuda when available), cuda, cuda:N, cpu")
+    dtype: str = Field(default="float32", description="Weights dtype in the worker: float32, bfloat16, float16")
 
     @field_validator("allowed_models", "model_dirs", mode="before")
     @classmethod

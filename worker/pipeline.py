@@ -222,16 +222,29 @@ def evaluate_model(ctx: JobContext, model: Any) -> dict[str, Any]:
     )
 
 
-def stage_load(ctx: JobContext) -> dict[str, Any]:
+def worker_device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(ctx: JobContext) -> Any:
     from worker.hipp.loading import load_model
 
-    ctx.loaded = load_model(ctx.job.model)
+    return load_model(ctx.job.model, dtype=ctx.settings.dtype, device=worker_device(ctx.settings))
+
+
+def stage_load(ctx: JobContext) -> dict[str, Any]:
+    ctx.loaded = load(ctx)
+    ctx.result["device"] = str(ctx.loaded.device)
     params = sum(p.numel() for p in ctx.loaded.model.parameters())
     ctx.result["dense"] = {"parameters": params}
     if evaluation_enabled(ctx):
         ctx.run.event("evaluating the dense model (baseline for the metrics)")
         ctx.result["dense"]["metrics"] = evaluate_model(ctx, ctx.loaded.model)
-    return {"parameters": params, "adapter": type(ctx.loaded.adapter).__name__}
+    return {"parameters": params, "adapter": type(ctx.loaded.adapter).__name__, "device": ctx.result["device"]}
 
 
 def stage_sensitivity(ctx: JobContext) -> dict[str, Any]:
@@ -392,7 +405,6 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
     if steps <= 0:
         raise Skipped("no recovery requested (recovery.steps = 0)")
     from worker.hipp.conversations import world_conversations
-    from worker.hipp.loading import load_model
     from worker.hipp.recovery import RecoveryConfig, recover
 
     config = RecoveryConfig(
@@ -403,7 +415,7 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
         batch_size=int(options.get("batch_size", 4)),
     )
     count = min(steps * config.batch_size, 512)  # seen about once each in short runs, cycled in long ones
-    teacher = load_model(ctx.job.model) if config.needs_teacher else None
+    teacher = load(ctx) if config.needs_teacher else None
     outcome = recover(ctx.loaded, world_conversations(count, seed=0), config, teacher=teacher, reporter=ctx.run)
     ctx.result["recovery"] = outcome.record(
         config, teacher=ctx.job.model if teacher else None, data=f"world training split ({count} conversations)"

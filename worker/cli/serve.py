@@ -229,7 +229,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if job["status"] != "succeeded":
             print(json.dumps(job["error"], indent=1))
             return 1
-        say(f"job succeeded in {time.monotonic() - t0:.1f}s (plan from {job['result']['plan_source']})")
+        result = job["result"]
+        say(
+            f"job succeeded in {time.monotonic() - t0:.1f}s (plan from {result['plan_source']}, "
+            f"ran on {result.get('device', '?')})"
+        )
         out = args.out or home / "demo" / job["id"]
         path = client.download(job["id"], out)
         sha = job["result"]["checkpoint"]["sha256"]
