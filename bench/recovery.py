@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. which checkpoint was used)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -125,8 +126,11 @@ def main() -> None:
         runs.append(row)
     tmp.cleanup()
 
-    write_report("recovery", {"model": args.model, "dense": dense_metrics, "runs": runs, "args": vars(args) | {
-        "out": str(args.out) if args.out else None}}, render(dense_metrics, runs), args.out)
+    markdown = render(dense_metrics, runs)
+    if args.note:
+        markdown = f"**Note:** {args.note}\n\n" + markdown
+    write_report("recovery", {"model": args.model, "note": args.note, "dense": dense_metrics, "runs": runs,
+                              "args": vars(args) | {"out": str(args.out) if args.out else None}}, markdown, args.out)
 
 
 def fmt(m: dict[str, float]) -> str:

@@ -114,6 +114,26 @@ def test_time_budget_stops_the_run(tiny_gqa):
     assert result.stopped_by == "time" and result.steps >= 1 and result.seconds >= 1.5
 
 
+def test_cancelling_stops_the_loop_and_still_leaves_a_merged_model(tiny_gqa):
+    from worker.hipp.progress import Cancelled, Reporter
+
+    class StopAfterThree(Reporter):
+        def __init__(self) -> None:
+            self.done = 0
+
+        def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+            self.done = done
+
+        def should_stop(self) -> bool:
+            return self.done >= 3
+
+    plan = pruned(tiny_gqa)
+    with pytest.raises(Cancelled):
+        recover(tiny_gqa, conversations(8), RecoveryConfig(method="lora", steps=50), reporter=StopAfterThree())
+    assert_no_peft(tiny_gqa.model)
+    assert model_shapes(tiny_gqa) == kept_shapes(plan)
+
+
 RELOAD = textwrap.dedent(
     """
     import json, sys, torch

@@ -150,8 +150,10 @@ class RecoveryResult:
     stopped_by: str = "steps"
 
     def mean_loss(self, first: bool, window: int = 10) -> float | None:
+        """Mean of the first or last ``window`` losses (shrunk so the two windows never overlap)."""
         if not self.losses:
             return None
+        window = max(1, min(window, len(self.losses) // 2))
         values = self.losses[:window] if first else self.losses[-window:]
         return sum(values) / len(values)
 
@@ -362,6 +364,8 @@ def recover(
     if config.needs_teacher and teacher is None:
         raise OptionError(f"method {config.method!r} distills from the dense model: pass a teacher")
     if teacher is not None and config.needs_teacher:
+        if teacher.model is student.model:
+            raise OptionError("the teacher is the student itself; load the dense model separately")
         check_teacher(student, teacher)
     else:
         teacher = None
