@@ -70,3 +70,14 @@ def test_cli_plan_rejects_bad_preferences(pref, message, capsys):
 def test_cli_plan_without_policy_or_data_says_what_to_do(data, tmp_path, capsys):
     assert main(["plan", "--model", "tiny-llava", "--preference", "1,1,1", "--quiet"]) == 2
     assert "--pope" in capsys.readouterr().err
+
+
+def test_hypervolume_of_known_sets():
+    from worker.hipp.search import hypervolume
+
+    assert hypervolume([(1.0, 1.0, 1.0)]) == pytest.approx(1.0)
+    # Two boxes 2x1x1 and 1x2x1 overlap in a unit cube: 2 + 2 - 1.
+    assert hypervolume([(2.0, 1.0, 1.0), (1.0, 2.0, 1.0)]) == pytest.approx(3.0)
+    assert hypervolume([(2.0, 1.0), (1.0, 2.0)], (0.0, 0.0)) == pytest.approx(3.0)
+    # A dominated point adds nothing; points below the reference count for nothing.
+    assert hypervolume([(2.0, 2.0, 2.0), (1.0, 1.0, 1.0), (-1.0, 5.0, 5.0)]) == pytest.approx(8.0)

@@ -59,5 +59,5 @@ def evaluate_baselines(loaded: LoadedModel, evaluator: PlanEvaluator, samples: S
     plans = baseline_plans(loaded, samples, sparsities, baselines, seed, reporter)
     reporter.stage("evaluate", f"{len(plans)} baseline plans")
     for name, s, plan in reporter.track(plans, message="baselines"):
-        results.append((name, s, plan, evaluator.evaluate(plan)))
+        results.append((name, s, plan, evaluator.evaluate(plan, prescreen=False)))
     return results

@@ -242,10 +242,11 @@ class PlanEvaluator:
             compression = sparsity / self.s_max
         return Objectives(utility, robustness, compression, stability)
 
-    def evaluate(self, plan: PruningPlan) -> PlanEvaluation:
-        """Objectives and metrics of ``plan`` (cached by fingerprint; pre-screened by stability)."""
+    def evaluate(self, plan: PruningPlan, prescreen: bool = True) -> PlanEvaluation:
+        """Objectives and metrics of ``plan`` (cached by fingerprint). With ``prescreen``, plans failing the
+        stability pre-screen are not evaluated (search); reports evaluate every plan."""
         key = plan.fingerprint
-        if key in self._cache:
+        if key in self._cache and not (self._cache[key].prescreened and not prescreen):
             hit = self._cache[key]
             # Objectives depend on this evaluator's mode (s_max, target); the metrics do not.
             objectives = hit.objectives if hit.prescreened else self.objectives(
@@ -253,7 +254,7 @@ class PlanEvaluator:
             return PlanEvaluation(**{**hit.__dict__, "objectives": objectives, "cached": True})
         start = time.perf_counter()
         report = self.stability.evaluate(plan)
-        if not report.passes:
+        if prescreen and not report.passes:
             evaluation = PlanEvaluation(key, plan.sparsity, Objectives(PRESCREEN_RETURN, PRESCREEN_RETURN,
                                         plan.sparsity / self.s_max, report.score), {}, 0.0, prescreened=True,
                                         rho=report.rho)

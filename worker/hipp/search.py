@@ -237,3 +237,26 @@ def write_candidates(candidates: Sequence[Candidate], front: Sequence[Candidate]
             "plans": {c.plan.fingerprint: c.plan.to_dict() for c in front}}
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float] = (0.0, 0.0, 0.0)) -> float:
+    """Exact hypervolume dominated by ``points`` (maximization) above ``reference``, in 2 or 3 dimensions."""
+    pts = [tuple(max(p[i] - reference[i], 0.0) for i in range(len(reference))) for p in points]
+    pts = [p for p in pts if all(v > 0 for v in p)]
+    if not pts:
+        return 0.0
+    if len(reference) == 2:
+        area, best_y = 0.0, 0.0
+        for x, y in sorted(pts, key=lambda p: -p[0]):
+            if y > best_y:
+                area += x * (y - best_y)
+                best_y = y
+        return area
+    # Slice along the first axis: between consecutive x levels, the 2-D volume of points reaching that far.
+    xs = sorted({p[0] for p in pts}, reverse=True)
+    volume = 0.0
+    for i, x in enumerate(xs):
+        next_x = xs[i + 1] if i + 1 < len(xs) else 0.0
+        slab = [(p[1], p[2]) for p in pts if p[0] >= x]
+        volume += (x - next_x) * hypervolume(slab, (0.0, 0.0))
+    return volume
