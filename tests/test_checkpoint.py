@@ -55,7 +55,7 @@ def test_export_reloads_in_fresh_process_with_equal_logits(request, fixture, tmp
     export_pruned(loaded.model, loaded.processor, loaded.adapter, out, plan=plan, metrics={"x": 1})
     torch.save(dict(batch), tmp_path / "batch.pt")
     report = reload_in_fresh_process(out)
-    assert report["class"] == "HippForConditionalGeneration"
+    assert report["class"] == "HippLlavaForConditionalGeneration"
     assert report["info"]["missing_keys"] == []
     assert report["info"]["unexpected_keys"] == []
     assert report["info"]["mismatched_keys"] == []
@@ -63,7 +63,7 @@ def test_export_reloads_in_fresh_process_with_equal_logits(request, fixture, tmp
     reloaded = torch.load(tmp_path / "reloaded.pt")
     assert (reloaded - expected).abs().max().item() <= 1e-5
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "configuration_hipp.py", "modeling_hipp.py", PLAN_FILE,
+    assert {"config.json", "model.safetensors", "configuration_hipp_llava.py", "modeling_hipp_llava.py", PLAN_FILE,
             "metrics.json", "README.md", "processor_config.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     config = json.loads((out / "config.json").read_text())
@@ -104,3 +104,23 @@ def test_zero_padded_export_loads_without_remote_code(tiny_gqa, tmp_path, batch_
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         assert (dense(**batch).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_exports_of_two_families_in_one_process_do_not_share_remote_code(tmp_path, batch_for):
+    """Exports are cached by folder name in transformers' module cache: a LLaVA and a Qwen export that share
+    the name must still each get their own classes (and key mappings) in one process."""
+    from worker.hipp.loading import load_model
+
+    for family, ref in (("llava", "tiny-llava"), ("qwen", "tiny-qwen2.5-vl")):
+        loaded = load_model(ref)
+        batch = batch_for(loaded)
+        plan = build_plan(loaded, 0.3, "magnitude")
+        apply_plan(loaded.adapter, plan)
+        with torch.no_grad():
+            expected = loaded.model(**batch).logits
+        out = tmp_path / family / "export"
+        export_pruned(loaded.model, loaded.processor, loaded.adapter, out, plan=plan)
+        again = load_model(str(out))
+        assert type(again.model).__name__.startswith("Hipp") and again.adapter.family == loaded.adapter.family
+        with torch.no_grad():
+            assert (again.model(**batch).logits - expected).abs().max().item() <= 1e-5

@@ -252,7 +252,7 @@ def test_export_reloads_in_fresh_process_with_equal_logits(qwen25, tmp_path):
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["class"] == "HippForConditionalGeneration"
+    assert report["class"] == "HippQwen2_5_VLForConditionalGeneration"
     assert report["info"]["missing_keys"] == []
     assert report["info"]["unexpected_keys"] == []
     assert report["info"]["mismatched_keys"] == []

@@ -39,8 +39,18 @@ def test_qwen_job_through_the_embedded_service(tmp_path: Path) -> None:
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "embedded service did not start"
             time.sleep(0.3)
-        out = hipp("jobs", "submit", "--model", MODEL, "--preference", "utility=1,compression=1", "--wait",
-                   "--download", str(tmp_path / "ckpt"), env=env)
+        out = hipp(
+            "jobs",
+            "submit",
+            "--model",
+            MODEL,
+            "--preference",
+            "utility=1,compression=1",
+            "--wait",
+            "--download",
+            str(tmp_path / "ckpt"),
+            env=env,
+        )
         job_id = out.stdout.splitlines()[0].strip()
         status = json.loads(hipp("jobs", "status", job_id, env=env).stdout)
     finally:
@@ -54,7 +64,7 @@ def test_qwen_job_through_the_embedded_service(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt" / "checkpoint"
     config = json.loads((ckpt / "config.json").read_text())
     assert config["hipp_base_model_type"] == "qwen2_5_vl"
-    assert config["architectures"] == ["HippForConditionalGeneration"]
+    assert config["architectures"] == ["HippQwen2_5_VLForConditionalGeneration"]
     assert (ckpt / "processing_qwen_images.py").is_file()  # the processor ships as code next to the weights
 
     from worker.hipp.calibration import iter_batches, synthetic_samples

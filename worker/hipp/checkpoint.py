@@ -2,8 +2,8 @@
 
 The directory loads in a fresh process with only torch + transformers:
 ``AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)``. It holds the stock config plus
-per-layer shapes, two small generated files (``configuration_hipp.py``, ``modeling_hipp.py``) that subclass
-the stock classes, the processor, safetensors weights, ``hipp_plan.json``, ``metrics.json`` and a model card.
+per-layer shapes, two small generated files (``configuration_hipp_<type>.py``, ``modeling_hipp_<type>.py``)
+that subclass the stock classes, the processor, safetensors weights, ``hipp_plan.json``, ``metrics.json`` and a model card.
 
 :func:`export_zero_padded` writes the other flavour: the stock architecture at dense shapes with removed
 units zeroed, for tools that cannot run remote code (same logits, no speedup).
@@ -26,7 +26,17 @@ from worker.hipp.plan import LayerPlan, PruningPlan
 TEMPLATES = Path(__file__).parent / "remote"
 PLAN_FILE = "hipp_plan.json"
 METRICS_FILE = "metrics.json"
-REMOTE_CLASS = "HippForConditionalGeneration"
+
+
+def remote_names(base_class: str, config_class: str, base_type: str) -> dict[str, str]:
+    """File, module and class names of the generated code. They carry the family, so exports of different
+    families loaded in one process never share a cached module or a registered key mapping."""
+    return {
+        "config_module": f"configuration_hipp_{base_type}",
+        "model_module": f"modeling_hipp_{base_type}",
+        "config_class": f"Hipp{config_class}",
+        "model_class": f"Hipp{base_class}",
+    }
 
 
 def _base_classes(model: Any) -> tuple[str, str, str]:
@@ -55,12 +65,15 @@ def _layers_path(adapter: ModelAdapter) -> str:
     raise OptionError("decoder layers are not a sub-module of the model")
 
 
-def write_remote_code(out: Path, base_class: str, config_class: str, base_type: str) -> None:
+def write_remote_code(out: Path, base_class: str, config_class: str, base_type: str) -> dict[str, str]:
+    names = remote_names(base_class, config_class, base_type)
     fields = {"base_model_class": base_class, "base_config_class": config_class,
-              "base_model_type": base_type, "model_type": f"hipp_{base_type}"}
-    for name in ("configuration_hipp.py", "modeling_hipp.py"):
-        text = (TEMPLATES / f"{name}.tmpl").read_text()
-        (out / name).write_text(text.format(**fields))
+              "base_model_type": base_type, "model_type": f"hipp_{base_type}", **names}
+    for template, module in (("configuration_hipp.py", names["config_module"]),
+                             ("modeling_hipp.py", names["model_module"])):
+        text = (TEMPLATES / f"{template}.tmpl").read_text()
+        (out / f"{module}.py").write_text(text.format(**fields))
+    return names
 
 
 def export_pruned(
@@ -78,9 +91,9 @@ def export_pruned(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_class, config_class, base_type = _base_classes(model)
-    write_remote_code(out, base_class, config_class, base_type)
-    remote_cls: Any = get_class_from_dynamic_module(f"modeling_hipp.{REMOTE_CLASS}", str(out))
-    config = remote_cls.config_class(**_export_config_dict(model, adapter, base_class, base_type))
+    names = write_remote_code(out, base_class, config_class, base_type)
+    remote_cls: Any = get_class_from_dynamic_module(f"{names['model_module']}.{names['model_class']}", str(out))
+    config = remote_cls.config_class(**_export_config_dict(model, adapter, base_class, base_type, names))
     exported = _as_remote_model(model, remote_cls, config)
     exported.save_pretrained(out)
     if processor is not None:
@@ -92,7 +105,8 @@ def export_pruned(
     return out
 
 
-def _export_config_dict(model: Any, adapter: ModelAdapter, base_class: str, base_type: str) -> dict[str, Any]:
+def _export_config_dict(model: Any, adapter: ModelAdapter, base_class: str, base_type: str,
+                        names: dict[str, str]) -> dict[str, Any]:
     data = model.config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         data.pop(key, None)
@@ -101,9 +115,9 @@ def _export_config_dict(model: Any, adapter: ModelAdapter, base_class: str, base
         hipp_layers_path=_layers_path(adapter),
         hipp_base_model_type=base_type,
         hipp_base_model_class=base_class,
-        auto_map={"AutoConfig": "configuration_hipp.HippConfig",
-                  "AutoModelForImageTextToText": f"modeling_hipp.{REMOTE_CLASS}"},
-        architectures=[REMOTE_CLASS],
+        auto_map={"AutoConfig": f"{names['config_module']}.{names['config_class']}",
+                  "AutoModelForImageTextToText": f"{names['model_module']}.{names['model_class']}"},
+        architectures=[names["model_class"]],
     )
     return data
 
@@ -156,7 +170,7 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
         "processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)",
         "```", "",
         "The decoder layers have per-layer head counts and MLP widths (`hipp_layers` in config.json);",
-        "`modeling_hipp.py` builds the stock model and narrows those layers. `hipp_plan.json` records which",
+        "`modeling_hipp_*.py` builds the stock model and narrows those layers. `hipp_plan.json` records which",
         "original heads and channels were kept.", "",
     ]
     return "\n".join(lines)
