@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     lease_s: int = 120
     heartbeat_s: float = 5.0
     enqueue_retry_s: int = 30
+    requeue_after_s: int = Field(
+        default=600, description="Re-publish a job still queued this long after its enqueue (lost broker message)"
+    )
+    reap_interval_s: float = Field(default=30.0, gt=0, description="Period of the reaper (beat)")
+    cancel_poll_s: float = Field(default=1.0, gt=0, description="How often a running job reads its status")
+    max_active_jobs_per_tenant: int = Field(
+        default=20, ge=0, description="Queued + running + cancelling jobs per tenant; 0 = no limit"
+    )
+    fault_injection: bool = Field(
+        default=False, description="Test only: honour metadata.fault = {crash_at: STAGE} (SIGKILL the worker)"
+    )
     work_dir: Path | None = Field(default=None, description="Worker scratch folder; default HIPP_HOME/work")
     device: str = Field(default="auto", description="Worker device: auto (cuda when available), cuda, cuda:N, cpu")
     dtype: str = Field(default="float32", description="Weights dtype in the worker: float32, bfloat16, float16")

@@ -3,7 +3,8 @@
     {"error": {"code": "invalid_preference", "message": "what went wrong and how to fix it", "detail": ...}}
 
 ``ApiError`` is raised by routes and services; request validation, HTTP errors from Starlette and
-unexpected exceptions are mapped to the same shape here.
+unexpected exceptions are mapped to the same shape here. A database that cannot be reached is a 503
+``database_unavailable`` with ``Retry-After`` (never a 500).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hipp.api")
@@ -54,6 +57,17 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(msgs) + more
 
 
+def database_unavailable(exc: Exception) -> JSONResponse:
+    """503 while the database is unreachable (restart, failover); pooled connections are replaced on the
+    next request, so the API recovers by itself once the database is back."""
+    log.warning("database unavailable: %s", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+    return JSONResponse(
+        error_body("database_unavailable", "the database is unavailable right now; retry in a few seconds"),
+        503,
+        headers={"Retry-After": "5"},
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -73,6 +87,17 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint; see /docs for the API reference"
         return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            return database_unavailable(exc)
+        log.exception("database error", exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal server error; retry later"), 500)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool(_: Request, exc: PoolTimeout) -> JSONResponse:
+        return database_unavailable(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

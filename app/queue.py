@@ -3,8 +3,9 @@
 The API enqueues by task name (``hipp.run_job``) and never imports the worker's code. A job row is committed
 first with ``enqueued_at`` NULL; after the commit the job is published and ``enqueued_at`` set. If the publish
 fails (broker down, process killed between the two), the relay (``relay_pending``, run by beat and at
-``hipp serve`` start) publishes it again. A job delivered twice is harmless: the worker claims it with a
-conditional UPDATE and the second delivery finds nothing to claim.
+``hipp serve`` start) publishes it again. A queued job whose message was lost (a broker restarted without
+persistence) is re-published ``HIPP_REQUEUE_AFTER_S`` after its enqueue. A job delivered twice is harmless:
+the worker claims it with a conditional UPDATE and the second delivery finds nothing to claim.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -29,6 +30,7 @@ log = logging.getLogger("hipp.queue")
 
 RUN_JOB = "hipp.run_job"
 RELAY = "hipp.relay_pending"
+REAP = "hipp.reap_stale"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -162,15 +164,20 @@ def get_dispatcher(settings: Settings, factory: sessionmaker[Session]) -> Dispat
 
 
 def relay_pending(settings: Settings, factory: sessionmaker[Session], min_age_s: float | None = None) -> int:
-    """Re-publish queued jobs that were committed but never marked enqueued."""
+    """Re-publish queued jobs that were committed but never marked enqueued, and queued jobs enqueued more
+    than ``HIPP_REQUEUE_AFTER_S`` ago (their message may have been lost with a broker restart; a duplicate
+    is harmless: only one delivery can claim the job)."""
     age = settings.enqueue_retry_s if min_age_s is None else min_age_s
+    now = utcnow()
     with factory() as session:
         ids = list(
             session.scalars(
                 select(Job.id).where(
                     Job.status == JobStatus.queued.value,
-                    Job.enqueued_at.is_(None),
-                    Job.created_at <= utcnow() - timedelta(seconds=age),
+                    or_(
+                        and_(Job.enqueued_at.is_(None), Job.updated_at <= now - timedelta(seconds=age)),
+                        Job.enqueued_at <= now - timedelta(seconds=settings.requeue_after_s),
+                    ),
                 )
             )
         )

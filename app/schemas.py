@@ -1,7 +1,7 @@
 """What the API speaks (pydantic). Tables live apart in app/models.py.
 
 Every request model forbids unknown fields, so a typo is a 422 that names the field instead of a silent
-default.
+default, and NUL characters (which Postgres cannot store) are a 422 rather than a database error.
 """
 
 from __future__ import annotations
@@ -18,8 +18,32 @@ PREFERENCE_KEYS = ("utility", "robustness", "compression")
 T = TypeVar("T")
 
 
+def _reject_nul(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{path}: text must not contain NUL (\\u0000) characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, path)
+            _reject_nul(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_nul(v, f"{path}[{i}]")
+
+
 class Strict(BaseModel):
+    """Unknown fields are rejected; so is a NUL character anywhere in the body (the database cannot store it)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for k, v in data.items():
+                _reject_nul(k, "body")
+                _reject_nul(v, str(k))
+        return data
 
 
 class Preference(Strict):
@@ -78,6 +102,11 @@ class EvaluationOptions(Strict):
     max_samples: int = Field(default=16, ge=1, le=100_000, description="Questions per benchmark split")
 
 
+class CalibrationOptions(Strict):
+    samples: int = Field(default=16, ge=1, le=4096, description="Calibration images for importance scoring")
+    sensitivity_samples: int = Field(default=8, ge=1, le=4096, description="Images for visual sensitivity")
+
+
 class JobCreate(Strict):
     model: str = Field(
         min_length=1,
@@ -90,6 +119,7 @@ class JobCreate(Strict):
     )
     recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("model")

@@ -3,7 +3,9 @@
 Prefork, one process per GPU (concurrency 1), one task per child (a fresh process per job: GPU memory is
 returned when it exits), prefetch 1 with late acks (a worker holds at most the job it runs). Torch is imported
 inside the task, never here. The database engine is built once per process, after the fork.
-Beat runs the outbox relay on the default queue.
+Beat runs the outbox relay and the reaper (app/reaper.py: stale heartbeats re-queued, failed after the
+attempt cap) on the default queue; run it as ``celery -A worker.celery_app beat`` next to a ``-Q default``
+worker (or ``worker -B`` for the light worker).
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from app.config import get_settings
-from app.queue import RELAY, RUN_JOB, celery_config
+from app.queue import REAP, RELAY, RUN_JOB, celery_config
 
 settings = get_settings()
 
 celery_app = Celery("hipp", include=["worker.tasks"])
 celery_app.conf.update(celery_config(settings))
 celery_app.conf.update(
-    task_routes={RUN_JOB: {"queue": settings.gpu_queue}, RELAY: {"queue": settings.default_queue}},
+    task_routes={
+        RUN_JOB: {"queue": settings.gpu_queue},
+        RELAY: {"queue": settings.default_queue},
+        REAP: {"queue": settings.default_queue},
+    },
     task_acks_late=True,
     task_reject_on_worker_lost=False,
     worker_prefetch_multiplier=1,
@@ -33,6 +39,12 @@ celery_app.conf.update(
     worker_enable_remote_control=not settings.embedded_broker,
     beat_schedule={
         "relay-pending-jobs": {"task": RELAY, "schedule": max(5.0, settings.enqueue_retry_s / 2)},
+        # Expiring so that a backlog (light worker down) does not pile up reaper runs.
+        "reap-stale-jobs": {
+            "task": REAP,
+            "schedule": settings.reap_interval_s,
+            "options": {"expires": max(settings.reap_interval_s, 5.0)},
+        },
     },
 )
 app = celery_app

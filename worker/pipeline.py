@@ -6,11 +6,19 @@ runner around them owns the job row:
 - **claim**: a conditional UPDATE (queued -> running, attempt + 1, lease owner and expiry). A second delivery
   of the same job finds nothing to claim and returns.
 - **heartbeat**: a thread renews ``heartbeat_at`` and the lease every ``HIPP_HEARTBEAT_S`` and reads the
-  status, so a ``cancelling`` job stops at the engine's next ``reporter.check()``.
+  status every ``HIPP_CANCEL_POLL_S``, so a ``cancelling`` job stops at the engine's next ``reporter.check()``
+  (between stages and inside the calibration, sensitivity, GRPO/search, recovery and evaluation loops).
+  A worker that dies stops heartbeating; the reaper (app/reaper.py) re-queues its job when the lease expires.
 - **events, progress**: every stage start/finish/skip is an event; the engine's progress ticks become
   ``stage_progress`` and overall ``progress`` (throttled writes).
-- **stage outputs**: the plan is saved to object storage and its key recorded in ``stage_outputs``; a retry
-  reuses it instead of planning again.
+- **stage outputs and resume**: each finished stage is recorded in ``stage_outputs`` (``completed``, the
+  partial result) in the same conditional UPDATE that ends it; its outputs are in object storage (sensitivity,
+  plan, the pruned weights after prune, the recovered weights after recover, with their SHA-256). A retry
+  reloads the model, restores the plan and the latest weights (checked against their SHA-256) and restarts at
+  the first unfinished stage. The checkpoint's artifact rows are written in the transaction that completes
+  ``upload``, so the final checkpoint is recorded once.
+- **fault injection** (tests only, ``HIPP_FAULT_INJECTION``, off by default): a job whose metadata has
+  ``{"fault": {"crash_at": STAGE}}`` SIGKILLs its worker process when that stage starts.
 - **outcome**: succeeded with a result; a ``HippError`` fails the job without retry (the caller must change
   the request); any other error re-queues the job until ``max_attempts``; ``Cancelled`` -> cancelled.
   Every final write is conditional on still holding the lease.
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tarfile
 import threading
@@ -81,6 +90,8 @@ class JobRun(Reporter):
         self.job_id = job.id
         self.owner = owner
         self.settings = settings
+        self.attempt = job.attempt
+        self.outputs: dict[str, Any] = dict(job.stage_outputs or {})
         self.stage_name: str | None = None
         self.done_weight = 0.0
         self._last_write = 0.0
@@ -99,11 +110,26 @@ class JobRun(Reporter):
             self._hb.join(timeout=5)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_s):
+        tick = min(self.settings.heartbeat_s, self.settings.cancel_poll_s)
+        last_beat = time.monotonic()
+        while not self._stop.wait(tick):
             try:
-                self.heartbeat()
+                if time.monotonic() - last_beat >= self.settings.heartbeat_s - 1e-3:
+                    last_beat = time.monotonic()
+                    self.heartbeat()
+                else:
+                    self.poll_status()
             except Exception as exc:  # a missed beat is not fatal; the lease is longer than a beat
                 log.warning("heartbeat failed for job %s: %s", self.job_id, exc)
+
+    def poll_status(self) -> None:
+        """Read the status only (between heartbeats), so a cancel is seen within ``HIPP_CANCEL_POLL_S``."""
+        with self.factory() as s:
+            row = s.execute(select(Job.status, Job.lease_owner).where(Job.id == self.job_id)).first()
+        if row is None or row[1] != self.owner:
+            self._lost.set()
+        elif row[0] == JobStatus.cancelling.value:
+            self._cancel.set()
 
     def heartbeat(self) -> None:
         now = utcnow()
@@ -140,9 +166,35 @@ class JobRun(Reporter):
         self._update(stage=stage, stage_progress=0.0, progress=round(self.done_weight, 4), heartbeat_at=utcnow())
         self.event(f"{stage} started")
 
-    def end(self, stage: str, seconds: float, skipped: str | None = None, data: dict[str, Any] | None = None) -> None:
+    def end(
+        self,
+        stage: str,
+        seconds: float,
+        skipped: str | None = None,
+        data: dict[str, Any] | None = None,
+        result: dict[str, Any] | None = None,
+        outputs: dict[str, Any] | None = None,
+        rows: list[Any] | None = None,
+    ) -> None:
+        """Finish a stage: progress, and (with ``result``) mark it completed with the partial result and its
+        outputs, plus any ``rows`` (the checkpoint's artifacts), in one transaction conditional on the lease."""
         self.done_weight += STAGE_WEIGHTS[stage]
-        self._update(stage_progress=1.0, progress=round(min(self.done_weight, 1.0), 4))
+        values: dict[str, Any] = {"stage_progress": 1.0, "progress": round(min(self.done_weight, 1.0), 4)}
+        if result is not None:
+            completed = [*self.outputs.get("completed", []), stage]
+            values["stage_outputs"] = {**self.outputs, **(outputs or {}), "completed": completed, "result": result}
+        with self.factory() as s:
+            res = s.execute(update(Job).where(Job.id == self.job_id, Job.lease_owner == self.owner).values(**values))
+            if not res.rowcount:  # type: ignore[attr-defined]
+                s.rollback()
+                self._lost.set()
+                raise LeaseLost(f"job {self.job_id} is no longer leased to {self.owner}")
+            if rows:
+                s.execute(delete(Artifact).where(Artifact.job_id == self.job_id))
+                s.add_all(rows)
+            s.commit()
+        if "stage_outputs" in values:
+            self.outputs = values["stage_outputs"]
         payload = {"seconds": round(seconds, 3), **(data or {})}
         if skipped is not None:
             self.event(f"{stage} skipped: {skipped}", level="warning", data={**payload, "skipped": skipped})
@@ -150,11 +202,16 @@ class JobRun(Reporter):
             self.event(f"{stage} finished in {seconds:.1f}s", data=payload)
 
     def save_stage_output(self, stage: str, key: str) -> None:
-        with self.factory() as s:
-            job = s.get(Job, self.job_id)
-            assert job is not None
-            job.stage_outputs = {**(job.stage_outputs or {}), stage: key}
-            s.commit()
+        outputs = {**self.outputs, stage: key}
+        self._update(stage_outputs=outputs)
+        self.outputs = outputs
+
+    def reused(self, stage: str, attempt: int | None) -> None:
+        """A stage finished by an earlier attempt: counted as done, not run again."""
+        self.stage_name = stage
+        self.done_weight += STAGE_WEIGHTS[stage]
+        self._update(stage=stage, stage_progress=1.0, progress=round(min(self.done_weight, 1.0), 4))
+        self.event(f"{stage} reused (finished by attempt {attempt})", data={"reused": True, "attempt": attempt})
 
     # Reporter hooks (called by the engine)
     def stage(self, name: str, message: str = "") -> None:
@@ -190,6 +247,12 @@ class JobContext:
     loaded: Any = None
     plan: Any = None
     result: dict[str, Any] = field(default_factory=dict)
+    new_outputs: dict[str, Any] = field(default_factory=dict)  # recorded when the current stage completes
+    rows: list[Any] = field(default_factory=list)  # artifact rows, written when the current stage completes
+
+
+def calibration_option(ctx: JobContext, name: str, default: int) -> int:
+    return int((ctx.job.options.get("calibration") or {}).get(name, default))
 
 
 def calibration_samples(ctx: JobContext, count: int) -> list[Any]:
@@ -252,7 +315,8 @@ def stage_sensitivity(ctx: JobContext) -> dict[str, Any]:
     baseline allocator does not consume it; a policy will."""
     from worker.hipp.sensitivity import compute_visual_sensitivity
 
-    result = compute_visual_sensitivity(ctx.loaded, calibration_samples(ctx, 8), batch_size=4, reporter=ctx.run)
+    samples = calibration_samples(ctx, calibration_option(ctx, "sensitivity_samples", 8))
+    result = compute_visual_sensitivity(ctx.loaded, samples, batch_size=4, reporter=ctx.run)
     key = f"jobs/{ctx.job.id}/stages/sensitivity.json"
     ctx.storage.put_bytes(key, json.dumps(result.to_dict()).encode(), "application/json")
     ctx.run.save_stage_output("sensitivity", key)
@@ -308,9 +372,8 @@ def plans_from_policy(ctx: JobContext, stored: Any) -> tuple[Any, list[dict[str,
     n = int(ctx.job.options.get("evaluation", {}).get("max_samples", 16))
     evalset = testbed_search_set(ctx.work_dir / "search", limit=n)
     s_max = float(getattr(stored.policy.config, "s_max", 0.6))
-    setup = prepare_search(
-        ctx.loaded, evalset, calibration_samples(ctx, CALIBRATION_SAMPLES), s_max=s_max, reporter=ctx.run
-    )
+    samples = calibration_samples(ctx, calibration_option(ctx, "samples", CALIBRATION_SAMPLES))
+    setup = prepare_search(ctx.loaded, evalset, samples, s_max=s_max, reporter=ctx.run)
     preference = [float(ctx.job.preference.get(k, 0.0)) for k in ("utility", "robustness", "compression")]
     candidates = sample_plans(
         setup, stored, preference, samples=POLICY_SAMPLES, target=ctx.job.target_sparsity, reporter=ctx.run
@@ -341,7 +404,7 @@ def baseline_plan(ctx: JobContext) -> Any:
         sparsity,
         criterion="wanda-sp",
         allocation="uniform",
-        samples=calibration_samples(ctx, CALIBRATION_SAMPLES),
+        samples=calibration_samples(ctx, calibration_option(ctx, "samples", CALIBRATION_SAMPLES)),
         reporter=ctx.run,
     )
 
@@ -395,7 +458,37 @@ def stage_prune(ctx: JobContext) -> dict[str, Any]:
     apply_plan(ctx.loaded.adapter, ctx.plan)
     params = sum(p.numel() for p in ctx.loaded.model.parameters())
     ctx.result["pruned"] = {"parameters": params}
+    ctx.new_outputs["weights"] = save_weights(ctx, "prune")
     return {"parameters": params, "removed": ctx.result["dense"]["parameters"] - params}
+
+
+def save_weights(ctx: JobContext, stage: str) -> dict[str, Any]:
+    """The model's weights after ``stage``, as safetensors in object storage (key, size, SHA-256)."""
+    from safetensors.torch import save_model
+
+    path = ctx.work_dir / f"{stage}.safetensors"
+    save_model(ctx.loaded.model, str(path))
+    obj = ctx.storage.put_file(f"jobs/{ctx.job.id}/stages/{stage}.safetensors", path, "application/octet-stream")
+    path.unlink(missing_ok=True)
+    return {"key": obj.key, "sha256": obj.sha256, "size": obj.size, "stage": stage}
+
+
+def restore_weights(ctx: JobContext) -> None:
+    """Re-apply the saved plan to the freshly loaded model and load the latest saved weights into it. The
+    download is checked against the recorded SHA-256: a corrupted stage output fails the attempt loudly."""
+    from safetensors.torch import load_model
+
+    from worker.hipp.surgery import apply_plan
+
+    apply_plan(ctx.loaded.adapter, ctx.plan)
+    saved = ctx.run.outputs.get("weights")
+    if not saved:
+        return
+    path = ctx.work_dir / "restore.safetensors"
+    ctx.storage.download(saved["key"], path, sha256=saved["sha256"])
+    load_model(ctx.loaded.model, str(path), device=str(ctx.loaded.device))
+    path.unlink(missing_ok=True)
+    ctx.run.event(f"restored the weights saved after {saved['stage']}", data={"key": saved["key"]})
 
 
 def stage_recover(ctx: JobContext) -> dict[str, Any]:
@@ -420,6 +513,8 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
     ctx.result["recovery"] = outcome.record(
         config, teacher=ctx.job.model if teacher else None, data=f"world training split ({count} conversations)"
     )
+    ctx.run.check()  # a cancel that stopped the training early must not record recovered weights
+    ctx.new_outputs["weights"] = save_weights(ctx, "recover")
     return {"steps": outcome.steps, "loss_last": ctx.result["recovery"]["loss_last"]}
 
 
@@ -481,10 +576,7 @@ def stage_upload(ctx: JobContext) -> dict[str, Any]:
                 content_type=ctype,
             )
         )
-    with ctx.run.factory() as s:
-        s.execute(delete(Artifact).where(Artifact.job_id == ctx.job.id))
-        s.add_all(rows)
-        s.commit()
+    ctx.rows = rows  # written with the stage's completion, in one transaction (JobRun.end)
     ctx.result["checkpoint"] = {"artifact": "checkpoint.tar", "sha256": rows[0].sha256, "size": rows[0].size}
     return {"artifacts": [r.name for r in rows], "bytes": sum(r.size for r in rows)}
 
@@ -499,6 +591,32 @@ STAGE_FUNCS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "upload": stage_upload,
 }
 assert tuple(STAGE_FUNCS) == STAGES
+
+
+def restore_load(ctx: JobContext) -> None:
+    ctx.loaded = load(ctx)  # the dense metrics of the first attempt are in the saved result
+
+
+def restore_plan(ctx: JobContext) -> None:
+    stage_plan(ctx)  # reads the saved plan back
+
+
+# What a retry redoes for a stage an earlier attempt finished (in-memory state only; nothing recomputed).
+RESTORE: dict[str, Callable[[JobContext], None]] = {
+    "load": restore_load,
+    "plan": restore_plan,
+    "prune": restore_weights,
+}
+
+
+def maybe_crash(ctx: JobContext, stage: str) -> None:
+    """Fault injection for tests (``HIPP_FAULT_INJECTION``): SIGKILL this process when ``stage`` starts."""
+    if not ctx.settings.fault_injection:
+        return
+    fault = (ctx.job.meta or {}).get("fault")
+    if isinstance(fault, dict) and fault.get("crash_at") == stage:
+        ctx.run.event(f"fault injection: killing worker process {os.getpid()} at {stage}", level="warning")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- the runner ---------------------------------------------------------------------------------------
@@ -545,24 +663,39 @@ def run_job(job_id: str | uuid.UUID, settings: Settings) -> str:
     work_dir = settings.resolved_work_dir / str(job.id)
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = JobContext(job=job, run=run, settings=settings, storage=get_storage(settings), work_dir=work_dir)
-    ctx.result["stages"] = {}
+    completed = list(run.outputs.get("completed", []))
+    if completed:
+        ctx.result = dict(run.outputs.get("result") or {})
+    ctx.result.setdefault("stages", {})
+    remaining = [s for s in STAGES if s not in completed]
     run.start_heartbeat()
     started = time.perf_counter()
     try:
+        if completed:
+            run.event(
+                f"resuming at {remaining[0] if remaining else 'the end'}: reusing {', '.join(completed)}",
+                data={"completed": completed},
+            )
         for stage in STAGES:
             run.check()
+            if stage in completed:
+                if remaining:
+                    run.reused(stage, ctx.result["stages"].get(stage, {}).get("attempt"))
+                    if stage in RESTORE:
+                        RESTORE[stage](ctx)
+                continue
+            maybe_crash(ctx, stage)
             run.begin(stage)
             t0 = time.perf_counter()
+            ctx.new_outputs, ctx.rows = {}, []
             try:
                 data = STAGE_FUNCS[stage](ctx)
-                ctx.result["stages"][stage] = {
-                    "status": "done",
-                    "seconds": round(time.perf_counter() - t0, 3),
-                }
-                run.end(stage, time.perf_counter() - t0, data=data)
+                seconds = time.perf_counter() - t0
+                ctx.result["stages"][stage] = {"status": "done", "seconds": round(seconds, 3), "attempt": run.attempt}
+                run.end(stage, seconds, data=data, result=ctx.result, outputs=ctx.new_outputs, rows=ctx.rows)
             except Skipped as skip:
-                ctx.result["stages"][stage] = {"status": "skipped", "reason": str(skip)}
-                run.end(stage, time.perf_counter() - t0, skipped=str(skip))
+                ctx.result["stages"][stage] = {"status": "skipped", "reason": str(skip), "attempt": run.attempt}
+                run.end(stage, time.perf_counter() - t0, skipped=str(skip), result=ctx.result)
         run.check()
         ctx.result["seconds"] = round(time.perf_counter() - started, 3)
         return _finish(run, JobStatus.succeeded, result=ctx.result, progress=1.0, stage=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from app.config import get_settings
-from app.queue import RELAY, RUN_JOB
+from app.queue import REAP, RELAY, RUN_JOB
 from worker.celery_app import celery_app
 
 log = logging.getLogger("hipp.tasks")
@@ -28,3 +28,13 @@ def relay_pending() -> int:
 
     settings = get_settings()
     return relay(settings, session_factory(settings.resolved_database_url))
+
+
+@celery_app.task(name=REAP, ignore_result=True)
+def reap_stale() -> dict[str, int]:
+    """Re-queue (or fail, after the attempt cap) jobs whose worker stopped heartbeating."""
+    from app.db import session_factory
+    from app.reaper import reap_stale as reap
+
+    settings = get_settings()
+    return reap(settings, session_factory(settings.resolved_database_url)).as_dict()

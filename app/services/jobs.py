@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,13 +40,18 @@ def create_job(
         existing = _by_idempotency_key(session, who, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
+    check_quota(session, settings, who)
     job = Job(
         id=uuid.uuid4(),
         tenant_id=who.tenant_id,
         model=model,
         preference=body.preference.model_dump(),
         target_sparsity=body.target_sparsity,
-        options={"recovery": body.recovery.model_dump(), "evaluation": body.evaluation.model_dump()},
+        options={
+            "recovery": body.recovery.model_dump(),
+            "evaluation": body.evaluation.model_dump(),
+            "calibration": body.calibration.model_dump(),
+        },
         meta=body.metadata,
         status=JobStatus.queued.value,
         max_attempts=settings.max_attempts,
@@ -64,6 +69,35 @@ def create_job(
             raise
         return _replay(existing, digest, idempotency_key or ""), False
     return job, True
+
+
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)
+
+
+def check_quota(session: Session, settings: Settings, who: Principal) -> None:
+    """At most ``max_active_jobs_per_tenant`` queued, running or cancelling jobs per tenant (429 beyond).
+
+    On Postgres a transaction-scoped advisory lock per tenant serializes concurrent submissions of one
+    tenant (held until the INSERT commits), so the limit holds exactly under concurrency."""
+    limit = settings.max_active_jobs_per_tenant
+    if limit <= 0:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        lock = int.from_bytes(who.tenant_id.bytes[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock})
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == who.tenant_id, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= limit:
+        session.rollback()
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"this tenant already has {active} active jobs (queued, running or cancelling) and the limit is "
+            f"{limit}; wait for one to finish or cancel one, then retry",
+            detail={"active": active, "limit": limit},
+            headers={"Retry-After": "30"},
+        )
 
 
 def _by_idempotency_key(session: Session, who: Principal, key: str) -> Job | None:
