@@ -3,7 +3,8 @@
 The directory loads in a fresh process with only torch + transformers:
 ``AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)``. It holds the stock config plus
 per-layer shapes, two small generated files (``configuration_hipp_<type>.py``, ``modeling_hipp_<type>.py``)
-that subclass the stock classes, the processor, safetensors weights, ``hipp_plan.json``, ``metrics.json`` and a model card.
+that subclass the stock classes, the processor, safetensors weights, ``hipp_plan.json``, ``metrics.json`` and
+a model card.
 
 :func:`export_zero_padded` writes the other flavour: the stock architecture at dense shapes with removed
 units zeroed, for tools that cannot run remote code (same logits, no speedup).
