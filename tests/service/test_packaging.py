@@ -43,3 +43,24 @@ def test_every_setting_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
     missing = [f"HIPP_{name.upper()}" for name in Settings.model_fields if f"`HIPP_{name.upper()}`" not in doc]
     assert not missing, f"document these settings in docs/service.md: {missing}"
+
+
+def test_the_whole_cli_parser_builds_without_torch():
+    """`hipp --help` and the service commands work in the torch-free API image."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "peft"):
+                    raise ImportError("blocked " + name)
+        sys.meta_path.insert(0, Block())
+        from worker.cli import build_parser
+        build_parser().parse_args(["jobs", "list"])
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

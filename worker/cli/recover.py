@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--targets", default=",".join(_default_targets()),
-                   help="comma-separated decoder linears to train")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated decoder linears to train (default: every attention and MLP linear)")
     p.add_argument("--ce-weight", type=float, default=None)
     p.add_argument("--kd-weight", type=float, default=None)
     p.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state distillation weight")
@@ -60,7 +60,8 @@ def run_recover(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lora_rank=args.rank,
         lora_alpha=args.alpha,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        targets=(tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets
+                 else _default_targets()),
         ce_weight=args.ce_weight,
         kd_weight=args.kd_weight,
         hidden_weight=args.hidden_weight,
