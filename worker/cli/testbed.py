@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--resume", default=None, help="continue stage 2 from this saved model (skips stage 1)")
     train.add_argument("--stage2-lr", type=float, default=None)
+    train.add_argument("--sqa-share", type=float, default=None, help="share of ScienceQA questions in stage 2")
     train.add_argument("--images", type=int, default=None, help="training images per pool (POPE and SQA)")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=run_train)
@@ -72,6 +73,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.stage2_lr is not None:
         cfg.stage2_lr = args.stage2_lr
     cfg.resume = args.resume
+    if args.sqa_share is not None:
+        cfg.sqa_share = args.sqa_share
     if args.images is not None:
         cfg.pope_images = cfg.sqa_problems = args.images
     summary = train(cfg, args.out or MODEL_DIR, args.work, TqdmReporter(enabled=not args.quiet))
