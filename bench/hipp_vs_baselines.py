@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--preferences-per-step", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--sparsities", default="0.3,0.4,0.5", help="matched sparsities (baselines also at 0.2)")
     parser.add_argument("--ablation-steps", type=int, default=15)
     parser.add_argument("--search-limit", type=int, default=150, help="POPE questions per split / SQA at search")
     parser.add_argument("--test-limit", type=int, default=1000)
@@ -122,7 +124,7 @@ def main() -> None:
     search = testbed_search_set(CACHE / "testbed-search", limit=args.search_limit)
     setup = prepare_search(loaded, search, samples, s_max=S_MAX, reporter=reporter)
     grpo = GRPOConfig(steps=args.steps, preferences_per_step=args.preferences_per_step,
-                      group_size=args.group_size, seed=args.seed)
+                      group_size=args.group_size, lr=args.lr, seed=args.seed)
     features = setup.state.features.shape[1]
     started = time.perf_counter()
     if args.policy:
@@ -135,7 +137,7 @@ def main() -> None:
     training["bench_seconds"] = time.perf_counter() - started
 
     test = PlanEvaluator(loaded, test_set(args.test_limit), s_max=S_MAX, reporter=reporter)
-    matched = [0.3, 0.4, 0.5]
+    matched = [float(x) for x in args.sparsities.split(",")]
     baselines = evaluate_baselines(loaded, test, samples, [0.2, *matched], seed=args.seed, reporter=reporter)
     base_rows = [metrics_row(n, p.sparsity, r.metrics, r.seconds) | {"requested": s} for n, s, p, r in baselines]
     base_points: dict[str, list[tuple[float, float, float]]] = {}
