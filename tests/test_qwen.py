@@ -280,3 +280,33 @@ def test_exported_model_loads_through_the_engine(qwen25, tmp_path):
     assert [layer.num_kv_heads for layer in again.adapter.layers()] == [len(lp.kv_heads) for lp in plan.layers]
     inputs = batch(again)
     assert torch.allclose(logits(again, inputs), logits(qwen25, inputs), atol=1e-5)
+
+
+def test_visual_sensitivity_on_qwen_finds_the_image_tokens(qwen25):
+    from worker.hipp.calibration import synthetic_samples
+    from worker.hipp.sensitivity import compute_visual_sensitivity
+
+    result = compute_visual_sensitivity(qwen25, synthetic_samples(4, seed=0), batch_size=2)
+    assert result.num_layers == 4 and result.samples == 4
+    # Every text query after the image attends to some of it, never more than all of its mass.
+    assert all(0.0 < d <= 1.0 for d in result.direct)
+    assert all(0.0 < r <= 1.0 for r in result.rollout)
+    assert len(result.direct_per_head[0]) == 8
+
+
+def test_recovery_on_a_pruned_qwen_model_merges_and_keeps_shapes(qwen25):
+    from worker.hipp.calibration import synthetic_samples
+    from worker.hipp.conversations import Conversation
+    from worker.hipp.pruner import build_plan
+    from worker.hipp.recovery import RecoveryConfig, recover
+    from worker.hipp.surgery import apply_plan
+
+    plan = build_plan(qwen25, 0.4, "wanda-sp")
+    apply_plan(qwen25.adapter, plan)
+    data = [Conversation(((s.question, "yes" if i % 2 else "no"),), s.image, f"q{i}")
+            for i, s in enumerate(synthetic_samples(8, seed=1))]
+    result = recover(qwen25, data, RecoveryConfig(method="lora", steps=4, batch_size=4))
+    assert result.steps == 4
+    assert not [k for k in qwen25.model.state_dict() if "lora_" in k]
+    assert [(la.num_heads, la.num_kv_heads, la.intermediate_size) for la in qwen25.adapter.layers()] == [
+        (len(lp.heads), len(lp.kv_heads), len(lp.channels)) for lp in plan.layers]

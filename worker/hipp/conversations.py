@@ -321,6 +321,14 @@ def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, 
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     keys = {k for ex in examples for k in ex.extras}
     for key in sorted(keys):
-        present = [ex.extras[key] for ex in examples if key in ex.extras]
+        present = [_pad_per_token(ex.extras[key], len(ex.input_ids), width) for ex in examples if key in ex.extras]
         batch[key] = torch.cat(present, dim=0)
     return batch
+
+
+def _pad_per_token(value: torch.Tensor, length: int, width: int) -> torch.Tensor:
+    """Per-token extras (e.g. Qwen's ``mm_token_type_ids``, shaped like ``input_ids``) are right-padded with
+    zeros like the ids; per-image tensors (pixel values, grids) pass through."""
+    if value.dim() == 2 and value.shape[0] == 1 and value.shape[1] == length and width > length:
+        return torch.nn.functional.pad(value, (0, width - length))
+    return value
