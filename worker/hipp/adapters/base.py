@@ -144,9 +144,13 @@ class ModelAdapter(ABC):
 
     # --- structure -------------------------------------------------------------------------------
     @property
-    @abstractmethod
     def language_model(self) -> nn.Module:
-        """The decoder stack (embeddings, layers, final norm) of the language model."""
+        """The decoder stack (embeddings, layers, final norm) of the language model. transformers 5 nests it
+        at ``model.model.language_model`` for the VLM families; a family laid out otherwise overrides this."""
+        inner = getattr(self.model, "model", self.model)
+        lm = inner.language_model
+        assert isinstance(lm, nn.Module)
+        return lm
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -155,9 +159,9 @@ class ModelAdapter(ABC):
         return layers
 
     @property
-    @abstractmethod
     def text_config(self) -> Any:
         """The language model's config (hidden size, heads, layers)."""
+        return self.model.config.text_config
 
     @property
     def hidden_size(self) -> int:

@@ -6,10 +6,6 @@ MistralModel, Qwen2Model), whose layers follow the Llama naming the base ``Layer
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-
 from worker.hipp.adapters.base import ModelAdapter, register_adapter
 
 
@@ -17,17 +13,6 @@ from worker.hipp.adapters.base import ModelAdapter, register_adapter
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava", "llava_next", "llava_onevision")
-
-    @property
-    def language_model(self) -> nn.Module:
-        inner = getattr(self.model, "model", self.model)
-        lm = inner.language_model
-        assert isinstance(lm, nn.Module)
-        return lm
-
-    @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
 
     @property
     def image_token_id(self) -> int:

@@ -16,10 +16,8 @@ Inputs differ from LLaVA in two ways the engine must respect:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
-from torch import nn
 
 from worker.hipp.adapters.base import ModelAdapter, register_adapter
 
@@ -31,17 +29,6 @@ TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 class QwenVLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_5_vl", "qwen2_vl")
-
-    @property
-    def language_model(self) -> nn.Module:
-        inner = getattr(self.model, "model", self.model)
-        lm = inner.language_model
-        assert isinstance(lm, nn.Module)
-        return lm
-
-    @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
 
     @property
     def image_token_id(self) -> int:
