@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i = sub.add_parser("inspect", help="print the plan and per-layer shapes of an exported model")
     i.add_argument("path", help="directory written by `hipp prune`")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--plot", type=Path, help="also write a per-layer allocation plot (PNG) here")
     i.set_defaults(func=run_inspect)
 
 
@@ -84,6 +85,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     if not (path / PLAN_FILE).is_file():
         raise OptionError(f"{path} has no {PLAN_FILE}: not a HiPP-Prune export")
     plan = PruningPlan.load(path / PLAN_FILE)
+    if args.plot:
+        from worker.hipp.plots import plot_allocation
+
+        plot_allocation(plan, args.plot, title=f"{path.name}: plan {plan.fingerprint}")
     config = json.loads((path / "config.json").read_text())
     shapes = config.get("hipp_layers") or []
     s = plan.summary()
