@@ -18,7 +18,8 @@ runner around them owns the job row:
   the first unfinished stage. The checkpoint's artifact rows are written in the transaction that completes
   ``upload``, so the final checkpoint is recorded once.
 - **fault injection** (tests only, ``HIPP_FAULT_INJECTION``, off by default): a job whose metadata has
-  ``{"fault": {"crash_at": STAGE}}`` SIGKILLs its worker process when that stage starts.
+  ``{"fault": {"crash_at": STAGE}}`` SIGKILLs its worker process when that stage starts (every attempt);
+  ``{"fault": {"crash_in": STAGE, "attempts": [1]}}`` at the first progress inside STAGE on those attempts.
 - **outcome**: succeeded with a result; a ``HippError`` fails the job without retry (the caller must change
   the request); any other error re-queues the job until ``max_attempts``; ``Cancelled`` -> cancelled.
   Every final write is conditional on still holding the lease.
@@ -91,6 +92,7 @@ class JobRun(Reporter):
         self.owner = owner
         self.settings = settings
         self.attempt = job.attempt
+        self.crash_in = mid_stage_fault(settings, job)
         self.outputs: dict[str, Any] = dict(job.stage_outputs or {})
         self.stage_name: str | None = None
         self.done_weight = 0.0
@@ -218,6 +220,10 @@ class JobRun(Reporter):
         self.event(f"{name}: {message}".rstrip(": "), data={"substage": name})
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        if self.crash_in is not None and self.stage_name == self.crash_in and done >= 1:
+            self.event(f"fault injection: killing worker process {os.getpid()} inside {self.stage_name}",
+                       level="warning")
+            os.kill(os.getpid(), signal.SIGKILL)
         now = time.monotonic()
         finished = total is not None and done >= total
         if not finished and now - self._last_write < 0.5:
@@ -607,6 +613,18 @@ RESTORE: dict[str, Callable[[JobContext], None]] = {
     "plan": restore_plan,
     "prune": restore_weights,
 }
+
+
+def mid_stage_fault(settings: Settings, job: Job) -> str | None:
+    """Fault injection for tests: ``{"fault": {"crash_in": STAGE, "attempts": [1]}}`` SIGKILLs the worker at
+    the first unit of progress inside STAGE, on the listed attempts (default: the first) - a kill -9 at a
+    known point in the middle of a stage, whatever the machine's speed."""
+    if not settings.fault_injection:
+        return None
+    fault = (job.meta or {}).get("fault")
+    if not isinstance(fault, dict) or not fault.get("crash_in"):
+        return None
+    return str(fault["crash_in"]) if job.attempt in fault.get("attempts", [1]) else None
 
 
 def maybe_crash(ctx: JobContext, stage: str) -> None:
