@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.service.conftest import (  # noqa: F401  (fixtures re-exported for th
     stack_settings,
     tenant_key,
 )
+from worker.cli.serve import celery_worker_command
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -79,24 +79,7 @@ class Proc:
 
 
 def celery_cmd(queue: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        queue,
-        "--concurrency",
-        "1",
-        "--loglevel",
-        "INFO",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        *extra,
-    ]
+    return celery_worker_command(queue, *extra)
 
 
 def gpu_worker(settings: Settings, log_path: Path) -> Proc:

@@ -23,28 +23,13 @@ from app.db import session_scope
 from app.models import Job
 from tests.service.conftest import auth, stack_env
 from worker.cli.jobs import LOAD_SNIPPET
+from worker.cli.serve import celery_worker_command
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        settings.gpu_queue,
-        "--concurrency",
-        "1",
-        "--loglevel",
-        "INFO",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
+    cmd = celery_worker_command(settings.gpu_queue)
     return subprocess.Popen(cmd, env=stack_env(settings), stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
 
 

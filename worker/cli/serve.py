@@ -106,28 +106,20 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(settings: Any) -> list[str]:
-    queues = f"{settings.gpu_queue},{settings.default_queue}"
+def celery_worker_command(queues: str, *extra: str) -> list[str]:
+    """One Celery worker process on ``queues`` (comma-separated), one task at a time; the service, its
+    tests and the fault tests all start workers with this command."""
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        queues,
-        "--concurrency",
-        "1",
-        "--loglevel",
-        "INFO",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "-B",
-        "--schedule",
-        str((settings.home / "celerybeat-schedule").resolve()),
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
+        "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        *extra,
     ]
+
+
+def worker_command(settings: Any) -> list[str]:
+    """The embedded deployment's worker: both queues, with beat (relay and reaper) in the same process."""
+    return celery_worker_command(f"{settings.gpu_queue},{settings.default_queue}", "-B", "--schedule",
+                                 str((settings.home / "celerybeat-schedule").resolve()))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
