@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from worker.hipp.adapters import adapter_class_for
 from worker.hipp.benchmarks import pope, scienceqa
 from worker.hipp.benchmarks.pope import PopeMetrics, PopeQuestion
 from worker.hipp.benchmarks.scienceqa import SqaMetrics, SqaProblem
@@ -33,17 +34,6 @@ POPE_INSTRUCTION = "Answer the question using a single word or phrase."
 SQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D", "E")
 MODES = ("logits", "generate")
-
-# Conversation formats for processors without a chat template, keyed by config.model_type.
-_QWEN_TEMPLATE = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
-)
-FALLBACK_TEMPLATES: dict[str, str] = {
-    "llava": "USER: <image>\n{text} ASSISTANT:",
-    "llava_next": "[INST] <image>\n{text} [/INST]",
-    "qwen2_vl": _QWEN_TEMPLATE,
-    "qwen2_5_vl": _QWEN_TEMPLATE,
-}
 
 
 def pope_prompt_text(question: str) -> str:
@@ -61,17 +51,16 @@ def sqa_prompt_text(question: str, choices: tuple[str, ...] | list[str], hint: s
 
 
 def model_family(model: Any) -> str:
-    """The config's model_type (``llava``, ``qwen2_vl``, ...); prompt formats are chosen by it."""
-    return str(getattr(getattr(model, "config", None), "model_type", "llava"))
+    """The model type prompt formats are chosen by (``llava``, ``qwen2_vl``, ...; a pruned export's base type)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "hipp_base_model_type", None) or getattr(config, "model_type", "llava"))
 
 
 def build_prompt(processor: Any, text: str, family: str = "llava") -> str:
-    """One user turn with an image and ``text``, ready for generation."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    template = FALLBACK_TEMPLATES.get(family, FALLBACK_TEMPLATES["llava"])
-    return template.format(text=text)
+    """One user turn with an image and ``text``, ready for generation, in the family adapter's format."""
+    adapter = adapter_class_for(family) or adapter_class_for("llava")
+    assert adapter is not None
+    return adapter.format_prompt(processor, text)
 
 
 # --------------------------------------------------------------------------------------------- batching

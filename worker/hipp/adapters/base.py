@@ -197,16 +197,22 @@ class ModelAdapter(ABC):
         """
         return inputs
 
-    def format_prompt(self, processor: Any, question: str) -> str:
-        """A single-turn user prompt with one image, ready for ``processor(text=..., images=...)``."""
+    @classmethod
+    def format_prompt(cls, processor: Any, question: str) -> str:
+        """A single-turn user prompt with one image, ready for ``processor(text=..., images=...)``.
+
+        A class method, so evaluation code that only has a model and a processor can format prompts through
+        ``adapter_class_for(model_type)`` without wrapping the model.
+        """
         tokenizer = getattr(processor, "tokenizer", processor)
         if getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return str(processor.apply_chat_template(messages, add_generation_prompt=True))
-        return self.fallback_prompt(question)
+        return cls.fallback_prompt(question)
 
+    @classmethod
     @abstractmethod
-    def fallback_prompt(self, question: str) -> str:
+    def fallback_prompt(cls, question: str) -> str:
         """The family's prompt when the processor ships no chat template."""
 
     # --- export ----------------------------------------------------------------------------------

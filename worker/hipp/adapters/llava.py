@@ -19,5 +19,6 @@ class LlavaAdapter(ModelAdapter):
         config = self.model.config
         return int(getattr(config, "image_token_id", None) or config.image_token_index)
 
-    def fallback_prompt(self, question: str) -> str:
+    @classmethod
+    def fallback_prompt(cls, question: str) -> str:
         return f"USER: <image>\n{question} ASSISTANT:"

@@ -52,7 +52,8 @@ class QwenVLAdapter(ModelAdapter):
             inputs = {**inputs, "mm_token_type_ids": types}
         return inputs
 
-    def fallback_prompt(self, question: str) -> str:
+    @classmethod
+    def fallback_prompt(cls, question: str) -> str:
         # ChatML as Qwen's own template renders it (without the default system turn).
         return (
             f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"

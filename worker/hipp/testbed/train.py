@@ -65,7 +65,14 @@ class TrainConfig:
     align_weight: float = 0.5
     probe_weight: float = 1.0
     probe_layer: int = 2  # hidden state after this many decoder layers
-    sqa_share: float = 0.45
+    sqa_share: float = 0.5
+    # Relative sampling weights of the ScienceQA kinds in stage 2: count and side need more practice than
+    # presence (their answers go through the option list, not just the named object).
+    sqa_kind_weights: dict[str, float] = field(
+        default_factory=lambda: {"presence": 1.0, "count": 1.5, "side": 1.5}
+    )
+    option_weight: float = 1.0
+    option_layer: int = 4  # hidden state after this many decoder layers
     warmup: int = 100
     eval_every: int = 300
     # Wall-clock budgets: when set, a stage runs until its budget is spent and its schedule follows elapsed
@@ -98,6 +105,14 @@ class Pool:
 
     def __post_init__(self) -> None:
         self.sqa_index = [i for i, p in enumerate(self.problems) if p is not None]
+
+    def sqa_rows_by_kind(self) -> dict[str, list[int]]:
+        rows: dict[str, list[int]] = {}
+        for i in self.sqa_index:
+            problem = self.problems[i]
+            assert problem is not None
+            rows.setdefault(problem.kind, []).append(i)
+        return rows
 
 
 def _targets(scene: Scene) -> tuple[list[float], list[int], list[int], list[list[int]]]:
@@ -226,9 +241,18 @@ class Encoder:
 
     def encode(self, turns: Sequence[tuple[str, str | None]]) -> tuple[list[int], list[int]]:
         """``answer=None`` on the last turn leaves the sequence open at the generation prompt."""
+        ids, labels, _ = self.encode_with_offsets(turns)
+        return ids, labels
+
+    def encode_with_offsets(
+        self, turns: Sequence[tuple[str, str | None]]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Like :meth:`encode`, plus the position where each turn's prompt text starts."""
         ids = [self.bos, *self.words("USER:"), *[self.image] * NUM_IMAGE_TOKENS]
         labels = [-100] * len(ids)
+        offsets = []
         for i, (prompt, answer) in enumerate(turns):
+            offsets.append(len(ids) if i == 0 else len(ids) + len(self.words("USER:")))
             head = self.words(prompt + " ASSISTANT:") if i == 0 else self.words(f"USER: {prompt} ASSISTANT:")
             ids += head
             labels += [-100] * len(head)
@@ -236,7 +260,20 @@ class Encoder:
                 tail = [*self.words(answer), self.eos]
                 ids += tail
                 labels += tail
-        return ids, labels
+        return ids, labels, offsets
+
+    def option_ends(self, problem: SqaProblem) -> list[int]:
+        """Position of each option's last token, relative to the start of the problem's prompt text.
+
+        The word-level tokenizer splits on whitespace and punctuation, so a prefix of the prompt tokenizes to a
+        prefix of its tokens.
+        """
+        lines = [problem.question] if not problem.hint else [f"Context: {problem.hint}", problem.question]
+        ends = []
+        for i, choice in enumerate(problem.choices):
+            lines.append(f"{LETTERS[i]}. {choice}")
+            ends.append(len(self.words("\n".join(lines))) - 1)
+        return ends
 
     def batch(self, seqs: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded batch (training and last-position scoring both use the last real token)."""
@@ -425,6 +462,29 @@ class NameProbe(nn.Module):
         return loss
 
 
+class OptionProbe(nn.Module):
+    """Probes the decoder at the last token of every lettered option: is this option the right answer?
+
+    Choosing a letter takes two steps after the object is found: compare each option with what was seen (the
+    side, the count), then copy the letter in front of the winning option. Supervising the first step where
+    the option is written leaves the answer position only the copy. Without it, side and count questions
+    (whose options are shuffled or fixed words, not object names) stayed near chance while presence was learnt.
+    """
+
+    def __init__(self, width: int, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.norm = nn.LayerNorm(width)
+        self.correct = nn.Linear(width, 1)
+
+    def loss(self, hidden_states: Sequence[torch.Tensor], marks: torch.Tensor) -> torch.Tensor:
+        """``marks``: rows of (batch index, position, 1 if that option is the answer else 0)."""
+        if len(marks) == 0:
+            return hidden_states[0].sum() * 0.0
+        h = self.norm(hidden_states[self.layer][marks[:, 0], marks[:, 1]])
+        return nn.functional.binary_cross_entropy_with_logits(self.correct(h).squeeze(-1), marks[:, 2].float())
+
+
 def name_token_table(enc: Encoder, vocab_size: int) -> torch.Tensor:
     """Vocabulary id -> category index (-1 for words that are not a category name or its plural)."""
     table = torch.full((vocab_size,), -1, dtype=torch.long)
@@ -471,29 +531,54 @@ def train_stage1(
     return step
 
 
+class SqaSampler:
+    """Draws ScienceQA rows of the pool with the configured weight per problem kind."""
+
+    def __init__(self, pool: Pool, weights: dict[str, float]) -> None:
+        self.rows = pool.sqa_rows_by_kind()
+        self.kinds = list(self.rows)
+        self.weights = [weights.get(kind, 1.0) for kind in self.kinds]
+
+    def draw(self, rng: random.Random) -> int:
+        kind = rng.choices(self.kinds, weights=self.weights)[0]
+        return rng.choice(self.rows[kind])
+
+
 def _stage2_batch(
-    pool: Pool, cfg: TrainConfig, rng: random.Random, stats: ObjectStats, enc: Encoder, multiturn: bool
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    sqa_idx = pool.sqa_index
-    seqs, rows = [], []
-    for _ in range(cfg.batch):
+    pool: Pool,
+    cfg: TrainConfig,
+    rng: random.Random,
+    stats: ObjectStats,
+    enc: Encoder,
+    multiturn: bool,
+    sampler: SqaSampler | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A batch, the pool row of each sequence, and the option marks (batch index, position, is answer)."""
+    sampler = sampler or SqaSampler(pool, cfg.sqa_kind_weights)
+    seqs, rows, marks = [], [], []
+    for b in range(cfg.batch):
+        problem: SqaProblem | None = None
         if multiturn:
-            i = rng.choice(sqa_idx)
+            i = sampler.draw(rng)
             problem = pool.problems[i]
             assert problem is not None
             turns = [sqa_turn(problem)] + [sample_pope_turn(pool.scenes[i], rng, stats) for _ in range(cfg.turns - 1)]
             rng.shuffle(turns)
         elif rng.random() < cfg.sqa_share:
-            i = rng.choice(sqa_idx)
+            i = sampler.draw(rng)
             problem = pool.problems[i]
             assert problem is not None
             turns = [sqa_turn(problem)]
         else:
             i = rng.randrange(len(pool.scenes))
             turns = [sample_pope_turn(pool.scenes[i], rng, stats)]
-        seqs.append(enc.encode([(p, a) for p, a in turns]))
+        ids, labels, offsets = enc.encode_with_offsets([(p, a) for p, a in turns])
+        if problem is not None:
+            start = offsets[turns.index(sqa_turn(problem))]
+            marks += [[b, start + end, int(k == problem.answer)] for k, end in enumerate(enc.option_ends(problem))]
+        seqs.append((ids, labels))
         rows.append(i)
-    return enc.batch(seqs), torch.tensor(rows)
+    return enc.batch(seqs), torch.tensor(rows), torch.tensor(marks, dtype=torch.long).view(-1, 3)
 
 
 def train_stage2(
@@ -511,8 +596,10 @@ def train_stage2(
     vision_ids = {id(p) for p in vision_params}
     align = Alignment(model, [enc.words(name)[0] for name in CATEGORY_NAMES])
     probe = NameProbe(TEXT_WIDTH, name_token_table(enc, len(enc.tok)), cfg.probe_layer)
+    options = OptionProbe(TEXT_WIDTH, cfg.option_layer)
+    sampler = SqaSampler(pool, cfg.sqa_kind_weights)
     other = [p for p in model.parameters() if id(p) not in vision_ids] + [align.scale, align.bias]
-    other += list(probe.parameters())
+    other += list(probe.parameters()) + list(options.parameters())
     opt = torch.optim.AdamW(
         [
             {"params": other, "scale": 1.0},
@@ -535,20 +622,30 @@ def train_stage2(
         report.check()
         for g in opt.param_groups:
             g["lr"] = cfg.stage2_lr * g["scale"] * schedule.lr(step)
-        batch, rows = _stage2_batch(pool, cfg, rng, stats, enc, multiturn=step >= cfg.multiturn_from)
+        batch, rows, marks = _stage2_batch(
+            pool, cfg, rng, stats, enc, multiturn=step >= cfg.multiturn_from, sampler=sampler
+        )
         out = model(**batch, pixel_values=normalise(pool.images[rows]), output_hidden_states=True)
         assert capture.hidden is not None
         aux, f1 = heads.loss(capture.hidden, pool, rows)
         aligned = align.loss(pool, rows)
         probed = probe.loss(out.hidden_states, batch["input_ids"], pool, rows)
-        loss = out.loss + cfg.aux_weight * aux + cfg.align_weight * aligned + cfg.probe_weight * probed
+        optioned = options.loss(out.hidden_states, marks)
+        loss = (
+            out.loss
+            + cfg.aux_weight * aux
+            + cfg.align_weight * aligned
+            + cfg.probe_weight * probed
+            + cfg.option_weight * optioned
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
             rec = {"stage": 2, "step": step, "qa_loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4),
-                   "align": round(aligned.item(), 4), "probe": round(probed.item(), 4)}
+                   "align": round(aligned.item(), 4), "probe": round(probed.item(), 4),
+                   "option": round(optioned.item(), 4)}
             _log(log, {**rec, "presence_f1": round(f1, 3), "minutes": round(schedule.elapsed_minutes(), 2)}, report)
         step += 1
         if _eval_due(cfg, step, last_eval):
@@ -658,7 +755,7 @@ def _timing_fns(
 
     def stage2(multiturn: bool) -> Callable[[], None]:
         def run() -> None:
-            batch, rows = _stage2_batch(pool, cfg, rng, stats, enc, multiturn)
+            batch, rows, _ = _stage2_batch(pool, cfg, rng, stats, enc, multiturn)
             out = model(**batch, pixel_values=normalise(pool.images[rows]))
             assert capture.hidden is not None
             (out.loss + heads.loss(capture.hidden, pool, rows)[0]).backward()
