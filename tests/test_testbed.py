@@ -76,12 +76,9 @@ def test_reaches_the_documented_thresholds_on_held_out_images(dense):
     assert pope["adversarial"]["balanced_accuracy"] >= 0.85
     for split in SPLITS:
         assert 0.40 <= pope[split]["yes_ratio"] <= 0.60
-    assert dense["scienceqa"]["accuracy"] >= 0.65  # what the shipped model reaches (0.698 on 1,200)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 3 target SQA >= 0.75 not reached yet: shipped model measures 0.698")
-def test_reaches_the_issue_sqa_target(dense):
     assert dense["scienceqa"]["accuracy"] >= 0.75
+    for kind, accuracy in dense["scienceqa"]["by_kind"].items():
+        assert accuracy >= 0.6, kind  # every kind is learnt, not carried by the easy ones
 
 
 def test_matches_the_model_card_metrics(dense):
@@ -122,3 +119,11 @@ def test_pruning_half_the_decoder_is_visible(loaded, data, dense):
         d, p = dense["pope"][split], pruned["pope"][split]
         se = math.hypot(d["balanced_accuracy_se"], p["balanced_accuracy_se"])
         assert d["balanced_accuracy"] - p["balanced_accuracy"] > 3 * se, split
+
+
+def test_the_shipped_policy_belongs_to_the_shipped_testbed(loaded):
+    """The testbed policy is keyed to the weights' fingerprint: retraining the testbed means retraining it."""
+    from worker.hipp.policy_store import SHIPPED, load_policy_dir, policy_for_model
+
+    found = policy_for_model(loaded.adapter)
+    assert found is not None and found.id == load_policy_dir(SHIPPED / "testbed").id

@@ -27,6 +27,10 @@ def measure(model_dir: Path, report: Reporter = SILENT) -> dict[str, Any]:
         return evaluate(model, processor, data / "pope", data / "scienceqa", batch_size=64, report=report)
 
 
+def _weights(weights: dict[str, float] | None) -> str:
+    return " / ".join(f"{k} {v:g}" for k, v in (weights or {}).items()) or "equally"
+
+
 def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str, notes: str = "") -> str:
     pope = metrics["pope"]
     sqa = metrics["scienceqa"]
@@ -53,12 +57,18 @@ It is the model reference `testbed`. Weights are fp16 safetensors; load with
 {notes}
 
 - seed: {cfg.get('seed', 0)}
-- wall time of the last run: {training.get('minutes', '?')} minutes on 2 shared CPU cores
-  ({cfg.get('threads', 1)} torch thread)
-- last run: stage 2 (full LLaVA, single-turn QA, every answer token supervised; auxiliary losses: vision heads
+- wall time: {training.get('minutes', '?')} minutes on 2 CPU cores ({cfg.get('threads', 1)} torch thread), data
+  generation and both stages included
+- stage 1 (vision tower alone with auxiliary heads: per-patch coverage, presence, per-category count and side):
+  {training.get('stage1_steps', '?')} steps of batch {cfg.get('batch')}, lr {cfg.get('stage1_lr')},
+  {cfg.get('stage1_minutes')} minutes
+- stage 2 (full LLaVA, single-turn QA, every answer token supervised; auxiliary losses: vision heads
   x{cfg.get('aux_weight')}, word/image alignment x{cfg.get('align_weight')}, name-token probe
-  x{cfg.get('probe_weight')}; vision lr x{cfg.get('vision_lr_scale')}): {training.get('val', {}).get('steps', '?')}
-  steps of batch {cfg.get('batch')}, lr {cfg.get('stage2_lr')}, {cfg.get('stage2_minutes')} minutes
+  x{cfg.get('probe_weight')} at decoder layer {cfg.get('probe_layer')}, option-correctness probe
+  x{cfg.get('option_weight')} at decoder layer {cfg.get('option_layer')}; vision lr x{cfg.get('vision_lr_scale')}):
+  {training.get('val', {}).get('steps', '?')} steps of batch {cfg.get('batch')}, lr {cfg.get('stage2_lr')},
+  {cfg.get('stage2_minutes')} minutes; ScienceQA share {cfg.get('sqa_share')}, kinds weighted
+  {_weights(cfg.get('sqa_kind_weights'))}
 - training data: {cfg.get('pope_images')} world images for POPE-style questions + {cfg.get('sqa_problems')}
   ScienceQA-style problems (kinds presence / count / side in equal shares), generated from the seed.
 
