@@ -78,11 +78,17 @@ def sweep() -> list[tuple[float, float, float]]:
     return [((1 - r) / 2, r, (1 - r) / 2) for r in [i / 10 for i in range(11)]]
 
 
+PLANS = Path(__file__).parent / "results" / "plans"
+
+
 def run_policy(name: str, setup: SearchSetup, test: PlanEvaluator, stored: StoredPolicy, k: int, seed: int,
                matched: list[float], do_sweep: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "matched": [], "sweep": []}
     for s in matched:
         chosen = choose(setup, stored, ROBUST, s, k, seed)
+        if name == "hipp":  # replayable (hipp prune --plan, bench.recovery --plan)
+            PLANS.mkdir(parents=True, exist_ok=True)
+            chosen.plan.save(PLANS / f"hipp-{round(s * 100)}.json")
         test.target_sparsity = None
         result = test.evaluate(chosen.plan, prescreen=False)
         out["matched"].append(metrics_row(name, chosen.plan.sparsity, result.metrics, result.seconds)
@@ -123,8 +129,10 @@ def main() -> None:
     samples = default_samples("testbed", 64, args.seed)
     search = testbed_search_set(CACHE / "testbed-search", limit=args.search_limit)
     setup = prepare_search(loaded, search, samples, s_max=S_MAX, reporter=reporter)
+    matched = [float(x) for x in args.sparsities.split(",")]
     grpo = GRPOConfig(steps=args.steps, preferences_per_step=args.preferences_per_step,
-                      group_size=args.group_size, lr=args.lr, seed=args.seed)
+                      group_size=args.group_size, lr=args.lr, seed=args.seed,
+                      matched_budgets=tuple(sorted({0.2, *matched})))
     features = setup.state.features.shape[1]
     started = time.perf_counter()
     if args.policy:
@@ -137,7 +145,6 @@ def main() -> None:
     training["bench_seconds"] = time.perf_counter() - started
 
     test = PlanEvaluator(loaded, test_set(args.test_limit), s_max=S_MAX, reporter=reporter)
-    matched = [float(x) for x in args.sparsities.split(",")]
     baselines = evaluate_baselines(loaded, test, samples, [0.2, *matched], seed=args.seed, reporter=reporter)
     base_rows = [metrics_row(n, p.sparsity, r.metrics, r.seconds) | {"requested": s} for n, s, p, r in baselines]
     base_points: dict[str, list[tuple[float, float, float]]] = {}
