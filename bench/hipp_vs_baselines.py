@@ -82,13 +82,15 @@ PLANS = Path(__file__).parent / "results" / "plans"
 
 
 def run_policy(name: str, setup: SearchSetup, test: PlanEvaluator, stored: StoredPolicy, k: int, seed: int,
-               matched: list[float], do_sweep: bool) -> dict[str, Any]:
+               matched: list[float], do_sweep: bool, plans_dir: Path | None = None) -> dict[str, Any]:
+    """Matched-sparsity plans (saved to ``plans_dir`` as ``<name>-<pct>.json`` when given, replayable with
+    ``hipp prune --plan`` or ``bench.recovery --plan``) and, with ``do_sweep``, the preference sweep."""
     out: dict[str, Any] = {"name": name, "matched": [], "sweep": []}
     for s in matched:
         chosen = choose(setup, stored, ROBUST, s, k, seed)
-        if name == "hipp":  # replayable (hipp prune --plan, bench.recovery --plan)
-            PLANS.mkdir(parents=True, exist_ok=True)
-            chosen.plan.save(PLANS / f"hipp-{round(s * 100)}.json")
+        if plans_dir is not None:
+            plans_dir.mkdir(parents=True, exist_ok=True)
+            chosen.plan.save(plans_dir / f"{name}-{round(s * 100)}.json")
         test.target_sparsity = None
         result = test.evaluate(chosen.plan, prescreen=False)
         out["matched"].append(metrics_row(name, chosen.plan.sparsity, result.metrics, result.seconds)
@@ -152,7 +154,7 @@ def main() -> None:
         o = r.objectives
         base_points.setdefault(n, []).append((o.utility, o.robustness, o.compression))
 
-    results = [run_policy("hipp", setup, test, stored, args.samples, args.seed, matched, True)]
+    results = [run_policy("hipp", setup, test, stored, args.samples, args.seed, matched, True, PLANS)]
     if not args.no_ablations:
         variants = {
             "hipp-no-visual": dict(drop_visual=True, config=PolicyConfig(features, s_max=S_MAX),

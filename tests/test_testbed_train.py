@@ -52,7 +52,9 @@ def test_option_ends_point_at_each_options_last_word_after_its_letter(enc, world
 def test_stage2_batch_marks_exactly_the_answer_option_of_each_problem(enc, world):
     pool, stats, _ = world
     cfg = TrainConfig(batch=32, sqa_share=0.6)
-    batch, rows, marks = _stage2_batch(pool, cfg, random.Random(3), stats, enc, multiturn=False)
+    batch, rows, marks = _stage2_batch(
+        pool, cfg, random.Random(3), stats, enc, False, SqaSampler(pool, cfg.sqa_kind_weights)
+    )
     assert marks.shape[1] == 3 and len(marks) > 0
     per_row = Counter(marks[marks[:, 2] == 1][:, 0].tolist())
     sqa_rows = {b for b in marks[:, 0].tolist()}
@@ -69,7 +71,9 @@ def test_stage2_batch_marks_exactly_the_answer_option_of_each_problem(enc, world
 def test_multiturn_batches_mark_the_problem_wherever_its_turn_lands(enc, world):
     pool, stats, _ = world
     cfg = TrainConfig(batch=16, turns=3)
-    batch, rows, marks = _stage2_batch(pool, cfg, random.Random(5), stats, enc, multiturn=True)
+    batch, rows, marks = _stage2_batch(
+        pool, cfg, random.Random(5), stats, enc, True, SqaSampler(pool, cfg.sqa_kind_weights)
+    )
     assert sorted(set(marks[marks[:, 2] == 1][:, 0].tolist())) == list(range(16))
     for b, position, _ in marks.tolist():
         problem = pool.problems[rows[b].item()]

@@ -26,7 +26,7 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 from worker.hipp.benchmarks import pope, scienceqa
 from worker.hipp.benchmarks.pope import ObjectStats
 from worker.hipp.benchmarks.scienceqa import SqaProblem
-from worker.hipp.evaluation import LETTERS, pope_prompt_text, sqa_prompt_text
+from worker.hipp.evaluation import LETTERS, SQA_INSTRUCTION, pope_prompt_text, sqa_prompt_text
 from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.testbed.model import TEXT_WIDTH, VISION_WIDTH, build_model
 from worker.hipp.testbed.tokenizer import (
@@ -265,15 +265,14 @@ class Encoder:
     def option_ends(self, problem: SqaProblem) -> list[int]:
         """Position of each option's last token, relative to the start of the problem's prompt text.
 
-        The word-level tokenizer splits on whitespace and punctuation, so a prefix of the prompt tokenizes to a
-        prefix of its tokens.
+        The prompt with options up to ``k`` is the full prompt's prefix plus the closing instruction, and the
+        word-level tokenizer splits on whitespace and punctuation, so token counts of those prompts give the
+        positions without a second copy of the prompt layout.
         """
-        lines = [problem.question] if not problem.hint else [f"Context: {problem.hint}", problem.question]
-        ends = []
-        for i, choice in enumerate(problem.choices):
-            lines.append(f"{LETTERS[i]}. {choice}")
-            ends.append(len(self.words("\n".join(lines))) - 1)
-        return ends
+        instruction = len(self.words(SQA_INSTRUCTION))
+        prompts = [sqa_prompt_text(problem.question, problem.choices[: k + 1], problem.hint)
+                   for k in range(len(problem.choices))]
+        return [len(self.words(prompt)) - instruction - 1 for prompt in prompts]
 
     def batch(self, seqs: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded batch (training and last-position scoring both use the last real token)."""
@@ -551,10 +550,9 @@ def _stage2_batch(
     stats: ObjectStats,
     enc: Encoder,
     multiturn: bool,
-    sampler: SqaSampler | None = None,
+    sampler: SqaSampler,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """A batch, the pool row of each sequence, and the option marks (batch index, position, is answer)."""
-    sampler = sampler or SqaSampler(pool, cfg.sqa_kind_weights)
     seqs, rows, marks = [], [], []
     for b in range(cfg.batch):
         problem: SqaProblem | None = None
@@ -574,7 +572,7 @@ def _stage2_batch(
             turns = [sample_pope_turn(pool.scenes[i], rng, stats)]
         ids, labels, offsets = enc.encode_with_offsets([(p, a) for p, a in turns])
         if problem is not None:
-            start = offsets[turns.index(sqa_turn(problem))]
+            start = offsets[turns.index(sqa_turn(problem))]  # where the shuffle put the problem's turn
             marks += [[b, start + end, int(k == problem.answer)] for k, end in enumerate(enc.option_ends(problem))]
         seqs.append((ids, labels))
         rows.append(i)
@@ -746,6 +744,7 @@ def _timing_fns(
     cfg: TrainConfig,
 ) -> dict[str, Callable[[], None]]:
     rng = random.Random(0)
+    sampler = SqaSampler(pool, cfg.sqa_kind_weights)
     capture = VisionCapture(model)
 
     def stage1() -> None:
@@ -755,7 +754,7 @@ def _timing_fns(
 
     def stage2(multiturn: bool) -> Callable[[], None]:
         def run() -> None:
-            batch, rows, _ = _stage2_batch(pool, cfg, rng, stats, enc, multiturn)
+            batch, rows, _ = _stage2_batch(pool, cfg, rng, stats, enc, multiturn, sampler)
             out = model(**batch, pixel_values=normalise(pool.images[rows]))
             assert capture.hidden is not None
             (out.loss + heads.loss(capture.hidden, pool, rows)[0]).backward()
