@@ -4,9 +4,11 @@
    load one (--policy). The trained policy can be shipped (--ship).
 2. Matched sparsity 30/40/50%: the policy with a robustness-leaning preference samples K plans per budget,
    the best on the search data is chosen and evaluated on the held-out test files, as is every baseline.
-3. The front: 11 preference vectors (w_robustness 0..1, the rest split evenly) in free-budget mode, chosen
-   plans evaluated on the test files; hypervolume of (utility, robustness, compression) against each
-   baseline's points; Spearman correlation of w_robustness with POPE balanced accuracy.
+3. The front: two lines of 11 preference vectors each in free-budget mode (w_robustness 0..1 with the rest split
+   evenly between utility and compression; and w_robustness 0..0.9 taken from compression with w_utility fixed
+   at 0.1), chosen plans evaluated on the test files; hypervolume of (utility, robustness, compression) of their
+   union against each baseline's points (baselines also at 70/80%, as the policy may go up to s_max = 0.8);
+   Spearman correlation of w_robustness with POPE balanced accuracy along each line.
 4. Ablations, trained the same way: no visual-sensitivity features; no stability term; a flat per-layer policy.
 
     python -m bench.hipp_vs_baselines
@@ -43,7 +45,8 @@ from worker.hipp.search import (
 
 CACHE = Path.home() / ".cache" / "hipp" / "bench"
 ROBUST = (0.25, 0.65, 0.10)
-S_MAX = 0.6
+S_MAX = 0.8
+FRONT_ONLY = (0.7, 0.8)  # baselines' extra budgets for the front: the policy's budget reaches S_MAX
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -74,8 +77,16 @@ def choose(setup: SearchSetup, stored: StoredPolicy, w: tuple[float, ...], targe
     return max(candidates, key=lambda c: c.value)
 
 
-def sweep() -> list[tuple[float, float, float]]:
-    return [((1 - r) / 2, r, (1 - r) / 2) for r in [i / 10 for i in range(11)]]
+SWEEP_UTILITY = 0.1
+
+
+def sweeps() -> dict[str, list[tuple[float, float, float]]]:
+    """Two lines through the preference simplex along which w_robustness rises: taken evenly from utility and
+    compression ("even"), and taken from compression only, utility fixed ("vs-compression")."""
+    steps = [i / 10 for i in range(11)]
+    rest = 1 - SWEEP_UTILITY
+    return {"even": [((1 - r) / 2, r, (1 - r) / 2) for r in steps],
+            "vs-compression": [(SWEEP_UTILITY, r * rest, rest - r * rest) for r in steps]}
 
 
 PLANS = Path(__file__).parent / "results" / "plans"
@@ -96,13 +107,14 @@ def run_policy(name: str, setup: SearchSetup, test: PlanEvaluator, stored: Store
         out["matched"].append(metrics_row(name, chosen.plan.sparsity, result.metrics, result.seconds)
                               | {"requested": s, "layer_sparsities": chosen.plan.layer_sparsities()})
     if do_sweep:
-        for w in sweep():
-            chosen = choose(setup, stored, w, None, k, seed)
-            result = test.evaluate(chosen.plan, prescreen=False)
-            o = result.objectives
-            out["sweep"].append({"w": list(w), "sparsity": chosen.plan.sparsity, "utility": o.utility,
-                                 "robustness": o.robustness, "compression": o.compression,
-                                 **metrics_row(name, chosen.plan.sparsity, result.metrics)})
+        for line, ws in sweeps().items():
+            for w in ws:
+                chosen = choose(setup, stored, w, None, k, seed)
+                result = test.evaluate(chosen.plan, prescreen=False)
+                o = result.objectives
+                out["sweep"].append({"line": line, "w": list(w), "sparsity": chosen.plan.sparsity,
+                                     "utility": o.utility, "robustness": o.robustness, "compression": o.compression,
+                                     **metrics_row(name, chosen.plan.sparsity, result.metrics)})
     return out
 
 
@@ -147,7 +159,8 @@ def main() -> None:
     training["bench_seconds"] = time.perf_counter() - started
 
     test = PlanEvaluator(loaded, test_set(args.test_limit), s_max=S_MAX, reporter=reporter)
-    baselines = evaluate_baselines(loaded, test, samples, [0.2, *matched], seed=args.seed, reporter=reporter)
+    budgets = sorted({0.2, *matched, *FRONT_ONLY})
+    baselines = evaluate_baselines(loaded, test, samples, budgets, seed=args.seed, reporter=reporter)
     base_rows = [metrics_row(n, p.sparsity, r.metrics, r.seconds) | {"requested": s} for n, s, p, r in baselines]
     base_points: dict[str, list[tuple[float, float, float]]] = {}
     for n, _, _, r in baselines:
@@ -174,7 +187,8 @@ def main() -> None:
     hipp_points = [(p["utility"], p["robustness"], p["compression"]) for p in hipp["sweep"]]
     hv = {"hipp": hypervolume(hipp_points)} | {n: hypervolume(p) for n, p in base_points.items()}
     best_base = max((v for k, v in hv.items() if k != "hipp"), default=0.0)
-    rho = spearman([p["w"][1] for p in hipp["sweep"]], [p["pope_bacc"] for p in hipp["sweep"]])
+    rho = {line: spearman([p["w"][1] for p in hipp["sweep"] if p["line"] == line],
+                          [p["pope_bacc"] for p in hipp["sweep"] if p["line"] == line]) for line in sweeps()}
 
     rows = []
     for s in matched:
@@ -189,19 +203,21 @@ def main() -> None:
                          r["pope_bacc"], f"{r['random_yes']}/{r['popular_yes']}/{r['adversarial_yes']}", r["sqa"]])
     header = ["target", "plan", "sparsity", "POPE rand", "POPE pop", "POPE adv", "POPE mean", "yes r/p/a", "SQA"]
     dense = test.dense_metrics
+    ratio = hv["hipp"] / best_base if best_base else float("nan")
+    rhos = ", ".join(f"{v:.3f} ({k})" for k, v in rho.items())
     summary = (
         f"Dense: POPE mean balanced accuracy {PlanEvaluator.pope_balanced_accuracy(dense):.4f}, "
         f"SQA {dense['scienceqa']['accuracy']:.4f}. Test: {test.evalset.size()} questions per plan.\n\n"
-        f"Hypervolume (U,H,C): HiPP {hv['hipp']:.4f} vs best baseline {best_base:.4f} "
-        f"(ratio {hv['hipp'] / best_base if best_base else float('nan'):.3f}); Spearman(w_robustness, POPE) = "
-        f"{rho:.3f}; training {training['wall_seconds']:.0f} s, {training['plan_evaluations']} plan evaluations "
-        f"({training['seconds_per_evaluation']:.2f} s each).\n\n"
+        f"Hypervolume (U,H,C): HiPP {hv['hipp']:.4f} vs best baseline {best_base:.4f} (ratio {ratio:.3f}); "
+        f"Spearman(w_robustness, POPE) = {rhos}; training {training['wall_seconds']:.0f} s, "
+        f"{training['plan_evaluations']} plan evaluations ({training['seconds_per_evaluation']:.2f} s each).\n\n"
     )
-    sweep_rows = [[f"{p['w'][0]:.2f},{p['w'][1]:.2f},{p['w'][2]:.2f}", round(p["sparsity"], 3), p["pope_bacc"],
+    sweep_rows = [[p["line"], f"{p['w'][0]:.2f},{p['w'][1]:.2f},{p['w'][2]:.2f}", round(p["sparsity"], 3),
+                   p["pope_bacc"],
                    p["sqa"], round(p["utility"], 3), round(p["robustness"], 3), round(p["compression"], 3)]
                   for p in hipp["sweep"]]
     md = (summary + markdown_table(header, rows) + "\n\nPreference sweep (free budget):\n\n"
-          + markdown_table(["w (U,R,C)", "sparsity", "POPE mean", "SQA", "U", "H", "C"], sweep_rows))
+          + markdown_table(["line", "w (U,R,C)", "sparsity", "POPE mean", "SQA", "U", "H", "C"], sweep_rows))
     data = {"dense": dense, "baselines": base_rows, "policies": results, "hypervolume": hv,
             "hypervolume_ratio": hv["hipp"] / best_base if best_base else None, "spearman": rho,
             "training": training, "policy_id": stored.id}
@@ -216,17 +232,25 @@ def _plot(sweep_points: list[dict[str, Any]], base_rows: list[dict[str, Any]], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    for name in sorted({r["baseline"] for r in base_rows}):
-        pts = sorted((r["sqa"], r["pope_bacc"]) for r in base_rows if r["baseline"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label=name, alpha=0.7)
-    hp = [(p["sqa"], p["pope_bacc"], p["sparsity"]) for p in sweep_points]
-    sc = ax.scatter([p[0] for p in hp], [p[1] for p in hp], c=[p[2] for p in hp], cmap="viridis", s=50,
-                    label="HiPP sweep (colour: sparsity)", zorder=3)
-    fig.colorbar(sc, ax=ax, label="sparsity")
-    ax.set_xlabel("ScienceQA accuracy")
-    ax.set_ylabel("POPE balanced accuracy (mean of splits)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, label in ((axes[0], "pope_bacc", "POPE balanced accuracy (mean of splits)"),
+                           (axes[1], "sqa", "ScienceQA accuracy")):
+        for name in sorted({r["baseline"] for r in base_rows}):
+            pts = sorted((r["sparsity"], r[key]) for r in base_rows if r["baseline"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label=name, alpha=0.6)
+        for line, marker in zip(sorted({p["line"] for p in sweep_points}), "os^", strict=False):
+            pts = [(p["sparsity"], p[key]) for p in sweep_points if p["line"] == line]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45, zorder=3,
+                       label=f"HiPP sweep ({line})")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    for line, marker in zip(sorted({p["line"] for p in sweep_points}), "os^", strict=False):
+        pts = [(p["w"][1], p["pope_bacc"]) for p in sweep_points if p["line"] == line]
+        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=line)
+    axes[2].set_xlabel("w_robustness")
+    axes[2].set_ylabel("POPE balanced accuracy of the chosen plan")
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,9 +2,10 @@
 
 Per step: sample preference vectors ``w ~ Dirichlet(1)`` (and, for some groups, a requested budget ``s*``),
 sample ``G`` plans for each, evaluate them, turn returns into group-normalized advantages ``(R - mean) / std``
-and take a few epochs of the clipped policy-gradient objective with a KL penalty to the reference (initial,
-i.e. uniform) policy and an entropy bonus. The return scalarizes the objectives with ``w`` (linear, or a
-Chebyshev variant) plus ``lambda_S`` times the stability proxy; the evaluator pre-screens unstable plans.
+and take a few epochs of the clipped policy-gradient objective (one ratio per policy head) with a KL penalty
+to the reference (initial, i.e. uniform) policy and an entropy bonus. The return scalarizes the objectives
+with ``w`` (linear, or a Chebyshev variant) plus ``lambda_S`` times the stability proxy; the evaluator
+pre-screens unstable plans.
 
 The environment is an interface (:class:`Environment`) so the trainer can be tested on a synthetic bandit;
 :class:`PruningEnvironment` is the real one (policy state + plan evaluator + importance scores).
@@ -56,6 +57,7 @@ class GRPOConfig:
     preferences_per_step: int = 4
     group_size: int = 6
     lr: float = 3e-3
+    budget_lr_scale: float = 5.0  # the budget head's step relative to lr (see GRPOTrainer._optimizer)
     clip: float = 0.2
     kl_coef: float = 0.01
     entropy_coef: float = 1e-3
@@ -72,6 +74,8 @@ class GRPOConfig:
             raise OptionError("need steps >= 0, group_size >= 2, preferences_per_step >= 1, epochs >= 1")
         if self.scalarization not in ("linear", "chebyshev"):
             raise OptionError(f"unknown scalarization {self.scalarization!r}; use linear or chebyshev")
+        if self.lr <= 0 or self.budget_lr_scale <= 0:
+            raise OptionError("lr and budget_lr_scale must be positive")
         if not 0 <= self.matched_fraction <= 1:
             raise OptionError("matched_fraction must be in [0, 1]")
 
@@ -109,12 +113,23 @@ class GRPOTrainer:
         self.config = config
         self.out_dir = out_dir
         self.reporter = reporter
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+        self.optimizer = self._optimizer()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
         self.step_index = 0
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """Adam, with a larger step for the budget head: it learns from one scalar per plan, and its mean
+        must move across the whole [s_min, s_max] range as w changes, while the allocation head's many
+        per-layer shares need small steps to stay inside the trust region."""
+        budget = list(self.policy.budget_head.parameters())
+        ids = {id(p) for p in budget}
+        rest = [p for p in self.policy.parameters() if id(p) not in ids]
+        groups: list[dict[str, Any]] = [
+            {"params": rest}, {"params": budget, "lr": self.config.lr * self.config.budget_lr_scale}]
+        return torch.optim.Adam(groups, lr=self.config.lr)
 
     # --- one step ------------------------------------------------------------------------------------
     def _sample_context(self) -> tuple[torch.Tensor, float | None]:
@@ -173,11 +188,10 @@ class GRPOTrainer:
                               self.reference.distributions(self.env.features, self.env.param_share,
                                                            s.preference, s.target))
             dists, ref_dists = cache[key]
-            new_lp = self.policy.log_prob(s.action, self.env.features, self.env.param_share, s.preference,
-                                          s.target, dists)
-            ratio = (new_lp - s.action.log_prob).exp()
-            clipped = ratio.clamp(1 - self.config.clip, 1 + self.config.clip)
-            policy_terms.append(torch.minimum(ratio * s.advantage, clipped * s.advantage))
+            new_parts = self.policy.log_prob_parts(s.action, self.env.features, self.env.param_share,
+                                                   s.preference, s.target, dists)
+            policy_terms.append(self._clipped_objective(new_parts, s))
+            new_lp = sum(new_parts.values(), torch.zeros(()))
             with torch.no_grad():
                 ref_lp = self.reference.log_prob(s.action, self.env.features, self.env.param_share, s.preference,
                                                  s.target, ref_dists)
@@ -193,6 +207,17 @@ class GRPOTrainer:
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.optimizer.step()
         return {"loss": loss.item(), "kl": kl.item(), "entropy": entropy.item()}
+
+    def _clipped_objective(self, new_parts: dict[str, torch.Tensor], sample: Sample) -> torch.Tensor:
+        """The clipped surrogate, one ratio per head. With a single plan-level ratio, the Dirichlet over all
+        layers moves the joint ratio out of the trust region within an epoch and the clip then also stops
+        the budget head's gradient; clipping each head's ratio keeps both learning at their own pace."""
+        terms = []
+        for name, new_lp in new_parts.items():
+            ratio = (new_lp - sample.action.parts[name]).exp()
+            clipped = ratio.clamp(1 - self.config.clip, 1 + self.config.clip)
+            terms.append(torch.minimum(ratio * sample.advantage, clipped * sample.advantage))
+        return torch.stack(terms).sum()
 
     # --- loop, checkpoints ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:

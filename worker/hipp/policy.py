@@ -9,7 +9,8 @@ One call returns a whole plan as two actions:
 
 Both heads read per-layer tokens (the policy state features) concatenated with the preference vector ``w`` and
 the requested budget. The last layers start at zero, so an untrained policy's mean plan is exactly the uniform
-allocation. ``log p(plan) = log Beta(u) + log Dirichlet(pi)`` in closed form, as plan-level GRPO needs.
+allocation. ``log p(plan) = log Beta(u) + log Dirichlet(pi)`` in closed form, as plan-level GRPO needs; the two
+terms are also returned apart (:meth:`HippPolicy.log_prob_parts`) so the trainer can clip each head's ratio alone.
 
 Ratios follow as ``r_l = s * P * pi_l / P_l`` (``P`` prunable parameters), projected by water-filling onto
 ``[r_min, r_max]`` so the removed parameters still equal the budget exactly; ``allocation.counts_from_ratios``
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -75,9 +76,11 @@ class Action:
     budget: torch.Tensor  # scalar sparsity in [s_min, s_max]
     shares: torch.Tensor  # [layers], sums to 1 (the flat variant stores ratios here)
     log_prob: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # log-probability per head; sums to log_prob
 
     def detach(self) -> Action:
-        return Action(self.budget.detach(), self.shares.detach(), self.log_prob.detach())
+        return Action(self.budget.detach(), self.shares.detach(), self.log_prob.detach(),
+                      {k: v.detach() for k, v in self.parts.items()})
 
 
 @dataclass
@@ -165,7 +168,8 @@ class HippPolicy(nn.Module):
                         budget = torch.tensor(float(target))
         action = Action(budget, shares, torch.zeros(()))
         with torch.no_grad():
-            action.log_prob = self.log_prob(action, features, param_share, preference, target, dists)
+            action.parts = self.log_prob_parts(action, features, param_share, preference, target, dists)
+            action.log_prob = sum(action.parts.values(), torch.zeros(()))
         return action
 
     def mean_action(self, features: torch.Tensor, param_share: torch.Tensor, preference: torch.Tensor,
@@ -186,16 +190,24 @@ class HippPolicy(nn.Module):
     def log_prob(self, action: Action, features: torch.Tensor, param_share: torch.Tensor,
                  preference: torch.Tensor, target: float | None = None,
                  dists: Distributions | None = None) -> torch.Tensor:
+        parts = self.log_prob_parts(action, features, param_share, preference, target, dists)
+        return sum(parts.values(), torch.zeros(()))
+
+    def log_prob_parts(self, action: Action, features: torch.Tensor, param_share: torch.Tensor,
+                       preference: torch.Tensor, target: float | None = None,
+                       dists: Distributions | None = None) -> dict[str, torch.Tensor]:
+        """``{"allocation": log Dirichlet, "budget": log Beta}`` (``{"per_layer": ...}`` for the flat variant;
+        no budget term in matched-sparsity mode)."""
         dists = dists or self.distributions(features, param_share, preference, target)
         if dists.per_layer is not None:
             c = self.config
             unit = ((action.shares - c.r_min) / (c.r_max - c.r_min)).clamp(1e-6, 1 - 1e-6)
-            return dists.per_layer.log_prob(unit).sum()
+            return {"per_layer": dists.per_layer.log_prob(unit).sum()}
         assert dists.allocation is not None
-        total = dists.allocation.log_prob(action.shares)
+        parts = {"allocation": dists.allocation.log_prob(action.shares)}
         if dists.budget is not None:
-            total = total + dists.budget.log_prob(self._from_budget(action.budget))
-        return total
+            parts["budget"] = dists.budget.log_prob(self._from_budget(action.budget))
+        return parts
 
 
 class _seeded:

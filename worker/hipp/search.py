@@ -98,6 +98,8 @@ def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig 
     if resume and (checkpoint / "trainer.json").is_file():
         trainer.load_checkpoint(checkpoint)
         reporter.log(f"resumed at step {trainer.step_index}")
+    else:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     start_evals = setup.evaluator.evaluations
     started = time.perf_counter()
     history = trainer.train()
