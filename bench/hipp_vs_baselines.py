@@ -2,7 +2,7 @@
 
 1. Train the policy with plan-level GRPO on search-time data (POPE validation images, ScienceQA val) or
    load one (--policy). The trained policy can be shipped (--ship).
-2. Matched sparsity 30/40/50%: the policy with a robustness-leaning preference samples K plans per budget,
+2. Matched sparsity 30/40/50/60%: the policy with a robustness-leaning preference samples K plans per budget,
    the best on the search data is chosen and evaluated on the held-out test files, as is every baseline.
 3. The front: two lines of 11 preference vectors each in free-budget mode (w_robustness 0..1 with the rest split
    evenly between utility and compression; and w_robustness 0..0.9 taken from compression with w_utility fixed
@@ -11,7 +11,7 @@
    Spearman correlation of w_robustness with POPE balanced accuracy along each line.
 4. Ablations, trained the same way: no visual-sensitivity features; no stability term; a flat per-layer policy.
 
-    python -m bench.hipp_vs_baselines
+    python -m bench.hipp_vs_baselines      # the defaults are the settings of bench/results/hipp_vs_baselines.md
 """
 
 from __future__ import annotations
@@ -120,14 +120,14 @@ def run_policy(name: str, setup: SearchSetup, test: PlanEvaluator, stored: Store
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--preferences-per-step", type=int, default=3)
-    parser.add_argument("--group-size", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--sparsities", default="0.3,0.4,0.5", help="matched sparsities (baselines also at 0.2)")
-    parser.add_argument("--ablation-steps", type=int, default=15)
-    parser.add_argument("--search-limit", type=int, default=150, help="POPE questions per split / SQA at search")
-    parser.add_argument("--test-limit", type=int, default=1000)
+    parser.add_argument("--group-size", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--sparsities", default="0.3,0.4,0.5,0.6", help="matched sparsities (baselines also at 0.2)")
+    parser.add_argument("--ablation-steps", type=int, default=18)
+    parser.add_argument("--search-limit", type=int, default=120, help="POPE questions per split / SQA at search")
+    parser.add_argument("--test-limit", type=int, default=600)
     parser.add_argument("--samples", type=int, default=8, help="plans sampled per query (plus the mean plan)")
     parser.add_argument("--policy", type=Path, help="use this trained policy instead of training one")
     parser.add_argument("--ship", type=Path, help="save the trained policy here (e.g. worker/hipp/policies/testbed)")

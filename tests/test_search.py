@@ -45,6 +45,14 @@ def test_train_store_and_query_a_policy(tiny_gqa, data, tmp_path):
     for f in front:
         assert not any(dominates(v, f.evaluation.objectives.as_vector()) for v in vectors)
 
+    # Free budget: compression is scored against the policy's s_max, not the one the setup was made with.
+    stored.policy.config.s_max = 0.8
+    free = [c for c in sample_plans(setup, stored, [0.1, 0.1, 0.8], samples=3, seed=0)
+            if not c.evaluation.prescreened]
+    assert free
+    for c in free:
+        assert c.evaluation.objectives.compression == pytest.approx(c.plan.sparsity / 0.8)
+
 
 def test_cli_policy_train_and_plan(data, tmp_path, capsys):
     common = ["--model", "tiny-llava", "--pope", str(data / "pope"), "--sqa", str(data / "scienceqa"),

@@ -159,6 +159,8 @@ def sample_plans(setup: SearchSetup, stored: StoredPolicy, preference: Sequence[
                 for _ in range(samples)]
     candidates = []
     setup.evaluator.target_sparsity = target
+    # Compression is scored against the policy's own budget range, whatever range the setup was made for.
+    setup.evaluator.s_max = stored.policy.config.s_max
     for action, is_mean in reporter.track(actions, message="plans"):
         plan = env.plan_for(action, target, meta={"policy": stored.id, "preference": w.tolist(),
                                                    "target_sparsity": target, "criterion": "wanda-sp",
