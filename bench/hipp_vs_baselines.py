@@ -213,13 +213,13 @@ def main() -> None:
         f"{training['plan_evaluations']} plan evaluations ({training['seconds_per_evaluation']:.2f} s each).\n\n"
     )
     sweep_rows = [[p["line"], f"{p['w'][0]:.2f},{p['w'][1]:.2f},{p['w'][2]:.2f}", round(p["sparsity"], 3),
-                   p["pope_bacc"],
-                   p["sqa"], round(p["utility"], 3), round(p["robustness"], 3), round(p["compression"], 3)]
+                   p["pope_bacc"], p["sqa"], round(p["utility"], 3), round(p["robustness"], 3),
+                   round(p["compression"], 3)]
                   for p in hipp["sweep"]]
     md = (summary + markdown_table(header, rows) + "\n\nPreference sweep (free budget):\n\n"
           + markdown_table(["line", "w (U,R,C)", "sparsity", "POPE mean", "SQA", "U", "H", "C"], sweep_rows))
     data = {"dense": dense, "baselines": base_rows, "policies": results, "hypervolume": hv,
-            "hypervolume_ratio": hv["hipp"] / best_base if best_base else None, "spearman": rho,
+            "hypervolume_ratio": ratio if best_base else None, "spearman": rho,
             "training": training, "policy_id": stored.id}
     write_report("hipp_vs_baselines", data, md)
     _plot(hipp["sweep"], base_rows, Path(__file__).parent / "results" / "hipp_front.png")

@@ -27,7 +27,7 @@ import torch
 
 from worker.hipp.allocation import counts_from_ratios
 from worker.hipp.errors import OptionError
-from worker.hipp.evaluator import PRESCREEN_RETURN, PlanEvaluator
+from worker.hipp.evaluator import PRESCREEN_RETURN, PlanEvaluation, PlanEvaluator
 from worker.hipp.importance import LayerScores
 from worker.hipp.plan import PruningPlan, dense_layer_parameters
 from worker.hipp.policy import Action, HippPolicy, action_to_ratios
@@ -286,10 +286,15 @@ class PruningEnvironment:
         plan.validate()
         return plan
 
-    def evaluate(self, action: Action, target: float | None) -> Outcome:
-        plan = self.plan_for(action, target)
+    def score(self, plan: PruningPlan, target: float | None) -> PlanEvaluation:
+        """Evaluate ``plan`` with objectives in this policy's terms: compression against the policy's s_max,
+        or closeness to ``target`` in matched mode (the evaluator may have been set up for another range)."""
         self.evaluator.target_sparsity = target
-        result = self.evaluator.evaluate(plan)
+        self.evaluator.s_max = self.policy.config.s_max
+        return self.evaluator.evaluate(plan)
+
+    def evaluate(self, action: Action, target: float | None) -> Outcome:
+        result = self.score(self.plan_for(action, target), target)
         o = result.objectives
         return Outcome([o.utility, o.robustness, o.compression], o.stability, result.prescreened,
                        {"fingerprint": result.fingerprint, "sparsity": result.sparsity, "metrics": result.metrics})

@@ -158,14 +158,11 @@ def sample_plans(setup: SearchSetup, stored: StoredPolicy, preference: Sequence[
     actions += [(stored.policy.sample(env.features, env.param_share, w, target, generator), False)
                 for _ in range(samples)]
     candidates = []
-    setup.evaluator.target_sparsity = target
-    # Compression is scored against the policy's own budget range, whatever range the setup was made for.
-    setup.evaluator.s_max = stored.policy.config.s_max
     for action, is_mean in reporter.track(actions, message="plans"):
         plan = env.plan_for(action, target, meta={"policy": stored.id, "preference": w.tolist(),
                                                    "target_sparsity": target, "criterion": "wanda-sp",
                                                    "allocation": "hipp"})
-        evaluation = setup.evaluator.evaluate(plan)
+        evaluation = env.score(plan, target)
         o = evaluation.objectives
         value = scalarize([o.utility, o.robustness, o.compression], w, o.stability, lambda_s)
         candidates.append(Candidate(plan, evaluation, value, is_mean))
