@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     page_size_max: int = 200
     api_key_cache_s: float = Field(default=10.0, description="How long a verified API key is cached in-process")
+    metrics_token: str = Field(
+        default="", description="Bearer token for /metrics; set, it is required and job counts are shown"
+    )
     allowed_models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["testbed", "tiny-llava", "tiny-qwen2.5-vl", "tiny-qwen2-vl"]
     )

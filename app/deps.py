@@ -90,7 +90,7 @@ async def get_principal(
         raise ApiError(
             401,
             "invalid_api_key",
-            f"invalid or revoked API key (it starts {key[:10]!r}); check HIPP_API_KEY or {HOW_TO_GET_A_KEY}",
+            f"invalid or revoked API key; check HIPP_API_KEY or {HOW_TO_GET_A_KEY}",
             headers=challenge,
         )
     return principal

@@ -9,6 +9,7 @@ unexpected exceptions are mapped to the same shape here. A database that cannot 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -19,7 +20,20 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.schemas import MAX_DEPTH
+
 log = logging.getLogger("hipp.api")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: text that is not valid Unicode (a lone surrogate stored before the API
+    rejected them) is escaped instead of failing the response half-way (a 500 and a reset connection)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class ApiError(Exception):
@@ -61,7 +75,7 @@ def database_unavailable(exc: Exception) -> JSONResponse:
     """503 while the database is unreachable (restart, failover); pooled connections are replaced on the
     next request, so the API recovers by itself once the database is back."""
     log.warning("database unavailable: %s", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-    return JSONResponse(
+    return SafeJSONResponse(
         error_body("database_unavailable", "the database is unavailable right now; retry in a few seconds"),
         503,
         headers={"Retry-After": "5"},
@@ -71,14 +85,14 @@ def database_unavailable(exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.detail), exc.status, headers=exc.headers)
+        return SafeJSONResponse(error_body(exc.code, exc.message, exc.detail), exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")} for e in exc.errors()
         ]
-        return JSONResponse(error_body("invalid_request", _validation_message(errors), errors), status_code=422)
+        return SafeJSONResponse(error_body("invalid_request", _validation_message(errors), errors), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -86,14 +100,19 @@ def install(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint; see /docs for the API reference"
-        return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's answer when the JSON parser gives up (e.g. nesting deeper than it can recurse).
+            code = "invalid_body"
+            message = f"the request body could not be parsed as JSON (nested too deeply?); send a JSON object " \
+                f"nested at most {MAX_DEPTH} levels"
+        return SafeJSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(DBAPIError)
     async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
         if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
             return database_unavailable(exc)
         log.exception("database error", exc_info=exc)
-        return JSONResponse(error_body("internal_error", "internal server error; retry later"), 500)
+        return SafeJSONResponse(error_body("internal_error", "internal server error; retry later"), 500)
 
     @app.exception_handler(PoolTimeout)
     async def _pool(_: Request, exc: PoolTimeout) -> JSONResponse:
@@ -102,4 +121,4 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("internal_error", "internal server error; retry later"), 500)
+        return SafeJSONResponse(error_body("internal_error", "internal server error; retry later"), 500)

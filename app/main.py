@@ -30,7 +30,9 @@ Every error is `{"error": {"code", "message", "detail"}}`.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="HiPP-Prune", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(
+        title="HiPP-Prune", version="0.1.0", description=DESCRIPTION, default_response_class=errors.SafeJSONResponse
+    )
     app.state.settings = settings
     errors.install(app)
     for module in (jobs, policies, health, files):

@@ -1,12 +1,13 @@
 """Prometheus metrics: request counts and latencies per route template, job submissions, and (at scrape
-time, from the database) jobs by status and the age of the oldest queued job."""
+time, from the database, only for a scraper that presents ``HIPP_METRICS_TOKEN``) jobs by status and the age
+of the oldest queued job."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter("hipp_http_requests_total", "HTTP requests", ["method", "route", "status"])
 HTTP_LATENCY = Histogram(
@@ -16,13 +17,27 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 JOBS_SUBMITTED = Counter("hipp_jobs_submitted_total", "Jobs accepted by POST /jobs")
-JOBS_BY_STATUS = Gauge("hipp_jobs", "Jobs by status (all tenants)", ["status"])
-OLDEST_QUEUED = Gauge("hipp_oldest_queued_job_age_seconds", "Age of the oldest queued job")
+# Job counts cover every tenant: they live in their own registry, served only with HIPP_METRICS_TOKEN.
+JOB_REGISTRY = CollectorRegistry()
+JOBS_BY_STATUS = Gauge("hipp_jobs", "Jobs by status (all tenants)", ["status"], registry=JOB_REGISTRY)
+OLDEST_QUEUED = Gauge(
+    "hipp_oldest_queued_job_age_seconds", "Age of the oldest queued job", registry=JOB_REGISTRY
+)
+
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 class MetricsAndLimits:
-    """Pure ASGI middleware (cheap per request): rejects bodies over ``max_body`` bytes with 413 in the
-    API's error shape, and records request count and latency by route template."""
+    """Pure ASGI middleware (cheap per request): rejects bodies over ``max_body`` bytes with 413 (by their
+    ``Content-Length``, or counted while reading a chunked body), bodies that are not JSON with 415 (naming
+    the ``Content-Type`` header), both in the API's error shape; and records request count and latency by
+    route template."""
 
     def __init__(self, app: Any, max_body: int) -> None:
         self.app = app
@@ -34,17 +49,39 @@ class MetricsAndLimits:
             return
         start = time.perf_counter()
         status_holder = {"status": 500}
-        too_large = False
+        length: int | None = None
+        content_type = ""
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_large = int(value) > self.max_body
+                    length = int(value)
                 except ValueError:
-                    too_large = True
-                break
-        if too_large:
-            await self._reject(send)
+                    length = self.max_body + 1
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+        if length is not None and length > self.max_body:
+            await self._reject(send, *self._too_large())
             self._observe(scope, 413, start)
+            return
+        if scope.get("method") in BODY_METHODS and length is None:
+            # Chunked (no Content-Length): read it here, at most max_body bytes, then hand it on.
+            buffered = await self._read_limited(receive)
+            if buffered is None:
+                await self._reject(send, *self._too_large())
+                self._observe(scope, 413, start)
+                return
+            length = len(buffered)
+            receive = _replay(buffered, receive)
+        if scope.get("method") in BODY_METHODS and length and not _is_json(content_type):
+            shown = content_type or "none"
+            await self._reject(
+                send,
+                415,
+                "unsupported_media_type",
+                f"the request body must be JSON: send the header 'Content-Type: application/json' "
+                f"(got Content-Type: {shown[:100]})",
+            )
+            self._observe(scope, 415, start)
             return
 
         received = 0
@@ -66,9 +103,32 @@ class MetricsAndLimits:
         try:
             await self.app(scope, limited_receive, send_wrapper)
         except _BodyTooLarge:
-            await self._reject(send)
+            await self._reject(send, *self._too_large())
             status_holder["status"] = 413
         self._observe(scope, status_holder["status"], start)
+
+    async def _read_limited(self, receive: Any) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body:
+                return None
+            chunks.append(body)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> tuple[int, str, str]:
+        return (
+            413,
+            "body_too_large",
+            f"request body is larger than {self.max_body} bytes; send a smaller body "
+            "(metadata is meant for a few labels, not data)",
+        )
 
     def _observe(self, scope: dict[str, Any], status: int, start: float) -> None:
         route = scope.get("route")
@@ -77,22 +137,16 @@ class MetricsAndLimits:
         HTTP_REQUESTS.labels(method, path, str(status)).inc()
         HTTP_LATENCY.labels(method, path).observe(time.perf_counter() - start)
 
-    async def _reject(self, send: Any) -> None:
+    async def _reject(self, send: Any, status: int, code: str, message: str) -> None:
         import json
 
         from app.errors import error_body
 
-        body = json.dumps(
-            error_body(
-                "body_too_large",
-                f"request body is larger than {self.max_body} bytes; send a smaller body "
-                "(metadata is meant for a few labels, not data)",
-            )
-        ).encode()
+        body = json.dumps(error_body(code, message)).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -100,6 +154,19 @@ class MetricsAndLimits:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # type: ignore[no-any-return]
+
+    return replay
 
 
 class _BodyTooLarge(Exception):

@@ -22,4 +22,8 @@ def alembic_config(url: str):  # type: ignore[no-untyped-def]
 def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
+    if url.startswith("sqlite"):
+        from app.db import private_sqlite_file
+
+        private_sqlite_file(url)  # before Alembic's engine creates the file with the default mode
     command.upgrade(alembic_config(url), revision)

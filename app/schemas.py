@@ -1,7 +1,8 @@
 """What the API speaks (pydantic). Tables live apart in app/models.py.
 
 Every request model forbids unknown fields, so a typo is a 422 that names the field instead of a silent
-default, and NUL characters (which Postgres cannot store) are a 422 rather than a database error.
+default; types are strict (no string or boolean coercion where a number is meant); NUL characters, lone
+surrogates, NaN and nesting deeper than ``MAX_DEPTH`` are a 422 rather than a database or encoding error.
 """
 
 from __future__ import annotations
@@ -18,31 +19,68 @@ PREFERENCE_KEYS = ("utility", "robustness", "compression")
 T = TypeVar("T")
 
 
-def _reject_nul(value: Any, path: str) -> None:
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError(f"{path}: text must not contain NUL (\\u0000) characters")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _reject_nul(k, path)
-            _reject_nul(v, f"{path}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _reject_nul(v, f"{path}[{i}]")
+MAX_DEPTH = 32  # nesting of JSON objects/arrays inside a request body (metadata, metrics)
+
+
+def _surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_json_value(value: Any, path: str, depth: int = 0) -> None:
+    """Reject what the database or the JSON encoder cannot take, before anything is stored: NUL characters
+    (Postgres text), lone UTF-16 surrogates such as ``"\\ud800"`` (not encodable as UTF-8), NaN and
+    infinities (not JSON), and nesting deeper than ``MAX_DEPTH``. Iterative, so no depth can overflow it."""
+    stack: list[tuple[Any, str, int]] = [(value, path, depth)]
+    while stack:
+        item, where, level = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError(f"{_printable(where)}: text must not contain NUL (\\u0000) characters")
+            if _surrogate(item):
+                raise ValueError(
+                    f"{_printable(where)}: text contains a lone UTF-16 surrogate (e.g. \\ud800) that is not valid "
+                    "Unicode; send well-formed UTF-8"
+                )
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                raise ValueError(f"{_printable(where)}: NaN and Infinity are not JSON numbers; send a finite number")
+        elif isinstance(item, dict | list):
+            if level >= MAX_DEPTH:
+                raise ValueError(
+                    f"{_printable(where)}: nested deeper than {MAX_DEPTH} levels; flatten it (metadata is meant "
+                    "for a few labels)"
+                )
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    stack.append((k, where, level + 1))
+                    stack.append((v, f"{where}.{k}" if isinstance(k, str) and not _surrogate(k) else where, level + 1))
+            else:
+                for i, v in enumerate(item):
+                    stack.append((v, f"{where}[{i}]", level + 1))
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:200]
 
 
 class Strict(BaseModel):
-    """Unknown fields are rejected; so is a NUL character anywhere in the body (the database cannot store it)."""
+    """Unknown fields are rejected; no type coercion (a number must be a JSON number, a flag a JSON boolean:
+    ``"0.5"`` and ``true`` are not numbers); and nothing the database or JSON cannot hold is accepted
+    anywhere in the body: NUL characters, lone surrogates, NaN/Infinity, nesting deeper than ``MAX_DEPTH``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
+    def _storable(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for k, v in data.items():
-                _reject_nul(k, "body")
-                _reject_nul(v, str(k))
+                check_json_value(k, "body")
+                check_json_value(v, str(k) if isinstance(k, str) and not _surrogate(k) else "body")
         return data
 
 

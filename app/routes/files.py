@@ -1,6 +1,8 @@
 """Downloads from the local store (embedded deployment) through HMAC-signed URLs that expire.
 
-The signature is the credential: no API key is needed, so the URL can be handed to curl or a browser.
+The signature is the credential: no API key is needed, so the URL can be handed to curl or a browser. The
+URLs are built on ``HIPP_PUBLIC_URL`` (never on the request's ``Host`` header, which the caller controls).
+``HEAD`` answers the size and headers without the body.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from app.storage import LocalStorage, content_disposition
 router = APIRouter(tags=["files"], include_in_schema=False)
 
 
-@router.get("/files/{key:path}")
+@router.api_route("/files/{key:path}", methods=["GET", "HEAD"])
 def download(
     key: str, expires: int, filename: str, sig: str, settings: SettingsDep, storage: StorageDep
 ) -> FileResponse:

@@ -1,17 +1,20 @@
-"""Liveness (``/healthz``), readiness (``/readyz``: database, broker, storage) and Prometheus ``/metrics``."""
+"""Liveness (``/healthz``), readiness (``/readyz``: database, broker, storage) and Prometheus ``/metrics``
+(job counts of all tenants only for a scraper holding ``HIPP_METRICS_TOKEN``)."""
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
 from app.deps import SessionDep, SettingsDep, StorageDep
-from app.errors import error_body
-from app.metrics import JOBS_BY_STATUS, OLDEST_QUEUED
+from app.errors import ApiError, error_body
+from app.metrics import JOB_REGISTRY, JOBS_BY_STATUS, OLDEST_QUEUED
 from app.models import Job, JobStatus
 from app.queue import celery_client
 from app.schemas import Health
@@ -53,7 +56,24 @@ def readyz(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> R
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(session: SessionDep) -> Response:
+def metrics(
+    session: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> Response:
+    """Request metrics for anyone; job counts (all tenants) only with ``Authorization: Bearer
+    <HIPP_METRICS_TOKEN>``. With a token configured, the whole endpoint needs it."""
+    token = settings.metrics_token
+    if token:
+        sent = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(sent.encode(), token.encode()):
+            raise ApiError(
+                401,
+                "invalid_metrics_token",
+                "/metrics needs 'Authorization: Bearer <HIPP_METRICS_TOKEN>' (the scraper's token, not an API key)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    body = generate_latest()
+    if not token:
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
     counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
     for s in JobStatus:
         JOBS_BY_STATUS.labels(s.value).set(counts.get(s.value, 0))
@@ -63,4 +83,4 @@ def metrics(session: SessionDep) -> Response:
         OLDEST_QUEUED.set((datetime.now(UTC) - oldest).total_seconds())
     else:
         OLDEST_QUEUED.set(0)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(body + generate_latest(JOB_REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import RedirectResponse
 
 from app.db import session_factory
@@ -18,6 +18,7 @@ from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
 from app.services import jobs as service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -74,15 +75,14 @@ def list_events(
     job_id: uuid.UUID,
     session: ReadSessionDep,
     who: CurrentTenant,
-    after: Annotated[int | None, Query(description="Only events with a larger id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id")] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Page[EventOut]:
     if cursor is not None:
-        try:
-            after = int(cursor)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor value from this API") from exc
+        after = int(cursor) if cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 else -1
+        if not 0 <= after <= MAX_EVENT_ID:
+            raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor value from this API")
     events, next_cursor = service.list_events(session, who, job_id, after, limit)
     return Page[EventOut](items=[EventOut.model_validate(e) for e in events], next_cursor=next_cursor)
 
@@ -90,7 +90,6 @@ def list_events(
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
 def list_artifacts(
     job_id: uuid.UUID,
-    request: Request,
     session: ReadSessionDep,
     settings: SettingsDep,
     storage: StorageDep,
@@ -99,7 +98,7 @@ def list_artifacts(
     """Artifacts with signed download URLs minted for this response (they expire; ask again)."""
     out = []
     for a in service.list_artifacts(session, who, job_id):
-        url, expires_at = storage.signed_url(a.key, a.name, settings.url_expiry_s, str(request.base_url))
+        url, expires_at = storage.signed_url(a.key, a.name, settings.url_expiry_s)
         out.append(
             ArtifactOut(
                 id=a.id,
@@ -119,7 +118,6 @@ def list_artifacts(
 def download_artifact(
     job_id: uuid.UUID,
     name: str,
-    request: Request,
     session: ReadSessionDep,
     settings: SettingsDep,
     storage: StorageDep,
@@ -128,7 +126,7 @@ def download_artifact(
     """Redirect to a freshly signed URL for one artifact."""
     for a in service.list_artifacts(session, who, job_id):
         if a.name == name:
-            url, _ = storage.signed_url(a.key, a.name, settings.url_expiry_s, str(request.base_url))
+            url, _ = storage.signed_url(a.key, a.name, settings.url_expiry_s)
             return RedirectResponse(url, status_code=307, headers={"X-Checksum-Sha256": a.sha256})
     raise ApiError(404, "not_found", f"job {job_id} has no artifact {name!r}; list them at /jobs/{job_id}/artifacts")
 

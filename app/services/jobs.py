@@ -8,7 +8,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +43,14 @@ def create_job(
         existing = _by_idempotency_key(session, who, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
+    with tenant_write_lock(session, who):
+        return _insert(session, settings, who, body, model, digest, idempotency_key)
+
+
+def _insert(
+    session: Session, settings: Settings, who: Principal, body: JobCreate, model: str, digest: str,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
     check_quota(session, settings, who)
     job = Job(
         id=uuid.uuid4(),
@@ -69,6 +80,30 @@ def create_job(
             raise
         return _replay(existing, digest, idempotency_key or ""), False
     return job, True
+
+
+_sqlite_locks: dict[uuid.UUID, threading.Lock] = {}
+_sqlite_locks_guard = threading.Lock()
+
+
+@contextmanager
+def tenant_write_lock(session: Session, who: Principal) -> Iterator[None]:
+    """Serialize one tenant's submissions from the quota check to the commit of the INSERT.
+
+    Postgres: a transaction-scoped advisory lock (taken in ``check_quota``). SQLite: the write lock taken up
+    front (``BEGIN IMMEDIATE``, so a second submission waits instead of counting the same active jobs), plus a
+    per-tenant lock in this process for drivers that already opened the transaction."""
+    if session.get_bind().dialect.name != "sqlite":
+        yield
+        return
+    with _sqlite_locks_guard:
+        lock = _sqlite_locks.setdefault(who.tenant_id, threading.Lock())
+    with lock:
+        conn = session.connection()
+        raw = conn.connection.dbapi_connection
+        if raw is not None and not getattr(raw, "in_transaction", True):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
 
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)

@@ -1,0 +1,306 @@
+"""Hardening, round two (issue 18): each defect an adversarial pass found, reproduced as a test. They run on
+Postgres + Redis + S3 (moto) and, where the embedded default behaved differently, on SQLite too. Worker
+process behaviour (scheduler, cancelled jobs, kill -9) is in tests/faults/test_hardening_faults.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from app.config import Settings
+from app.db import session_scope
+from app.migrate import upgrade
+from app.models import Job
+from app.security import create_api_key, key_cache
+from tests.service.conftest import auth
+
+GOOD: dict[str, Any] = {"model": "tiny-llava", "preference": {"utility": 0.5, "robustness": 0.3, "compression": 0.2}}
+
+
+def sqlite_settings(home: Path, **over: Any) -> Settings:
+    return Settings(home=home, signing_secret="s", public_url="http://public.example:8000", **over)
+
+
+@pytest.fixture
+def sqlite_api(tmp_path: Path) -> Iterator[tuple[Any, str, Settings]]:
+    """The embedded default's API (SQLite, filesystem broker, local store), with a tenant key."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = sqlite_settings(tmp_path / "home")
+    settings.home.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as s:
+        key, _ = create_api_key(s, "sqlite-tenant")
+    key_cache.clear()
+    with TestClient(create_app(settings)) as c:
+        yield c, key, settings
+
+
+def jobs_of(url: str, key_tenant: str | None = None) -> int:
+    with session_scope(url) as s:
+        return int(s.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+# --- 1. lone surrogates: 4xx at the edge, nothing committed -------------------------------------------------
+SURROGATE_BODIES = [
+    '{"model": "tiny-llava", "preference": {"utility": 1}, "metadata": {"a": "\\ud800"}}',
+    '{"model": "tiny-llava", "preference": {"utility": 1}, "metadata": {"\\udfff": 1}}',
+    '{"model": "tiny-llava\\ud800", "preference": {"utility": 1}}',
+    '{"model": "tiny-llava", "preference": {"utility": 1}, "metadata": {"a": ["x", {"b": "\\udc00"}]}}',
+]
+
+
+@pytest.mark.parametrize("raw", SURROGATE_BODIES)
+def test_lone_surrogate_is_422_and_nothing_is_committed(client, tenant_key, stack_settings, raw: str) -> None:  # type: ignore[no-untyped-def]
+    before = jobs_of(stack_settings.resolved_database_url)
+    r = client.post("/jobs", content=raw, headers={**auth(tenant_key), "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "surrogate" in r.json()["error"]["message"]
+    assert jobs_of(stack_settings.resolved_database_url) == before
+    # the tenant's listing still works on the same connection
+    assert client.get("/jobs", headers=auth(tenant_key)).status_code == 200
+
+
+def test_lone_surrogate_on_sqlite_and_in_policies(sqlite_api) -> None:  # type: ignore[no-untyped-def]
+    c, key, settings = sqlite_api
+    r = c.post("/jobs", content=SURROGATE_BODIES[0], headers={**auth(key), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "surrogate" in r.text
+    assert jobs_of(settings.resolved_database_url) == 0
+    raw = '{"name": "p", "model": "tiny-llava", "metrics": {"x": "\\ud800"}}'
+    r = c.post("/policies", content=raw, headers={**auth(key), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "surrogate" in r.text
+
+
+def test_a_stored_surrogate_does_not_break_reads(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
+    """A row written before the edge check (or by another tool) is still readable: escaped, not a 500."""
+    job_id = client.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
+    from sqlalchemy import update
+
+    with session_scope(stack_settings.resolved_database_url) as s:
+        s.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(meta={"a": "\ud800"}))
+    r = client.get(f"/jobs/{job_id}", headers=auth(tenant_key))
+    assert r.status_code == 200 and json.loads(r.text)["metadata"] == {"a": "\ud800"}
+    assert client.get("/jobs", headers=auth(tenant_key)).status_code == 200
+    assert client.post(f"/jobs/{job_id}/cancel", headers=auth(tenant_key)).status_code == 202
+
+
+# --- 4. deep nesting, huge event cursors, NaN in metadata ---------------------------------------------------
+@pytest.mark.parametrize("depth", [40, 255, 600, 990])
+def test_deep_nesting_is_422(client, tenant_key, depth: int) -> None:  # type: ignore[no-untyped-def]
+    nested = '{"a":' * depth + "1" + "}" * depth
+    raw = '{"model": "tiny-llava", "preference": {"utility": 1}, "metadata": ' + nested + "}"
+    r = client.post("/jobs", content=raw, headers={**auth(tenant_key), "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]["code"]) in ((422, "invalid_request"), (400, "invalid_body")), r.text
+    assert "nested" in r.json()["error"]["message"]
+
+
+def test_nesting_within_the_limit_is_accepted(client, tenant_key) -> None:  # type: ignore[no-untyped-def]
+    nested: Any = 1
+    for _ in range(20):
+        nested = {"a": nested}
+    r = client.post("/jobs", json={**GOOD, "metadata": nested}, headers=auth(tenant_key))
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_in_metadata_is_422(client, tenant_key, literal: str) -> None:  # type: ignore[no-untyped-def]
+    raw = '{"model": "tiny-llava", "preference": {"utility": 1}, "metadata": {"x": ' + literal + "}}"
+    r = client.post("/jobs", content=raw, headers={**auth(tenant_key), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "NaN" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("after", [2**63, 2**63 + 5, 10**30, -1])
+def test_events_after_out_of_range_is_4xx(client, tenant_key, after: int) -> None:  # type: ignore[no-untyped-def]
+    job_id = client.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
+    r = client.get(f"/jobs/{job_id}/events", params={"after": after}, headers=auth(tenant_key))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+    r = client.get(f"/jobs/{job_id}/events", params={"cursor": str(after)}, headers=auth(tenant_key))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cursor", r.text
+    assert client.get(f"/jobs/{job_id}/events", params={"after": 2**63 - 1}, headers=auth(tenant_key)).json() == {
+        "items": [],
+        "next_cursor": None,
+    }
+
+
+def test_events_after_out_of_range_on_sqlite(sqlite_api) -> None:  # type: ignore[no-untyped-def]
+    c, key, _ = sqlite_api
+    job_id = c.post("/jobs", json=GOOD, headers=auth(key)).json()["id"]
+    assert c.get(f"/jobs/{job_id}/events", params={"after": 2**64}, headers=auth(key)).status_code == 422
+    assert c.get(f"/jobs/{job_id}/events", params={"after": 2**63 - 1}, headers=auth(key)).status_code == 200
+
+
+# --- 11. strict types --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"preference": {"utility": "0.5"}}, "preference.utility"),
+        ({"preference": {"utility": True}}, "preference.utility"),
+        ({"preference": {"utility": 1, "compression": False}}, "preference.compression"),
+        ({"target_sparsity": "0.3"}, "target_sparsity"),
+        ({"target_sparsity": True}, "target_sparsity"),
+        ({"recovery": {"steps": "10"}}, "recovery.steps"),
+        ({"recovery": {"steps": 1.5}}, "recovery.steps"),
+        ({"recovery": {"steps": True}}, "recovery.steps"),
+        ({"recovery": {"learning_rate": "0.1"}}, "recovery.learning_rate"),
+        ({"evaluation": {"enabled": "yes"}}, "evaluation.enabled"),
+        ({"evaluation": {"enabled": 1}}, "evaluation.enabled"),
+        ({"evaluation": {"max_samples": "4"}}, "evaluation.max_samples"),
+        ({"calibration": {"samples": "4"}}, "calibration.samples"),
+        ({"model": 123}, "model"),
+    ],
+)
+def test_no_type_coercion(client, tenant_key, patch: dict[str, Any], field: str) -> None:  # type: ignore[no-untyped-def]
+    r = client.post("/jobs", json={**GOOD, **patch}, headers=auth(tenant_key))
+    assert r.status_code == 422, r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_integers_are_still_numbers(client, tenant_key) -> None:  # type: ignore[no-untyped-def]
+    r = client.post("/jobs", json={**GOOD, "preference": {"utility": 1, "compression": 3}}, headers=auth(tenant_key))
+    assert r.status_code == 201 and r.json()["preference"]["compression"] == 0.75
+
+
+# --- 12. content type and chunked bodies -------------------------------------------------------------------
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_wrong_content_type_is_415_naming_the_header(client, tenant_key, ctype: str | None) -> None:  # type: ignore[no-untyped-def]
+    headers = auth(tenant_key)
+    if ctype is not None:
+        headers["Content-Type"] = ctype
+    r = client.post("/jobs", content=json.dumps(GOOD), headers=headers)
+    assert r.status_code == 415, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_media_type" and "Content-Type: application/json" in err["message"]
+    headers = {**auth(tenant_key), "Content-Type": "application/json; charset=utf-8"}
+    ok = client.post("/jobs", content=json.dumps(GOOD), headers=headers)
+    assert ok.status_code == 201
+
+
+def test_chunked_oversized_body_is_413(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
+    big = json.dumps({**GOOD, "metadata": {"x": "y" * (10 * 1024 * 1024)}}).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    r = client.post("/jobs", content=chunks(), headers={**auth(tenant_key), "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "body_too_large"
+
+    small = json.dumps(GOOD).encode()
+    headers = {**auth(tenant_key), "Content-Type": "application/json"}
+    r = client.post("/jobs", content=iter([small[:10], small[10:]]), headers=headers)
+    assert r.status_code == 201, r.text
+
+
+# --- 2. per-tenant quota on SQLite under parallel submits --------------------------------------------------
+def test_quota_holds_on_sqlite_under_parallel_submits(tmp_path: Path) -> None:
+    import uvicorn
+
+    from app.main import create_app
+    from tests.service.conftest import free_port
+
+    settings = sqlite_settings(tmp_path / "home", max_active_jobs_per_tenant=20)
+    settings.home.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as s:
+        key, _ = create_api_key(s, "quota")
+    key_cache.clear()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            threading.Event().wait(0.05)
+        codes: list[int] = []
+        barrier = threading.Barrier(30)
+
+        def one(i: int) -> None:
+            body = {**GOOD, "metadata": {"i": i}}
+            barrier.wait()
+            r = httpx.post(f"http://127.0.0.1:{port}/jobs", json=body, headers=auth(key), timeout=60)
+            codes.append(r.status_code)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert sorted(set(codes)) == [201, 429], codes
+    assert codes.count(201) == 20, codes
+    with session_scope(settings.resolved_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 20
+
+
+# --- 14. leaks ---------------------------------------------------------------------------------------------
+def test_401_does_not_echo_the_key(client) -> None:  # type: ignore[no-untyped-def]
+    secret = "hipp_abcdef123456_topsecretvalue"
+    r = client.get("/jobs", headers=auth(secret))
+    assert r.status_code == 401
+    assert "abcdef" not in r.text and "hipp_" not in r.text.replace("hipp api-key", "")
+
+
+def test_sqlite_database_file_is_private(sqlite_api) -> None:  # type: ignore[no-untyped-def]
+    _, _, settings = sqlite_api
+    path = settings.home / "hipp.db"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        other = Path(str(path) + suffix)
+        if other.exists():
+            assert stat.S_IMODE(os.stat(other).st_mode) & 0o077 == 0, suffix
+
+
+def test_metrics_without_auth_do_not_show_job_counts(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
+    client.post("/jobs", json=GOOD, headers=auth(tenant_key))
+    text = client.get("/metrics").text
+    assert "hipp_http_requests_total" in text
+    assert "hipp_jobs{" not in text and "hipp_oldest_queued" not in text
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(stack_settings.model_copy(update={"metrics_token": "scrape-me"}))) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=auth("wrong")).status_code == 401
+        r = c.get("/metrics", headers=auth("scrape-me"))
+        assert r.status_code == 200 and 'hipp_jobs{status="queued"}' in r.text
+
+
+# --- 13. signed URLs use HIPP_PUBLIC_URL; HEAD works ---------------------------------------------------------
+def test_signed_urls_ignore_the_host_header_and_answer_head(sqlite_api) -> None:  # type: ignore[no-untyped-def]
+    c, key, settings = sqlite_api
+    from app.db import session_scope as scope
+    from app.models import Artifact
+    from app.storage import get_storage
+
+    job_id = c.post("/jobs", json=GOOD, headers=auth(key)).json()["id"]
+    obj = get_storage(settings).put_bytes(f"jobs/{job_id}/metrics.json", b'{"a": 1}')
+    with scope(settings.resolved_database_url) as s:
+        s.add(Artifact(job_id=uuid.UUID(job_id), kind="metrics", name="metrics.json", key=obj.key, size=obj.size,
+                       sha256=obj.sha256, content_type="application/json"))
+    arts = c.get(f"/jobs/{job_id}/artifacts", headers={**auth(key), "Host": "evil.example"}).json()
+    assert arts[0]["url"].startswith("http://public.example:8000/files/"), arts
+    r = c.get(f"/jobs/{job_id}/artifacts/metrics.json", headers={**auth(key), "Host": "evil.example"},
+              follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"].startswith("http://public.example:8000/")
+    path = arts[0]["url"].removeprefix("http://public.example:8000")
+    head = c.head(path)
+    assert head.status_code == 200 and head.headers["content-length"] == str(obj.size) and head.content == b""
+    assert c.get(path).content == b'{"a": 1}'
+    assert c.head(path.replace("sig=", "sig=0")).status_code == 403
