@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from worker.hipp.export_options import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("prune", help="prune a model to a target sparsity and export it")
@@ -18,7 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--mlp-multiple", type=int, default=1, help="round MLP widths to this multiple")
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype to prune and export in (default auto: the checkpoint's own; float16 is computed in "
+                        "float32 on a CPU and still exported as float16)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="largest safetensors shard of the export, e.g. 5GB or 500MB")
     p.add_argument("--device", default="cpu")
     p.add_argument("--zero-padded", action="store_true", help="also write a stock-architecture zero-padded copy")
     p.add_argument("--out", required=True, help="output directory")
@@ -35,10 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run_prune(args: argparse.Namespace) -> int:
     from worker.hipp.allocation import validate_sparsity
     from worker.hipp.calibration import synthetic_samples
-    from worker.hipp.checkpoint import export_pruned, export_zero_padded
+    from worker.hipp.checkpoint import export_loaded, export_zero_padded
     from worker.hipp.errors import OptionError
     from worker.hipp.importance import get_criterion
-    from worker.hipp.loading import load_model
+    from worker.hipp.loading import dtype_name, load_model, resolve_dtype
     from worker.hipp.plan import PruningPlan
     from worker.hipp.progress import TqdmReporter
     from worker.hipp.pruner import build_plan
@@ -65,14 +71,16 @@ def run_prune(args: argparse.Namespace) -> int:
     apply_plan(loaded.adapter, plan)
     reporter.stage("export", str(out))
     card = {"source_model": args.model}
-    export_pruned(loaded.model, loaded.processor, loaded.adapter, out, plan=plan, card=card,
-                  metrics={"plan": plan.summary()})
+    export_dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype)
+    export_loaded(loaded, out, plan=plan, card=card, metrics={"plan": plan.summary()}, dtype=export_dtype,
+                  max_shard_size=args.max_shard_size)
     if args.zero_padded:
-        export_zero_padded(loaded.model, loaded.processor, loaded.adapter, plan, out / "zero_padded")
+        export_zero_padded(loaded.model, loaded.processor, loaded.adapter, plan, out / "zero_padded",
+                           source_dir=loaded.source_dir, max_shard_size=args.max_shard_size)
     s = plan.summary()
     print(f"pruned {args.model}: sparsity {s['sparsity']:.4f} of the LM decoder "
           f"({s['model_fraction_removed']:.4f} of the model), plan {plan.fingerprint}, "
-          f"{time.perf_counter() - start:.1f}s -> {out}")
+          f"{dtype_name(loaded.dtype)}, {time.perf_counter() - start:.1f}s -> {out}")
     return 0
 
 

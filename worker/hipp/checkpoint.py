@@ -8,11 +8,18 @@ a model card.
 
 :func:`export_zero_padded` writes the other flavour: the stock architecture at dense shapes with removed
 units zeroed, for tools that cannot run remote code (same logits, no speedup).
+
+Exports are written in the source checkpoint's dtype unless told otherwise (:func:`export_loaded`), as
+safetensors shards of at most ``max_shard_size`` with an index (``save_pretrained``'s format), and carry the
+source folder's processor, tokenizer, chat template and generation config over byte for byte, so the checkpoint
+stays familiar to users of its family.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +29,22 @@ from torch import nn
 
 from worker.hipp.adapters.base import ModelAdapter
 from worker.hipp.errors import OptionError
+from worker.hipp.export_options import DEFAULT_MAX_SHARD_SIZE
+from worker.hipp.loading import LoadedModel
 from worker.hipp.plan import LayerPlan, PruningPlan
 
 TEMPLATES = Path(__file__).parent / "remote"
 PLAN_FILE = "hipp_plan.json"
 METRICS_FILE = "metrics.json"
+#: Files of a checkpoint folder that belong to its processor, tokenizer, chat template or generation config.
+CARRIED_FILES = (
+    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "*.model", "tiktoken*", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "processing_*.py", "image_processing_*.py", "video_processing_*.py",
+    "tokenization_*.py",
+)
+CARRIED_DIRS = ("additional_chat_templates",)
 
 
 def remote_names(base_class: str, config_class: str, base_type: str) -> dict[str, str]:
@@ -77,6 +95,23 @@ def write_remote_code(out: Path, base_class: str, config_class: str, base_type: 
     return names
 
 
+def export_loaded(
+    loaded: LoadedModel,
+    out_dir: str | Path,
+    *,
+    plan: PruningPlan | None = None,
+    metrics: dict[str, Any] | None = None,
+    card: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Export a loaded (and pruned) model in ``dtype``, by default the dtype its checkpoint was saved in, with
+    the source folder's processor files. The model is cast to that dtype in place (no second copy)."""
+    return export_pruned(loaded.model, loaded.processor, loaded.adapter, out_dir, plan=plan, metrics=metrics,
+                         card=card, dtype=dtype or loaded.source_dtype, source_dir=loaded.source_dir,
+                         max_shard_size=max_shard_size)
+
+
 def export_pruned(
     model: nn.Module,
     processor: Any,
@@ -85,25 +120,56 @@ def export_pruned(
     plan: PruningPlan | None = None,
     metrics: dict[str, Any] | None = None,
     card: dict[str, Any] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    source_dir: Path | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write the pruned ``model`` (already sliced by ``surgery.apply_plan``) to ``out_dir``."""
+    """Write the pruned ``model`` (already sliced by ``surgery.apply_plan``) to ``out_dir``.
+
+    ``dtype`` casts the model in place first (None: as it is). The processor files of ``source_dir`` are
+    copied unchanged; without any there, ``processor`` is saved.
+    """
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model.to(dtype)
     base_class, config_class, base_type = _base_classes(model)
     names = write_remote_code(out, base_class, config_class, base_type)
     remote_cls: Any = get_class_from_dynamic_module(f"{names['model_module']}.{names['model_class']}", str(out))
     config = remote_cls.config_class(**_export_config_dict(model, adapter, base_class, base_type, names))
     exported = _as_remote_model(model, remote_cls, config)
-    exported.save_pretrained(out)
-    if processor is not None:
-        processor.save_pretrained(out)
+    exported.save_pretrained(out, max_shard_size=max_shard_size)
+    _write_processor(processor, source_dir, out)
     if plan is not None:
         plan.save(out / PLAN_FILE)
     (out / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=1))
     (out / "README.md").write_text(model_card(base_type, plan, metrics or {}, card or {}))
     return out
+
+
+def carry_processor_files(source_dir: Path, out: Path) -> list[str]:
+    """Copy the processor, tokenizer, chat template and generation config files of ``source_dir`` to ``out``
+    unchanged; the names copied (none when the folder has no processor files)."""
+    copied = []
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in CARRIED_FILES):
+            shutil.copyfile(path, out / path.name)
+            copied.append(path.name)
+        elif path.is_dir() and path.name in CARRIED_DIRS:
+            shutil.copytree(path, out / path.name, dirs_exist_ok=True)
+            copied.append(path.name + "/")
+    if copied == ["generation_config.json"]:
+        return []  # a folder with weights and a generation config only: its processor came from elsewhere
+    return copied
+
+
+def _write_processor(processor: Any, source_dir: Path | None, out: Path) -> None:
+    carried = carry_processor_files(source_dir, out) if source_dir is not None else []
+    if not carried and processor is not None:
+        processor.save_pretrained(out)
 
 
 def _export_config_dict(model: Any, adapter: ModelAdapter, base_class: str, base_type: str,
@@ -182,9 +248,11 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
 
 @torch.no_grad()
 def export_zero_padded(
-    model: Any, processor: Any, adapter: ModelAdapter, plan: PruningPlan, out_dir: str | Path
+    model: Any, processor: Any, adapter: ModelAdapter, plan: PruningPlan, out_dir: str | Path, *,
+    source_dir: Path | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write the stock architecture at dense shapes, removed units as zeros (no remote code needed)."""
+    """Write the stock architecture at dense shapes, removed units as zeros (no remote code needed), in the
+    model's dtype, with the processor files of ``source_dir`` when it has them."""
     base_class, _, base_type = _base_classes(model)
     data = model.config.to_dict()
     for key in list(data):
@@ -206,9 +274,8 @@ def export_zero_padded(
             owner._buffers[attr] = buffer
     out = Path(out_dir)
     dense.config.dtype = next(model.parameters()).dtype
-    dense.save_pretrained(out)
-    if processor is not None:
-        processor.save_pretrained(out)
+    dense.save_pretrained(out, max_shard_size=max_shard_size)
+    _write_processor(processor, source_dir, out)
     plan.save(out / PLAN_FILE)
     return out
 

@@ -19,6 +19,13 @@ class UnsupportedModelError(HippError):
     code = "unsupported_model"
 
 
+class ModelNotLoadableError(HippError):
+    """The model was found but cannot be loaded as it is (missing or broken files, a processor that cannot be
+    built here): retrying will fail the same way, so the service does not retry it."""
+
+    code = "model_not_loadable"
+
+
 class PlanError(HippError):
     code = "invalid_plan"
 

@@ -53,6 +53,11 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         _init_image_only(self, image_processor, tokenizer, chat_template, **kwargs)
 
 
+def image_only_processor_class(model_type: str) -> type[ProcessorMixin]:
+    """The image-only processor class for a Qwen VL ``model_type`` (``qwen2_5_vl`` or ``qwen2_vl``)."""
+    return Qwen2VLImageOnlyProcessor if model_type == "qwen2_vl" else Qwen2_5_VLImageOnlyProcessor
+
+
 # save_pretrained then copies this file into the checkpoint and records it in processor_config.json's
 # auto_map, so the checkpoint stays loadable in a process that has only torch + transformers.
 Qwen2_5_VLImageOnlyProcessor.register_for_auto_class("AutoProcessor")

@@ -179,6 +179,15 @@ class ModelAdapter(ABC):
     def total_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    # --- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load_processor(cls, source: str, model_type: str, *, trust_remote_code: bool) -> Any:
+        """The processor saved with the checkpoint at ``source`` (a directory or hub id). A family whose stock
+        processor needs optional packages for inputs the engine never uses overrides this with a fallback."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+
     # --- inputs ----------------------------------------------------------------------------------
     @property
     @abstractmethod

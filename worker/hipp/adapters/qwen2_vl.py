@@ -15,11 +15,15 @@ Inputs differ from LLaVA in two ways the engine must respect:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from worker.hipp.adapters.base import ModelAdapter, register_adapter
+
+log = logging.getLogger(__name__)
 
 # Values of mm_token_type_ids (transformers' ProcessorMixin.create_mm_token_type_ids).
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
@@ -29,6 +33,28 @@ TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 class QwenVLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_5_vl", "qwen2_vl")
+
+    @classmethod
+    def load_processor(cls, source: str, model_type: str, *, trust_remote_code: bool) -> Any:
+        """The stock processor where it can be built; otherwise the same processing without its video half.
+
+        transformers 5 builds a Qwen2-VL-family processor with a video processor that needs torchvision, and
+        checkpoints saved without one (or laid out like the hub, without ``video_preprocessor_config.json``)
+        cannot build it at all. Still images never use it, so the image-only processor reads the same files.
+        """
+        from transformers import AutoProcessor
+
+        from worker.hipp.processing_qwen_images import image_only_processor_class
+
+        try:
+            return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (ImportError, OSError, ValueError, AttributeError) as exc:
+            fallback = image_only_processor_class(model_type)
+            log.info("%s: stock processor unavailable (%s); using %s", source, type(exc).__name__, fallback.__name__)
+            try:
+                return fallback.from_pretrained(source)
+            except Exception as fallback_exc:
+                raise exc from fallback_exc
 
     @property
     def image_token_id(self) -> int:
