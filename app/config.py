@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     lease_s: int = 120
     heartbeat_s: float = 5.0
     enqueue_retry_s: int = 30
+    policy_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Server folders whose policy directories POST /policies may name"
+    )
     requeue_after_s: int = Field(
         default=600, description="Re-publish a job still queued this long after its enqueue (lost broker message)"
     )
@@ -84,7 +87,7 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="Worker device: auto (cuda when available), cuda, cuda:N, cpu")
     dtype: str = Field(default="float32", description="Weights dtype in the worker: float32, bfloat16, float16")
 
-    @field_validator("allowed_models", "model_dirs", mode="before")
+    @field_validator("allowed_models", "model_dirs", "policy_dirs", mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:
         if isinstance(v, str) and not v.strip().startswith("["):

@@ -32,15 +32,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import tarfile
+import tempfile
 import threading
 import time
-import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -123,6 +125,14 @@ class JobRun(Reporter):
                     self.poll_status()
             except Exception as exc:  # a missed beat is not fatal; the lease is longer than a beat
                 log.warning("heartbeat failed for job %s: %s", self.job_id, exc)
+
+    def cancel_requested(self) -> bool:
+        """Whether the caller asked to cancel (read now, not at the next poll)."""
+        try:
+            self.poll_status()
+        except Exception as exc:
+            log.warning("status read failed for job %s: %s", self.job_id, exc)
+        return self._cancel.is_set()
 
     def poll_status(self) -> None:
         """Read the status only (between heartbeats), so a cancel is seen within ``HIPP_CANCEL_POLL_S``."""
@@ -302,7 +312,27 @@ def worker_device(settings: Settings) -> str:
 def load(ctx: JobContext) -> Any:
     from worker.hipp.loading import load_model
 
-    return load_model(ctx.job.model, dtype=ctx.settings.dtype, device=worker_device(ctx.settings))
+    with hub_ids_from_the_hub(ctx.job.model):
+        return load_model(ctx.job.model, dtype=ctx.settings.dtype, device=worker_device(ctx.settings))
+
+
+@contextmanager
+def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
+    """A reference that is neither a built-in name nor an absolute path (the API only lets folders under
+    ``HIPP_MODEL_DIRS`` through, as absolute paths) is a hub id: it is loaded in an empty directory, so an
+    ``org/name`` that happens to be a folder relative to the worker's directory is never read."""
+    from worker.hipp import builtin
+
+    if ref in builtin.BUILTINS or ref == "testbed" or Path(ref).is_absolute():
+        yield
+        return
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="hipp-hub-") as empty:
+        os.chdir(empty)
+        try:
+            yield
+        finally:
+            os.chdir(old)
 
 
 def stage_load(ctx: JobContext) -> dict[str, Any]:
@@ -348,6 +378,18 @@ def registered_policy(ctx: JobContext) -> Policy | None:
         )
 
 
+def policy_uri_allowed(uri: str, settings: Settings) -> bool:
+    """The API's rule (app/modelrefs.py), checked again for rows registered before it existed."""
+    from app.errors import ApiError
+    from app.modelrefs import check_policy_uri
+
+    try:
+        check_policy_uri(uri, settings)
+    except ApiError:
+        return False
+    return True
+
+
 def trained_policy(ctx: JobContext) -> tuple[Any, str]:
     """A trained HiPP policy for this model, and how it was found (or why there is none): the tenant's
     registered policy (its ``uri`` is a policy directory, id or model fingerprint) first, then the engine's
@@ -359,11 +401,17 @@ def trained_policy(ctx: JobContext) -> tuple[Any, str]:
     from worker.hipp.errors import HippError
 
     row = registered_policy(ctx)
+    if row is not None and row.uri and not policy_uri_allowed(row.uri, ctx.settings):
+        log.warning("job %s: registered policy %s has a uri outside HIPP_POLICY_DIRS: %s", ctx.job.id, row.id, row.uri)
+        ctx.run.event(f"registered policy {row.id} cannot be used (its uri is not allowed)", level="warning")
+        row = None
     if row is not None and row.uri:
         try:
             return find_policy(row.uri), f"registered policy {row.id} ({row.name})"
         except HippError as exc:
-            ctx.run.event(f"registered policy {row.id} cannot be used: {exc}", level="warning")
+            # The reason can name server paths: it goes to the worker's log, the tenant gets the fact.
+            log.warning("job %s: registered policy %s (%s) cannot be used: %s", ctx.job.id, row.id, row.uri, exc)
+            ctx.run.event(f"registered policy {row.id} cannot be used (no policy at its uri)", level="warning")
     stored = policy_for_model(ctx.loaded.adapter)
     if stored is not None:
         return stored, f"stored policy {stored.id} trained for this model"
@@ -758,15 +806,35 @@ def _finish(run: JobRun, status: JobStatus, **values: Any) -> str:
     return status.value
 
 
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/:,;()\[\]]+/?)+")
+
+
+def redact_paths(message: str, model: str) -> str:
+    """Server paths out of a message a tenant reads (job error, events); the model reference the tenant
+    named itself (a folder under ``HIPP_MODEL_DIRS``) stays."""
+    def keep(path: str) -> bool:
+        return model.startswith("/") and (path.rstrip("/") == model or path.startswith(model.rstrip("/") + "/"))
+
+    return _ABS_PATH.sub(lambda m: m.group(0) if keep(m.group(0)) else "<server path>", message)
+
+
 def _fail(run: JobRun, job: Job, exc: Exception, settings: Settings) -> str:
     from worker.hipp.errors import HippError
 
+    if run.cancel_requested():
+        # Cancelled while this attempt was failing (e.g. during load): the caller's cancel wins.
+        log.warning("job %s: attempt %s failed after a cancel request", run.job_id, job.attempt, exc_info=exc)
+        run.stage_name = None
+        run.event("cancelled at the caller's request")
+        return _finish(run, JobStatus.cancelled)
     code = getattr(exc, "code", "internal_error")
-    message = str(exc) or type(exc).__name__
+    message = redact_paths(str(exc) or type(exc).__name__, job.model)
     if isinstance(exc, HippError):
         run.event(f"failed: {message}", level="error", data={"code": code})
         return _finish(run, JobStatus.failed, error={"code": code, "message": message, "retryable": False})
-    detail = {"type": type(exc).__name__, "traceback": traceback.format_exc(limit=8)[-4000:]}
+    # The traceback stays in the worker's log (it names server paths and code); tenants read events.
+    log.error("job %s attempt %s failed", run.job_id, job.attempt, exc_info=exc)
+    detail = {"type": type(exc).__name__}
     run.event(f"attempt {job.attempt} failed: {type(exc).__name__}: {message}", level="error", data=detail)
     if job.attempt < job.max_attempts:
         with run.factory() as s:

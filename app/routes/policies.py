@@ -7,8 +7,9 @@ import uuid
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from app.deps import CurrentTenant, ReadSessionDep, SessionDep
+from app.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
 from app.errors import not_found
+from app.modelrefs import check_policy_uri
 from app.models import Policy
 from app.schemas import PolicyCreate, PolicyOut
 
@@ -16,13 +17,16 @@ router = APIRouter(prefix="/policies", tags=["policies"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=PolicyOut)
-def create_policy(body: PolicyCreate, session: SessionDep, who: CurrentTenant) -> PolicyOut:
+def create_policy(body: PolicyCreate, session: SessionDep, settings: SettingsDep, who: CurrentTenant) -> PolicyOut:
+    """Register a policy. ``uri``: a stored policy's id or model fingerprint, or a folder under
+    ``HIPP_POLICY_DIRS`` / ``HIPP_MODEL_DIRS`` (anything else is 422 ``invalid_policy_uri``)."""
+    uri = check_policy_uri(body.uri, settings) if body.uri is not None else None
     policy = Policy(
         tenant_id=who.tenant_id,
         name=body.name,
         model=body.model,
         fingerprint=body.fingerprint,
-        uri=body.uri,
+        uri=uri,
         metrics=body.metrics,
         meta=body.metadata,
     )

@@ -34,9 +34,11 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.fixture(scope="module")
-def worker_settings(stack_settings: Settings) -> Settings:
-    # Its own queue, so jobs queued by the API tests (no worker there) are not picked up here.
-    return stack_settings.model_copy(update={"gpu_queue": f"{stack_settings.gpu_queue}-w"})
+def worker_settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    # Its own queue, so jobs queued by the API tests (no worker there) are not picked up here; policies may
+    # be registered from one folder (HIPP_POLICY_DIRS).
+    policies = tmp_path_factory.mktemp("policies")
+    return stack_settings.model_copy(update={"gpu_queue": f"{stack_settings.gpu_queue}-w", "policy_dirs": [policies]})
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_a_registered_policy_plans_the_job(worker, wclient, tenant_key, tmp_path
     fingerprint = model_fingerprint(load_model("tiny-llava").adapter)
     policy_dir = save_policy(
         HippPolicy(PolicyConfig(num_features=len(FEATURES))),
-        tmp_path / "policy",
+        wclient.app.state.settings.policy_dirs[0] / "policy",
         {"model_fingerprint": fingerprint, "model_reference": "tiny-llava"},
     )
     body = {"name": "random-init", "model": "tiny-llava", "uri": str(policy_dir)}
