@@ -304,3 +304,50 @@ def test_signed_urls_ignore_the_host_header_and_answer_head(sqlite_api) -> None:
     assert head.status_code == 200 and head.headers["content-length"] == str(obj.size) and head.content == b""
     assert c.get(path).content == b'{"a": 1}'
     assert c.head(path.replace("sig=", "sig=0")).status_code == 403
+
+
+# --- 9. the CLI rides out a brief outage while waiting ------------------------------------------------------
+def test_jobs_wait_retries_brief_connection_errors() -> None:
+    import subprocess
+    import sys
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.service.conftest import free_port
+
+    port = free_port()
+    answers = iter([503, "running", "running", "succeeded"])
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            answer = next(answers, "succeeded")
+            if answer == 503:
+                body = json.dumps({"error": {"code": "database_unavailable", "message": "x", "detail": None}})
+                self.send_response(503)
+            else:
+                job = {"id": "j", "status": answer, "stage": None, "progress": 1.0, "error": None,
+                       "result": {"metrics": {"ok": 1}}}
+                body = json.dumps(job)
+                self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIPP_")}
+    cmd = [sys.executable, "-m", "worker.cli.serve", "jobs", "--url", f"http://127.0.0.1:{port}", "--key", "k",
+           "wait", "j"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)  # the API is down (connection refused) for the first seconds of the wait
+    assert proc.poll() is None, proc.communicate()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["status"] == "succeeded"

@@ -44,13 +44,28 @@ class Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
+    #: Reads (GET) ride out a brief outage (API restarting, connection reset, 502/503/504) for this long.
+    retry_s = 60.0
+
     def request(self, method: str, path: str, **kw: Any) -> Any:
         import httpx
 
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.25
+        retry = method.upper() == "GET"  # never repeat a write behind the caller's back
+        while True:
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.TransportError as exc:
+                if not retry or time.monotonic() + delay > deadline:
+                    raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
+            else:
+                if not (retry and r.status_code in (502, 503, 504) and time.monotonic() + delay <= deadline):
+                    break
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]
