@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     page_size_max: int = 200
     api_key_cache_s: float = Field(default=10.0, description="How long a verified API key is cached in-process")
+    api_threads: int = Field(
+        default=40, ge=1, le=1000, description="Threads that run route code (blocking I/O); sizes the DB pool"
+    )
+    db_pool_timeout_s: float = Field(
+        default=2.0, gt=0, le=60, description="Longest wait for a pooled DB connection before a 503 with Retry-After"
+    )
+    long_poll_max_s: float = Field(default=60.0, ge=0, le=600, description="Largest ?wait= of GET /jobs/{id}")
     metrics_token: str = Field(
         default="", description="Bearer token for /metrics; set, it is required and job counts are shown"
     )

@@ -90,9 +90,7 @@ def make_engine(url: str) -> Engine:
     pool = {"pool_size": size, "max_overflow": overflow, "pool_timeout": _pool_timeout_s}
     if url.startswith("sqlite"):
         private_sqlite_file(url)
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}, **pool
-        )
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]

@@ -116,7 +116,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(PoolTimeout)
     async def _pool(_: Request, exc: PoolTimeout) -> JSONResponse:
-        return database_unavailable(exc)
+        # Every pooled connection stayed busy for HIPP_DB_POOL_TIMEOUT_S (a slow or stalled database): answer
+        # at once and let the client come back, rather than queueing requests behind it.
+        log.warning("database pool exhausted: %s", str(exc).splitlines()[0][:200])
+        return SafeJSONResponse(
+            error_body("server_busy", "the server is busy (no database connection free); retry in a second"),
+            503,
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -8,13 +8,18 @@ limit in one pure-ASGI middleware (app/metrics.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from app import errors
 from app.config import Settings, get_settings
+from app.db import configure_pool
 from app.metrics import MetricsAndLimits
 from app.routes import files, health, jobs, policies
+from app.watch import JobWatcher, drain_on_signals
 
 DESCRIPTION = """
 Preference-conditioned structured pruning of vision-language models, as jobs.
@@ -30,10 +35,28 @@ Every error is `{"error": {"code", "message", "detail"}}`.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Threads that run route code, and one pooled connection for each (app/deps.py, app/db.py).
+    configure_pool(settings.api_threads, settings.db_pool_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        undo = drain_on_signals(app.state.watcher)
+        try:
+            yield
+        finally:
+            undo()
+            await app.state.watcher.close()
+
     app = FastAPI(
-        title="HiPP-Prune", version="0.1.0", description=DESCRIPTION, default_response_class=errors.SafeJSONResponse
+        title="HiPP-Prune",
+        version="0.1.0",
+        description=DESCRIPTION,
+        default_response_class=errors.SafeJSONResponse,
+        lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.watcher = JobWatcher(settings.resolved_database_url)
     errors.install(app)
     for module in (jobs, policies, health, files):
         app.include_router(module.router)

@@ -12,14 +12,14 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
-from app.deps import SessionDep, SettingsDep, StorageDep
+from app.deps import DbRoute, SessionDep, SettingsDep, StorageDep
 from app.errors import ApiError, error_body
 from app.metrics import JOB_REGISTRY, JOBS_BY_STATUS, OLDEST_QUEUED
 from app.models import Job, JobStatus
 from app.queue import celery_client
 from app.schemas import Health
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=DbRoute)
 
 
 @router.get("/healthz", response_model=Health)

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
 
+from app import watch
 from app.db import session_factory
-from app.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep, StorageDep
+from app.deps import CurrentTenant, DbRoute, ReadSessionDep, SessionDep, SettingsDep, StorageDep, run_db
 from app.errors import ApiError
 from app.metrics import JOBS_SUBMITTED
-from app.models import Job, JobStatus
+from app.models import TERMINAL, Job, JobStatus
 from app.queue import get_dispatcher
 from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
 from app.services import jobs as service
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=DbRoute)
 MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT
+TERMINAL_STATES = {s.value for s in TERMINAL}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -58,10 +60,42 @@ def list_jobs(
     return Page[JobOut](items=[JobOut.model_validate(j) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, session: ReadSessionDep, who: CurrentTenant) -> Job:
+@router.get("/{job_id}", response_model=JobOut, responses={304: {"description": "Unchanged (If-None-Match)"}})
+async def get_job(
+    job_id: uuid.UUID,
+    request: Request,
+    response: Response,
+    session: ReadSessionDep,
+    settings: SettingsDep,
+    who: CurrentTenant,
+    wait: Annotated[
+        float,
+        Query(description="Long-poll: answer as soon as the job changes, or after this many seconds"),
+    ] = 0.0,
+    if_none_match: Annotated[str | None, Header(description="ETag of the state you have")] = None,
+) -> Any:
+    """A job. With ``?wait=S`` the answer comes when its status, stage or progress differs from the state you
+    last saw (``If-None-Match``: that response's ``ETag``; else the state when the request arrives), or after
+    S seconds; a finished job is answered at once. Unchanged with ``If-None-Match``: 304."""
+    if not 0 <= wait <= settings.long_poll_max_s:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"wait: must be between 0 and {settings.long_poll_max_s:g} seconds (got {wait:g}); "
+            "poll again with the job's ETag as If-None-Match to wait longer",
+        )
     # The row goes straight to the response model (validated once, from attributes).
-    return service.get_job(session, who, job_id)
+    job = await run_db(session, service.get_job, session, who, job_id)
+    tag = watch.job_etag(job)
+    unchanged = not if_none_match or watch.matches(if_none_match, tag)  # since the state the client has
+    if wait > 0 and unchanged and job.status not in TERMINAL_STATES:
+        await request.app.state.watcher.wait(job.id, tag, wait)
+        job = await run_db(session, service.get_job, session, who, job_id)
+        tag = watch.job_etag(job)
+    if watch.matches(if_none_match, tag):
+        return Response(status_code=304, headers={"ETag": tag})
+    response.headers["ETag"] = tag
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED)

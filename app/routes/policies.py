@@ -7,13 +7,13 @@ import uuid
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from app.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
+from app.deps import CurrentTenant, DbRoute, ReadSessionDep, SessionDep, SettingsDep
 from app.errors import not_found
 from app.modelrefs import check_policy_uri
 from app.models import Policy
 from app.schemas import PolicyCreate, PolicyOut
 
-router = APIRouter(prefix="/policies", tags=["policies"])
+router = APIRouter(prefix="/policies", tags=["policies"], route_class=DbRoute)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=PolicyOut)

@@ -43,6 +43,7 @@ class Client:
 
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.long_poll_ok = True
 
     #: Reads (GET) ride out a brief outage (API restarting, connection reset, 502/503/504) for this long.
     retry_s = 60.0
@@ -82,12 +83,20 @@ class Client:
         return self.request("GET", f"/jobs/{job_id}")  # type: ignore[no-any-return]
 
     def wait(
-        self, job_id: str, interval: float = 0.5, timeout: float | None = None, show: bool = True
+        self,
+        job_id: str,
+        interval: float = 0.5,
+        timeout: float | None = None,
+        show: bool = True,
+        long_poll: float = 25.0,
     ) -> dict[str, Any]:
+        """Follow a job until it ends. Long-polls ``GET /jobs/{id}?wait=`` (one request per change of status,
+        stage or progress, or per ``long_poll`` seconds); against a server without long-polling (no ``ETag``)
+        it polls every ``interval`` seconds. A busy server's 503 is retried after its ``Retry-After``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
+        job, tag = self._poll(job_id, None, 0.0)
         while True:
-            job = self.job(job_id)
             line = f"{job['status']:<10} {job['stage'] or '-':<12} {100 * job['progress']:5.1f}%"
             if show and line != last:
                 bar = "#" * int(30 * job["progress"])
@@ -97,9 +106,62 @@ class Client:
                 if show:
                     print(file=sys.stderr)
                 return job
-            if deadline is not None and time.monotonic() > deadline:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise ApiClientError(f"job {job_id} still {job['status']} after {timeout}s")
-            time.sleep(interval)
+            if tag is None or not self.long_poll_ok:  # no long-polling on this server
+                time.sleep(interval if left is None else min(interval, left))
+                job, tag = self._poll(job_id, None, 0.0)
+            else:
+                hold = long_poll if left is None else max(min(long_poll, left), 0.1)
+                job, tag = self._poll(job_id, tag, hold, job)
+
+    def _poll(
+        self, job_id: str, tag: str | None, wait: float, known: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str | None]:
+        """One ``GET /jobs/{id}`` (a long-poll when ``wait``): the job and its ETag (``None``: the server does not
+        long-poll). A 304 means ``known`` is still current."""
+        import httpx
+
+        params = {"wait": f"{wait:g}"} if wait > 0 else {}
+        headers = {"If-None-Match": tag} if tag else {}
+        down_since: float | None = None
+        for _ in range(30 + int(self.retry_s)):
+            try:
+                r = self.http.get(f"/jobs/{job_id}", params=params, headers=headers, timeout=wait + 30)
+            except httpx.TransportError as exc:  # the API restarting or a reset connection: retry a while
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.retry_s:
+                    raise ApiClientError(
+                        f"cannot reach the API at {self.http.base_url} (retried for {self.retry_s:.0f}s): {exc}"
+                    ) from exc
+                time.sleep(1.0)
+                continue
+            except httpx.HTTPError as exc:
+                raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
+            down_since = None
+            if r.status_code == 304 and known is not None:
+                return known, r.headers.get("ETag", tag)
+            if r.status_code == 503:
+                time.sleep(min(float(r.headers.get("Retry-After", "1") or 1), 10.0))
+                continue
+            if r.status_code == 422 and params:  # a server whose long-poll limit is lower: plain polling
+                self.long_poll_ok = False
+                return self._poll(job_id, None, 0.0)
+            if r.status_code >= 400:
+                self._raise(r)
+            return r.json(), r.headers.get("ETag")
+        self._raise(r)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _raise(r: Any) -> None:
+        try:
+            err = r.json()["error"]
+            message = f"{err['message']} [{r.status_code} {err['code']}]"
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {r.status_code}: {r.text[:300]}"
+        raise ApiClientError(message)
 
     def download(self, job_id: str, out_dir: Path, name: str = "checkpoint.tar") -> Path:
         """Fetch an artifact through its signed URL, verify its sha256; unpack a checkpoint archive."""

@@ -4,20 +4,33 @@
 With no ``HIPP_*`` settings, ``hipp serve`` is the embedded deployment: SQLite, the local artifact folder
 served through signed URLs, and Celery's filesystem broker, all under ``HIPP_HOME`` (default ``.hipp``).
 With Postgres/Redis/S3 settings it runs the same API and worker against them.
+
+Stopping (SIGTERM or SIGINT, at any moment, also during start-up): the API stops accepting connections,
+answers waiting long-polls, finishes requests in flight (at most ``GRACE_S``) and returns; the worker gets
+SIGTERM at the signal (a warm shutdown: it finishes its task if it can), and ``WORKER_STOP_S`` after the signal
+its whole process group (the worker, its pool child and the beat it started) is killed. Nothing outlives
+``hipp serve``, and it exits 0 within about ``WORKER_STOP_S`` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
+
+GRACE_S = 5.0  # requests in flight get this long to finish after SIGTERM
+WORKER_STOP_S = 8.0  # then the worker's process group is killed this long after the signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -122,6 +135,73 @@ def worker_command(settings: Any) -> list[str]:
                                  str((settings.home / "celerybeat-schedule").resolve()))
 
 
+_early_signals: list[int] = []
+
+
+def _stop_during_startup(signum: int, frame: FrameType | None) -> None:
+    _early_signals.append(signum)
+
+
+def start_worker(settings: Any) -> subprocess.Popen[bytes]:
+    """The embedded worker, in a process group of its own: ``stop_worker`` can then reach the beat and pool
+    processes it starts, and a Ctrl-C in the terminal reaches ``hipp serve`` only, which stops it in order."""
+    env = dict(os.environ, HIPP_HOME=str(settings.home.resolve()))
+    log = (settings.home / "worker.log").open("ab")
+    try:
+        return subprocess.Popen(
+            worker_command(settings), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        log.close()
+
+
+def stop_worker(worker: subprocess.Popen[bytes], deadline: float) -> None:
+    """SIGTERM (a warm shutdown), and at ``deadline`` (monotonic) SIGKILL to the worker's whole process group,
+    whatever is left of it (also when the worker itself exited first and left children behind)."""
+    with contextlib.suppress(ProcessLookupError):
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(timeout=5)
+
+
+def _uvicorn_server(config: Any, on_signal: Callable[[], None]) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server without its last step: after a signal-initiated shutdown uvicorn re-raises the signal
+        with the default handler, which killed ``hipp serve`` before it could stop its worker. The first signal
+        also starts stopping the worker, in parallel with the HTTP shutdown."""
+
+        signalled_at: float | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in _early_signals:  # arrived while starting up
+                self.handle_exit(sig, None)
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.signalled_at is None:
+                self.signalled_at = time.monotonic()
+                on_signal()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -129,27 +209,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.queue import relay_pending
 
+    # Until uvicorn takes the signals over, a SIGTERM/SIGINT is remembered; start-up then stops short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_during_startup)
     settings = _settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    _migrate_if(settings, args.migrate)
-    if settings.storage == "local":
-        settings.resolved_signing_secret  # noqa: B018  (create the key file once, before the worker starts)
     worker = None
-    if not args.no_worker:
-        env = dict(os.environ, HIPP_HOME=str(settings.home.resolve()))
-        log = (settings.home / "worker.log").open("ab")
-        worker = subprocess.Popen(worker_command(settings), env=env, stdout=log, stderr=subprocess.STDOUT)
-        print(f"worker pid {worker.pid}, log {settings.home / 'worker.log'}", file=sys.stderr)
+    server = None
     try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        _migrate_if(settings, args.migrate)
+        if settings.storage == "local":
+            settings.resolved_signing_secret  # noqa: B018  (create the key file once, before the worker starts)
+        if not args.no_worker:
+            worker = start_worker(settings)
+            print(f"worker pid {worker.pid}, log {settings.home / 'worker.log'}", file=sys.stderr)
         relay_pending(settings, session_factory(settings.resolved_database_url), min_age_s=0)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+
+        def on_signal() -> None:
+            if worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+
+        config = uvicorn.Config(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(GRACE_S),
+        )
+        server = _uvicorn_server(config, on_signal)
+        if not _early_signals:
+            server.run()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            signalled = getattr(server, "signalled_at", None) or time.monotonic()
+            stop_worker(worker, min(signalled, time.monotonic()) + WORKER_STOP_S)
     return 0
 
 
