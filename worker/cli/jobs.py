@@ -49,12 +49,20 @@ class Client:
     retry_s = 60.0
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
+        r = self.send(method, path, **kw)
+        if r.status_code >= 400:
+            self._raise(r)
+        return r.json()
+
+    def send(self, method: str, path: str, **kw: Any) -> Any:
+        """One request, the ``httpx.Response`` whatever its status; reads are retried as described above."""
         import httpx
 
         deadline = time.monotonic() + self.retry_s
         delay = 0.25
         retry = method.upper() == "GET"  # never repeat a write behind the caller's back
         while True:
+            r = None
             try:
                 r = self.http.request(method, path, **kw)
             except httpx.TransportError as exc:
@@ -65,15 +73,9 @@ class Client:
             else:
                 if not (retry and r.status_code in (502, 503, 504) and time.monotonic() + delay <= deadline):
                     break
-            time.sleep(delay)
+            time.sleep(_retry_after(r, delay))
             delay = min(delay * 2, 5.0)
-        if r.status_code >= 400:
-            try:
-                err = r.json()["error"]
-                raise ApiClientError(f"{err['message']} [{r.status_code} {err['code']}]")
-            except (ValueError, KeyError, TypeError):
-                raise ApiClientError(f"HTTP {r.status_code}: {r.text[:300]}") from None
-        return r.json()
+        return r
 
     def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -92,7 +94,7 @@ class Client:
     ) -> dict[str, Any]:
         """Follow a job until it ends. Long-polls ``GET /jobs/{id}?wait=`` (one request per change of status,
         stage or progress, or per ``long_poll`` seconds); against a server without long-polling (no ``ETag``)
-        it polls every ``interval`` seconds. A busy server's 503 is retried after its ``Retry-After``."""
+        it polls every ``interval`` seconds. Outages and a busy server's 503 are ridden out as by ``request``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
         job, tag = self._poll(job_id, None, 0.0)
@@ -121,38 +123,17 @@ class Client:
     ) -> tuple[dict[str, Any], str | None]:
         """One ``GET /jobs/{id}`` (a long-poll when ``wait``): the job and its ETag (``None``: the server does not
         long-poll). A 304 means ``known`` is still current."""
-        import httpx
-
         params = {"wait": f"{wait:g}"} if wait > 0 else {}
         headers = {"If-None-Match": tag} if tag else {}
-        down_since: float | None = None
-        for _ in range(30 + int(self.retry_s)):
-            try:
-                r = self.http.get(f"/jobs/{job_id}", params=params, headers=headers, timeout=wait + 30)
-            except httpx.TransportError as exc:  # the API restarting or a reset connection: retry a while
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > self.retry_s:
-                    raise ApiClientError(
-                        f"cannot reach the API at {self.http.base_url} (retried for {self.retry_s:.0f}s): {exc}"
-                    ) from exc
-                time.sleep(1.0)
-                continue
-            except httpx.HTTPError as exc:
-                raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
-            down_since = None
-            if r.status_code == 304 and known is not None:
-                return known, r.headers.get("ETag", tag)
-            if r.status_code == 503:
-                time.sleep(min(float(r.headers.get("Retry-After", "1") or 1), 10.0))
-                continue
-            if r.status_code == 422 and params:  # a server whose long-poll limit is lower: plain polling
-                self.long_poll_ok = False
-                return self._poll(job_id, None, 0.0)
-            if r.status_code >= 400:
-                self._raise(r)
-            return r.json(), r.headers.get("ETag")
-        self._raise(r)
-        raise AssertionError("unreachable")
+        r = self.send("GET", f"/jobs/{job_id}", params=params, headers=headers, timeout=wait + 30)
+        if r.status_code == 304 and known is not None:
+            return known, r.headers.get("ETag", tag)
+        if r.status_code == 422 and params:  # a server whose long-poll limit is lower: plain polling
+            self.long_poll_ok = False
+            return self._poll(job_id, None, 0.0)
+        if r.status_code >= 400:
+            self._raise(r)
+        return r.json(), r.headers.get("ETag")
 
     @staticmethod
     def _raise(r: Any) -> None:
@@ -190,6 +171,14 @@ class Client:
             dest.unlink()
             return out_dir / "checkpoint"
         return dest
+
+
+def _retry_after(r: Any, default: float) -> float:
+    """The server's ``Retry-After`` (seconds, at most 10), else ``default``."""
+    try:
+        return min(max(float(r.headers["Retry-After"]), 0.0), 10.0)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return default
 
 
 def parse_preference(text: str) -> dict[str, float]:
