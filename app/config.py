@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(
         default=20, ge=0, description="Queued + running + cancelling jobs per tenant; 0 = no limit"
     )
+    max_waiting_per_tenant: int = Field(
+        default=1, ge=0, description="Published, not yet running jobs per tenant in the broker (fair order); 0 = all"
+    )
+    rate_limit_per_minute: float = Field(
+        default=120.0, ge=0, description="POST /jobs and cancels per tenant per minute (API process); 0 = no limit"
+    )
+    rate_limit_burst: int = Field(default=60, ge=1, description="Requests a tenant may make at once before the rate")
     fault_injection: bool = Field(
         default=False, description="Test only: honour metadata.fault = {crash_at: STAGE} (SIGKILL the worker)"
     )

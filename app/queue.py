@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import and_, insert, or_, select, text, update
+from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -81,10 +81,49 @@ def publish(settings: Settings, job_id: uuid.UUID) -> None:
     celery_client(settings).send_task(RUN_JOB, args=[str(job_id)], queue=settings.gpu_queue)
 
 
+def fair_subset(session: Session, settings: Settings, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """The jobs of ``job_ids`` that may be published now, oldest first: at most
+    ``HIPP_MAX_WAITING_PER_TENANT`` published-but-unclaimed messages per tenant sit in the broker. The rest
+    stay queued with ``enqueued_at`` NULL and are published by the relay (beat, and every worker when a job
+    ends) as the tenant's earlier jobs are claimed. A broker queue is FIFO; this keeps one tenant's backlog
+    out of it, so another tenant's job waits behind at most that many of each tenant's jobs."""
+    cap = settings.max_waiting_per_tenant
+    if cap <= 0 or not job_ids:
+        return job_ids
+    rows = session.execute(
+        select(Job.id, Job.tenant_id, Job.created_at).where(Job.id.in_(job_ids), Job.status == JobStatus.queued.value)
+    ).all()
+    tenants = {r.tenant_id for r in rows}
+    waiting: dict[uuid.UUID, int] = {
+        tenant: int(n)
+        for tenant, n in session.execute(
+            select(Job.tenant_id, func.count())
+            .where(
+                Job.tenant_id.in_(tenants),
+                Job.status == JobStatus.queued.value,
+                Job.enqueued_at.is_not(None),
+                Job.id.not_in(job_ids),
+            )
+            .group_by(Job.tenant_id)
+        ).all()
+    }
+    out = []
+    for r in sorted(rows, key=lambda r: (r.created_at, r.id)):
+        if waiting.get(r.tenant_id, 0) < cap:
+            out.append(r.id)
+            waiting[r.tenant_id] = waiting.get(r.tenant_id, 0) + 1
+    return out
+
+
 def dispatch(settings: Settings, factory: sessionmaker[Session], job_ids: Iterable[uuid.UUID]) -> int:
-    """Publish committed jobs and mark them enqueued (one UPDATE for the batch). Returns how many."""
+    """Publish committed jobs (as many as the per-tenant fair share allows, see ``fair_subset``) and mark
+    them enqueued (one UPDATE for the batch). Returns how many."""
+    ids = list(job_ids)
+    if settings.max_waiting_per_tenant > 0 and ids:
+        with factory() as session:
+            ids = fair_subset(session, settings, ids)
     sent: list[uuid.UUID] = []
-    for job_id in job_ids:
+    for job_id in ids:
         try:
             publish(settings, job_id)
         except Exception as exc:  # the relay will retry; the request already succeeded
@@ -161,6 +200,30 @@ def get_dispatcher(settings: Settings, factory: sessionmaker[Session]) -> Dispat
         if ident not in _dispatchers:
             _dispatchers[ident] = Dispatcher(settings, factory)
         return _dispatchers[ident]
+
+
+_check_engines: dict[str, Any] = {}
+
+
+def still_queued(settings: Settings, job_id: str) -> bool:
+    """Whether a delivered job can still be claimed (queued, attempts left). The worker's main process asks
+    before handing a message to its pool, so a cancelled or finished job costs no child process. Unpooled
+    connections (the pool children are forked from this process). True when the database cannot say."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    url = settings.resolved_database_url
+    try:
+        if url not in _check_engines:
+            _check_engines[url] = create_engine(url, poolclass=NullPool)
+        with _check_engines[url].connect() as conn:
+            row = conn.execute(
+                select(Job.status, Job.attempt, Job.max_attempts).where(Job.id == uuid.UUID(str(job_id)))
+            ).first()
+    except Exception as exc:
+        log.warning("could not check job %s before running it (%s); running it", job_id, exc)
+        return True
+    return row is not None and row.status == JobStatus.queued.value and row.attempt < row.max_attempts
 
 
 def relay_pending(settings: Settings, factory: sessionmaker[Session], min_age_s: float | None = None) -> int:

@@ -5,15 +5,16 @@ returned when it exits), prefetch 1 with late acks (a worker holds at most the j
 inside the task, never here. The database engine is built once per process, after the fork.
 Beat runs the outbox relay and the reaper (app/reaper.py: stale heartbeats re-queued, failed after the
 attempt cap) on the default queue; run it as ``celery -A worker.celery_app beat`` next to a ``-Q default``
-worker (or ``worker -B`` for the light worker).
+worker (or ``worker -B`` for the light worker: that beat dies with its worker, even a kill -9).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import beat_embedded_init, worker_process_init
 
 from app.config import get_settings
 from app.queue import REAP, RELAY, RUN_JOB, celery_config
@@ -56,3 +57,18 @@ def _fresh_connections(**_: Any) -> None:
     from app.db import dispose_all
 
     dispose_all()
+
+
+_MAIN_PID = os.getpid()  # the worker's main process (imported before it forks beat and the pool)
+
+
+@beat_embedded_init.connect
+def _die_with_the_worker(**_: Any) -> None:
+    """The beat of ``worker -B`` is a child process; Celery gives its pool children a parent-death signal but
+    not beat, so a kill -9 of the worker left the scheduler running and a restart ran two. Beat now gets
+    SIGKILL when the worker dies (and exits at once if the worker died before this ran)."""
+    from celery.platforms import set_pdeathsig
+
+    set_pdeathsig("SIGKILL")
+    if os.getppid() != _MAIN_PID:
+        os._exit(0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from celery.worker.request import Request
+
 from app.config import get_settings
 from app.queue import REAP, RELAY, RUN_JOB
 from worker.celery_app import celery_app
@@ -11,12 +13,43 @@ from worker.celery_app import celery_app
 log = logging.getLogger("hipp.tasks")
 
 
-@celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
+class JobRequest(Request):
+    """A delivered ``hipp.run_job`` message, in the worker's main process. A job that can no longer be
+    claimed (cancelled while queued, finished, a duplicate delivery) is acknowledged and dropped here,
+    before it reaches the pool: with one task per child, running it would cost a fresh child process
+    (seconds) per cancelled job, and a tenant's cancel storm would delay everyone else's jobs."""
+
+    def revoked(self) -> bool:
+        # Celery asks this right before sending the message to the pool (and drops a revoked one: acked,
+        # its pool slot released); the per-task Request subclass Celery builds keeps this method.
+        if super().revoked():
+            return True
+        from app.queue import still_queued
+
+        job_id = str(self.args[0]) if self.args else ""
+        if job_id and not still_queued(get_settings(), job_id):
+            log.info("job %s: nothing to claim (cancelled, finished or running elsewhere); dropped", job_id)
+            self._announce_revoked("nothing to claim", False, None, False)
+            return True
+        return False
+
+
+@celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True, Request=JobRequest)
 def run_job(job_id: str) -> str:
     from worker.pipeline import run_job as run
 
-    outcome = run(job_id, get_settings())
+    settings = get_settings()
+    outcome = run(job_id, settings)
     log.info("job %s: %s", job_id, outcome)
+    if settings.max_waiting_per_tenant > 0:
+        # Fair order: a tenant's held-back jobs are published as its earlier ones leave the broker.
+        from app.db import session_factory
+        from app.queue import relay_pending as relay
+
+        try:
+            relay(settings, session_factory(settings.resolved_database_url), min_age_s=0)
+        except Exception as exc:  # beat's relay publishes them later
+            log.warning("relay after job %s failed: %s", job_id, exc)
     return outcome
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
 
 from app import watch
@@ -15,6 +15,7 @@ from app.errors import ApiError
 from app.metrics import JOBS_SUBMITTED
 from app.models import TERMINAL, Job, JobStatus
 from app.queue import get_dispatcher
+from app.ratelimit import rate_limit
 from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
 from app.services import jobs as service
 
@@ -23,7 +24,9 @@ MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT
 TERMINAL_STATES = {s.value for s in TERMINAL}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=JobOut, dependencies=[Depends(rate_limit("submit"))]
+)
 def submit_job(
     body: JobCreate,
     session: SessionDep,
@@ -98,7 +101,12 @@ async def get_job(
     return job
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(rate_limit("cancel"))],
+)
 def cancel_job(job_id: uuid.UUID, session: SessionDep, who: CurrentTenant) -> JobOut:
     """Queued jobs are cancelled at once; running jobs become ``cancelling`` and stop at the next check."""
     return JobOut.model_validate(service.cancel_job(session, who, job_id))

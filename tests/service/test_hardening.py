@@ -351,3 +351,60 @@ def test_jobs_wait_retries_brief_connection_errors() -> None:
         server.shutdown()
     assert proc.returncode == 0, err
     assert json.loads(out)["status"] == "succeeded"
+
+
+# --- 3. rate limit and fair order ---------------------------------------------------------------------------
+def test_submit_and_cancel_are_rate_limited_per_tenant(stack_settings: Settings, tenant_key: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = stack_settings.model_copy(update={"rate_limit_per_minute": 6.0, "rate_limit_burst": 3})
+    with session_scope(settings.resolved_database_url) as s:
+        other, _ = create_api_key(s, f"other-{uuid.uuid4().hex[:6]}")
+    with TestClient(create_app(settings)) as c:
+        ids = [c.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"] for _ in range(3)]
+        r = c.post("/jobs", json=GOOD, headers=auth(tenant_key))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited", r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 10
+        assert c.post("/jobs", json=GOOD, headers=auth(other)).status_code == 201  # another tenant is not slowed
+        for job_id in ids:
+            assert c.post(f"/jobs/{job_id}/cancel", headers=auth(tenant_key)).status_code == 202
+        r = c.post(f"/jobs/{ids[0]}/cancel", headers=auth(tenant_key))
+        assert r.status_code == 429 and "Retry-After" in r.headers
+        assert c.get(f"/jobs/{ids[0]}", headers=auth(tenant_key)).status_code == 200  # reads are not limited
+
+
+def test_fair_order_publishes_one_waiting_job_per_tenant(stack_settings: Settings) -> None:
+    from fastapi.testclient import TestClient
+    from sqlalchemy import update
+
+    from app.db import session_factory
+    from app.main import create_app
+    from app.queue import get_dispatcher, relay_pending
+
+    queue = f"fair-{uuid.uuid4().hex[:6]}"
+    settings = stack_settings.model_copy(update={"max_waiting_per_tenant": 1, "gpu_queue": queue})
+    with session_scope(settings.resolved_database_url) as s:
+        a, _ = create_api_key(s, f"a-{uuid.uuid4().hex[:6]}")
+        b, _ = create_api_key(s, f"b-{uuid.uuid4().hex[:6]}")
+    factory = session_factory(settings.resolved_database_url)
+    with TestClient(create_app(settings)) as c:
+        a_ids = [c.post("/jobs", json=GOOD, headers=auth(a)).json()["id"] for _ in range(4)]
+        b_ids = [c.post("/jobs", json=GOOD, headers=auth(b)).json()["id"] for _ in range(1)]
+        assert get_dispatcher(settings, factory).flush()
+
+    def enqueued(ids: list[str]) -> list[bool]:
+        with session_scope(settings.resolved_database_url) as s:
+            jobs = s.scalars(select(Job).where(Job.id.in_([uuid.UUID(i) for i in ids])))
+            rows = {str(j.id): j.enqueued_at is not None for j in jobs}
+        return [rows[i] for i in ids]
+
+    assert enqueued(a_ids) == [True, False, False, False]  # A's backlog stays out of the broker ...
+    assert enqueued(b_ids) == [True]  # ... so B's job is next after A's first
+    relay_pending(settings, factory, min_age_s=0)
+    assert enqueued(a_ids) == [True, False, False, False]  # still one waiting: nothing more to publish
+    with session_scope(settings.resolved_database_url) as s:  # a worker claims A's first job
+        s.execute(update(Job).where(Job.id == uuid.UUID(a_ids[0])).values(status="running"))
+    relay_pending(settings, factory, min_age_s=0)
+    assert enqueued(a_ids) == [True, True, False, False]
