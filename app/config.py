@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server folders whose models may be used"
     )
+    policy_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Server folders whose policy directories POST /policies may name"
+    )
     allow_hub_models: bool = Field(default=False, description="Accept Hugging Face hub ids (org/name)")
 
     # Jobs.
@@ -76,9 +79,6 @@ class Settings(BaseSettings):
     lease_s: int = 120
     heartbeat_s: float = 5.0
     enqueue_retry_s: int = 30
-    policy_dirs: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="Server folders whose policy directories POST /policies may name"
-    )
     requeue_after_s: int = Field(
         default=600, description="Re-publish a job still queued this long after its enqueue (lost broker message)"
     )
@@ -99,7 +99,11 @@ class Settings(BaseSettings):
     )
     work_dir: Path | None = Field(default=None, description="Worker scratch folder; default HIPP_HOME/work")
     device: str = Field(default="auto", description="Worker device: auto (cuda when available), cuda, cuda:N, cpu")
-    dtype: str = Field(default="float32", description="Weights dtype in the worker: float32, bfloat16, float16")
+    dtype: str = Field(
+        default="auto",
+        description="dtype the worker loads and prunes in: auto (the checkpoint's own; float16 is computed in "
+        "float32 on a CPU), float32, bfloat16, float16. A job's export.dtype sets the exported weights' dtype",
+    )
 
     @field_validator("allowed_models", "model_dirs", "policy_dirs", mode="before")
     @classmethod

@@ -145,6 +145,15 @@ class CalibrationOptions(Strict):
     sensitivity_samples: int = Field(default=8, ge=1, le=4096, description="Images for visual sensitivity")
 
 
+class ExportOptions(Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of the exported weights; auto: the source checkpoint's own"
+    )
+    max_shard_size_mb: float = Field(
+        default=5000, ge=0.05, le=100_000, description="Largest safetensors shard of the export, in MB (10^6 bytes)"
+    )
+
+
 class JobCreate(Strict):
     model: str = Field(
         min_length=1,
@@ -153,11 +162,13 @@ class JobCreate(Strict):
     )
     preference: Preference
     target_sparsity: float | None = Field(
-        default=None, gt=0.0, lt=0.95, description="Matched mode: prune to this fraction of prunable params"
+        default=None, ge=0.0, lt=0.95,
+        description="Matched mode: prune to this fraction of prunable params (0: export unpruned, a format check)",
     )
     recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+    export: ExportOptions = Field(default_factory=ExportOptions)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("model")

@@ -590,8 +590,19 @@ def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
     return {"evaluation": ctx.result["metrics"]["evaluation"]}
 
 
+def export_options(ctx: JobContext) -> dict[str, Any]:
+    """The job's export dtype (None: the source checkpoint's) and shard size."""
+    from worker.hipp.loading import resolve_dtype
+
+    options = ctx.job.options.get("export") or {}
+    dtype = options.get("dtype", "auto")
+    return {"dtype": None if dtype == "auto" else resolve_dtype(dtype),
+            "max_shard_size": int(float(options.get("max_shard_size_mb", 5000)) * 1_000_000)}
+
+
 def stage_upload(ctx: JobContext) -> dict[str, Any]:
-    from worker.hipp.checkpoint import export_pruned
+    from worker.hipp.checkpoint import export_loaded
+    from worker.hipp.loading import dtype_name
 
     out = ctx.work_dir / "checkpoint"
     shutil.rmtree(out, ignore_errors=True)
@@ -599,15 +610,7 @@ def stage_upload(ctx: JobContext) -> dict[str, Any]:
     metrics = {**ctx.result.get("metrics", {}), "dense": ctx.result.get("dense", {})}
     if "recovery" in ctx.result:
         metrics["recovery"] = ctx.result["recovery"]
-    export_pruned(
-        ctx.loaded.model,
-        ctx.loaded.processor,
-        ctx.loaded.adapter,
-        out,
-        plan=ctx.plan,
-        metrics=metrics,
-        card=card,
-    )
+    export_loaded(ctx.loaded, out, plan=ctx.plan, metrics=metrics, card=card, **export_options(ctx))
     ctx.run.check()
     archive = ctx.work_dir / "checkpoint.tar"
     with tarfile.open(archive, "w") as tar:
@@ -631,7 +634,9 @@ def stage_upload(ctx: JobContext) -> dict[str, Any]:
             )
         )
     ctx.rows = rows  # written with the stage's completion, in one transaction (JobRun.end)
-    ctx.result["checkpoint"] = {"artifact": "checkpoint.tar", "sha256": rows[0].sha256, "size": rows[0].size}
+    ctx.result["checkpoint"] = {"artifact": "checkpoint.tar", "sha256": rows[0].sha256, "size": rows[0].size,
+                                "dtype": dtype_name(ctx.loaded.dtype),
+                                "weight_files": sorted(p.name for p in out.glob("*.safetensors"))}
     return {"artifacts": [r.name for r in rows], "bytes": sum(r.size for r in rows)}
 
 

@@ -62,6 +62,7 @@ def _insert(
             "recovery": body.recovery.model_dump(),
             "evaluation": body.evaluation.model_dump(),
             "calibration": body.calibration.model_dump(),
+            "export": body.export.model_dump(),
         },
         meta=body.metadata,
         status=JobStatus.queued.value,

@@ -30,7 +30,7 @@ from torch import nn
 from worker.hipp.adapters.base import ModelAdapter
 from worker.hipp.errors import OptionError
 from worker.hipp.export_options import DEFAULT_MAX_SHARD_SIZE
-from worker.hipp.loading import LoadedModel
+from worker.hipp.loading import LoadedModel, cast_parameters
 from worker.hipp.plan import LayerPlan, PruningPlan
 
 TEMPLATES = Path(__file__).parent / "remote"
@@ -134,8 +134,8 @@ def export_pruned(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if dtype is not None and dtype != next(model.parameters()).dtype:
-        model.to(dtype)
+    if dtype is not None:
+        cast_parameters(model, dtype)
     base_class, config_class, base_type = _base_classes(model)
     names = write_remote_code(out, base_class, config_class, base_type)
     remote_cls: Any = get_class_from_dynamic_module(f"{names['model_module']}.{names['model_class']}", str(out))

@@ -102,11 +102,34 @@ def load_model(
         source_dir = _local_dir(source)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
-    target = requested or compute_dtype(source_dtype, device)
-    model.to(device=device, dtype=target)
+    cast_parameters(model, requested or compute_dtype(source_dtype, device))
+    model.to(device=device)
     model.eval()
-    return LoadedModel(model=model, processor=processor, adapter=get_adapter(model), reference=ref,
+    adapter = get_adapter(model)
+    _check_tokenizer(ref, processor, adapter)
+    return LoadedModel(model=model, processor=processor, adapter=adapter, reference=ref,
                        source_dtype=source_dtype, source_dir=source_dir)
+
+
+def _check_tokenizer(ref: str, processor: Any, adapter: ModelAdapter) -> None:
+    """transformers builds an empty tokenizer when its files are missing; catch it here, not mid-prune."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    size = len(tokenizer)
+    if adapter.image_token_id >= size:
+        raise ModelNotLoadableError(
+            f"cannot build the processor of {ref}: its tokenizer has {size} tokens but the model's image token id "
+            f"is {adapter.image_token_id}; the tokenizer files (tokenizer.json, tokenizer_config.json) are missing "
+            "or belong to another model"
+        )
+
+
+@torch.no_grad()
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the weights to ``dtype`` in place, one tensor at a time (no second copy of the model). Buffers keep
+    their dtype: rotary frequencies stay float32 as ``from_pretrained`` builds them, whatever the weights."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _resolve_source(ref: str) -> str:
