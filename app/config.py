@@ -94,6 +94,10 @@ class Settings(BaseSettings):
         default=120.0, ge=0, description="POST /jobs and cancels per tenant per minute (API process); 0 = no limit"
     )
     rate_limit_burst: int = Field(default=60, ge=1, description="Requests a tenant may make at once before the rate")
+    artifact_retention_s: int = Field(
+        default=30 * 24 * 3600, ge=0, description="Artifacts are deleted this long after their job ended; 0 = kept"
+    )
+    retention_interval_s: float = Field(default=600.0, gt=0, description="Period of the retention sweep (beat)")
     fault_injection: bool = Field(
         default=False, description="Test only: honour metadata.fault = {crash_at: STAGE} (SIGKILL the worker)"
     )

@@ -18,7 +18,7 @@ from app import errors
 from app.config import Settings, get_settings
 from app.db import configure_pool
 from app.metrics import MetricsAndLimits
-from app.routes import files, health, jobs, policies
+from app.routes import files, health, jobs, policies, usage
 from app.watch import JobWatcher, drain_on_signals
 
 DESCRIPTION = """
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.watcher = JobWatcher(settings.resolved_database_url)
     errors.install(app)
-    for module in (jobs, policies, health, files):
+    for module in (jobs, policies, health, files, usage):
         app.include_router(module.router)
     app.add_middleware(MetricsAndLimits, max_body=settings.max_body_bytes)
     logging.getLogger("hipp").setLevel(logging.INFO)

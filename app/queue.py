@@ -31,6 +31,7 @@ log = logging.getLogger("hipp.queue")
 RUN_JOB = "hipp.run_job"
 RELAY = "hipp.relay_pending"
 REAP = "hipp.reap_stale"
+SWEEP = "hipp.retention_sweep"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

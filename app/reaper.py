@@ -95,6 +95,12 @@ def reap_stale(settings: Settings, factory: sessionmaker[Session]) -> Reaped:
         s.commit()
     if out.requeued:
         dispatch(settings, factory, out.requeued)
+    if out.failed or out.cancelled:
+        from app.retention import delete_stage_outputs
+        from app.storage import get_storage
+
+        for job_id in [*out.failed, *out.cancelled]:  # no retry will resume them
+            delete_stage_outputs(get_storage(settings), factory, job_id)
     if rows:
         log.warning("reaper: %s", out.as_dict())
     return out

@@ -269,3 +269,9 @@ class PolicyOut(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class Usage(BaseModel):
+    jobs: int = Field(description="Jobs of this tenant the service still holds (finished ones included)")
+    artifacts: int = Field(description="Stored artifacts (checkpoint archives, plans, metrics)")
+    artifact_bytes: int = Field(description="Their total size in bytes")

@@ -80,6 +80,11 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with ``prefix`` (a folder such as ``jobs/ID/``); returns how
+        many. Deleting what is already gone is not an error."""
+        ...
+
     def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         """A GET URL valid for ``expires_s`` seconds, minted now; never stored."""
         ...
@@ -147,6 +152,14 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def delete_prefix(self, prefix: str) -> int:
+        folder = self.path(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        return count
 
     def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         from app.security import sign
@@ -265,6 +278,17 @@ class S3Storage:
             return True
         except ClientError:
             return False
+
+    def delete_prefix(self, prefix: str) -> int:
+        check_key(prefix.rstrip("/"))
+        full = self._k(prefix.rstrip("/")) + "/"
+        count = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                count += len(keys)
+        return count
 
     def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         url = self.client.generate_presigned_url(

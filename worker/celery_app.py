@@ -17,7 +17,7 @@ from celery import Celery
 from celery.signals import beat_embedded_init, worker_process_init
 
 from app.config import get_settings
-from app.queue import REAP, RELAY, RUN_JOB, celery_config
+from app.queue import REAP, RELAY, RUN_JOB, SWEEP, celery_config
 
 settings = get_settings()
 
@@ -28,6 +28,7 @@ celery_app.conf.update(
         RUN_JOB: {"queue": settings.gpu_queue},
         RELAY: {"queue": settings.default_queue},
         REAP: {"queue": settings.default_queue},
+        SWEEP: {"queue": settings.default_queue},
     },
     task_acks_late=True,
     task_reject_on_worker_lost=False,
@@ -45,6 +46,12 @@ celery_app.conf.update(
             "task": REAP,
             "schedule": settings.reap_interval_s,
             "options": {"expires": max(settings.reap_interval_s, 5.0)},
+        },
+        # Stage outputs of finished jobs, artifacts past HIPP_ARTIFACT_RETENTION_S (app/retention.py).
+        "retention-sweep": {
+            "task": SWEEP,
+            "schedule": settings.retention_interval_s,
+            "options": {"expires": max(settings.retention_interval_s, 5.0)},
         },
     },
 )

@@ -808,6 +808,9 @@ def _finish(run: JobRun, status: JobStatus, **values: Any) -> str:
         return "lease-lost"
     run.stage_name = None
     run.event(f"job {status.value}")
+    from app.retention import delete_stage_outputs
+
+    delete_stage_outputs(get_storage(run.settings), run.factory, run.job_id)  # no retry will resume it
     return status.value
 
 

@@ -7,7 +7,7 @@ import logging
 from celery.worker.request import Request
 
 from app.config import get_settings
-from app.queue import REAP, RELAY, RUN_JOB
+from app.queue import REAP, RELAY, RUN_JOB, SWEEP
 from worker.celery_app import celery_app
 
 log = logging.getLogger("hipp.tasks")
@@ -71,3 +71,14 @@ def reap_stale() -> dict[str, int]:
 
     settings = get_settings()
     return reap(settings, session_factory(settings.resolved_database_url)).as_dict()
+
+
+@celery_app.task(name=SWEEP, ignore_result=True)
+def retention_sweep() -> dict[str, int]:
+    """Delete stage outputs of finished jobs and artifacts past their retention (app/retention.py)."""
+    from app.db import session_factory
+    from app.retention import sweep
+    from app.storage import get_storage
+
+    settings = get_settings()
+    return sweep(settings, session_factory(settings.resolved_database_url), get_storage(settings)).as_dict()

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
+from sqlalchemy import delete
 
 from app import watch
 from app.db import session_factory
@@ -16,6 +17,7 @@ from app.metrics import JOBS_SUBMITTED
 from app.models import TERMINAL, Job, JobStatus
 from app.queue import get_dispatcher
 from app.ratelimit import rate_limit
+from app.retention import FINISHED, delete_job_files
 from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
 from app.services import jobs as service
 
@@ -179,3 +181,23 @@ def list_plans(job_id: uuid.UUID, session: ReadSessionDep, who: CurrentTenant) -
     job = service.get_job(session, who, job_id)
     plans = (job.result or {}).get("plans") or []
     return [PlanOut.model_validate(p) for p in plans]
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response)
+def delete_job(
+    job_id: uuid.UUID, session: SessionDep, settings: SettingsDep, storage: StorageDep, who: CurrentTenant
+) -> Response:
+    """Delete a finished job: its files (checkpoint, plan, metrics, any stage outputs) and its row, with its
+    events and artifacts. A job still queued or running is 409 ``job_active``: cancel it first."""
+    job = service.get_job(session, who, job_id)
+    if job.status not in FINISHED:
+        raise ApiError(
+            409,
+            "job_active",
+            f"job {job.id} is {job.status}; cancel it (POST /jobs/{job.id}/cancel) and delete it once it has ended",
+            detail={"status": job.status},
+        )
+    delete_job_files(storage, job.id)
+    session.execute(delete(Job).where(Job.id == job.id, Job.status.in_(FINISHED)))
+    session.commit()
+    return Response(status_code=204)

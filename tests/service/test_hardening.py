@@ -408,3 +408,68 @@ def test_fair_order_publishes_one_waiting_job_per_tenant(stack_settings: Setting
         s.execute(update(Job).where(Job.id == uuid.UUID(a_ids[0])).values(status="running"))
     relay_pending(settings, factory, min_age_s=0)
     assert enqueued(a_ids) == [True, True, False, False]
+
+
+# --- 7. retention ------------------------------------------------------------------------------------------
+def _finished_job_with_files(client, key: str, settings: Settings, finished_days_ago: float = 0) -> str:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.models import Artifact, utcnow
+    from app.storage import get_storage
+
+    job_id = client.post("/jobs", json=GOOD, headers=auth(key)).json()["id"]
+    storage = get_storage(settings)
+    stage = storage.put_bytes(f"jobs/{job_id}/stages/prune.safetensors", b"w" * 1000)
+    ckpt = storage.put_bytes(f"jobs/{job_id}/checkpoint.tar", b"c" * 500)
+    with session_scope(settings.resolved_database_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(status="succeeded", finished_at=utcnow() - timedelta(days=finished_days_ago),
+                    stage_outputs={"weights": {"key": stage.key}, "completed": ["prune"]})
+        )
+        s.add(Artifact(job_id=uuid.UUID(job_id), kind="checkpoint", name="checkpoint.tar", key=ckpt.key,
+                       size=ckpt.size, sha256=ckpt.sha256))
+    return job_id
+
+
+def test_delete_a_finished_job_removes_its_files_and_rows(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
+    from app.storage import get_storage
+
+    storage = get_storage(stack_settings)
+    queued = client.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
+    r = client.delete(f"/jobs/{queued}", headers=auth(tenant_key))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_active"
+    job_id = _finished_job_with_files(client, tenant_key, stack_settings)
+    assert client.get("/usage", headers=auth(tenant_key)).json() == {"jobs": 2, "artifacts": 1, "artifact_bytes": 500}
+    with session_scope(stack_settings.resolved_database_url) as s:
+        other, _ = create_api_key(s, f"other-{uuid.uuid4().hex[:6]}")
+    assert client.delete(f"/jobs/{job_id}", headers=auth(other)).status_code == 404  # another tenant's
+    assert client.delete(f"/jobs/{job_id}", headers=auth(tenant_key)).status_code == 204
+    assert not storage.exists(f"jobs/{job_id}/checkpoint.tar")
+    assert not storage.exists(f"jobs/{job_id}/stages/prune.safetensors")
+    assert client.get(f"/jobs/{job_id}", headers=auth(tenant_key)).status_code == 404
+    assert client.delete(f"/jobs/{job_id}", headers=auth(tenant_key)).status_code == 404
+    assert client.get("/usage", headers=auth(tenant_key)).json() == {"jobs": 1, "artifacts": 0, "artifact_bytes": 0}
+
+
+def test_the_retention_sweep_deletes_stage_outputs_and_old_artifacts(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
+    from app.db import session_factory
+    from app.retention import sweep
+    from app.storage import get_storage
+
+    settings = stack_settings.model_copy(update={"artifact_retention_s": 7 * 24 * 3600})
+    storage = get_storage(settings)
+    old = _finished_job_with_files(client, tenant_key, settings, finished_days_ago=8)
+    new = _finished_job_with_files(client, tenant_key, settings, finished_days_ago=1)
+    done = sweep(settings, session_factory(settings.resolved_database_url), storage, limit=10_000)
+    assert done.stage_outputs >= 2 and done.artifacts >= 1
+    assert not storage.exists(f"jobs/{old}/checkpoint.tar")
+    assert not storage.exists(f"jobs/{old}/stages/prune.safetensors")
+    assert storage.exists(f"jobs/{new}/checkpoint.tar") and not storage.exists(f"jobs/{new}/stages/prune.safetensors")
+    assert client.get(f"/jobs/{old}/artifacts", headers=auth(tenant_key)).json() == []
+    assert len(client.get(f"/jobs/{new}/artifacts", headers=auth(tenant_key)).json()) == 1
+    events = client.get(f"/jobs/{old}/events", headers=auth(tenant_key)).json()["items"]
+    assert any("retention" in e["message"] for e in events)

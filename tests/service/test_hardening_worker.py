@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.config import Settings
 from app.db import session_factory, session_scope
@@ -177,3 +177,32 @@ def test_cancel_during_load_then_a_load_failure_ends_cancelled(
     assert pipeline.run_job(job_id, settings) == "cancelled"
     job = job_row(settings, job_id)
     assert job.status == JobStatus.cancelled.value and job.attempt == 1
+
+
+# --- 7. stage outputs are deleted when a job ends -----------------------------------------------------------
+@pytest.mark.parametrize("ending", ["succeeded", "cancelled", "reaped"])
+def test_stage_outputs_are_deleted_when_the_job_ends(api, tenant_key: str, hub_settings: Settings, ending: str) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from app.models import utcnow
+    from app.reaper import reap_stale
+    from app.storage import get_storage
+    from worker.pipeline import JobRun, _finish, claim
+
+    job_id = api.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
+    storage = get_storage(hub_settings)
+    key = f"jobs/{job_id}/stages/prune.safetensors"
+    storage.put_bytes(key, b"weights")
+    factory = session_factory(hub_settings.resolved_database_url)
+    job = claim(factory, uuid.UUID(job_id), "owner", 60)
+    assert job is not None
+    run = JobRun(factory, job, "owner", hub_settings)
+    run.save_stage_output("weights", key)
+    if ending == "reaped":  # the worker died on its last attempt: the reaper fails the job
+        with session_scope(hub_settings.resolved_database_url) as s:
+            s.execute(update(Job).where(Job.id == job.id).values(lease_expires_at=utcnow() - timedelta(seconds=5)))
+        assert job.id in reap_stale(hub_settings, factory).failed
+    else:
+        assert _finish(run, JobStatus(ending)) == ending
+    assert not storage.exists(key)
+    assert job_row(hub_settings, job_id).stage_outputs == {}
