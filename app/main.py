@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 
-from app import errors
+from app import errors, openapi
 from app.config import Settings, get_settings
 from app.db import configure_pool
 from app.metrics import MetricsAndLimits
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (jobs, policies, health, files, usage):
         app.include_router(module.router)
+    openapi.install(app)
     app.add_middleware(MetricsAndLimits, max_body=settings.max_body_bytes)
     logging.getLogger("hipp").setLevel(logging.INFO)
     return app

@@ -59,6 +59,11 @@ class MetricsAndLimits:
                     length = self.max_body + 1
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
+        if b"%00" in scope.get("query_string", b"") or "\x00" in scope.get("path", ""):
+            # Postgres cannot compare or store NUL: refuse it in the URL, like in the body.
+            await self._reject(send, 422, "invalid_request", "the URL (path or query) must not contain NUL (%00)")
+            self._observe(scope, 422, start)
+            return
         if length is not None and length > self.max_body:
             await self._reject(send, *self._too_large())
             self._observe(scope, 413, start)

@@ -17,10 +17,9 @@ from app.errors import ApiError
 from app.security import check_signature
 from app.storage import LocalStorage, content_disposition
 
-router = APIRouter(tags=["files"], include_in_schema=False)
+router = APIRouter(tags=["files"])
 
 
-@router.api_route("/files/{key:path}", methods=["GET", "HEAD"])
 def download(
     key: str, expires: int, filename: str, sig: str, settings: SettingsDep, storage: StorageDep
 ) -> FileResponse:
@@ -37,3 +36,15 @@ def download(
     if not path.is_file():
         raise ApiError(404, "not_found", "the artifact is no longer stored")
     return FileResponse(path, headers={"Content-Disposition": content_disposition(filename)})
+
+
+for _method in ("GET", "HEAD"):
+    router.add_api_route(
+        "/files/{key:path}",
+        download,
+        methods=[_method],
+        operation_id=f"{_method.lower()}_file",
+        summary="Download an artifact through its signed URL" if _method == "GET" else "Size and headers only",
+        response_class=FileResponse,
+        responses={200: {"description": "The file", "content": {"application/octet-stream": {}}}},
+    )
