@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 GRACE_S = 5.0  # requests in flight get this long to finish after SIGTERM
-WORKER_STOP_S = 8.0  # then the worker's process group is killed this long after the signal
+WORKER_STOP_S = 6.0  # then the worker's process group is killed this long after the signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
