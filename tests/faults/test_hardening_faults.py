@@ -90,6 +90,7 @@ def schedulers(folder: Path) -> list[psutil.Process]:
 
 def test_the_embedded_scheduler_dies_with_its_worker(fault_settings: Settings, tmp_path: Path) -> None:
     first = embedded_worker(fault_settings, tmp_path, "first").start()
+    kid_pids: list[int] = []
     try:
         assert first.p is not None
         main = psutil.Process(first.p.pid)
@@ -99,8 +100,8 @@ def test_the_embedded_scheduler_dies_with_its_worker(fault_settings: Settings, t
         os.kill(main.pid, signal.SIGKILL)  # the main process only, as the OOM killer would
         first.p.wait(timeout=10)
         until(lambda: not any(running(p) for p in kid_pids), 15, "the orphaned scheduler and pool child to exit")
-    finally:
-        for pid in [first.p.pid if first.p else 0]:
+    finally:  # whatever survived (the orphaned scheduler, when the test fails) goes now
+        for pid in [first.p.pid if first.p else 0, *kid_pids]:
             if pid and running(pid):
                 os.kill(pid, signal.SIGKILL)
     second = embedded_worker(fault_settings, tmp_path, "second").start()
