@@ -76,8 +76,16 @@ def loadavg() -> list[float]:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of a server and its processes (the API processes under ``--api-processes``)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def free_port() -> int:
@@ -91,7 +99,9 @@ def free_port() -> int:
 class Mode:
     """One deployment's settings (as HIPP_* variables) and its database, created here and dropped at the end."""
 
-    def __init__(self, name: str, pg_url: str, redis_url: str, api_threads: int | None = None) -> None:
+    def __init__(
+        self, name: str, pg_url: str, redis_url: str, api_threads: int | None = None, api_processes: int = 1
+    ) -> None:
         self.name = name
         self.home = Path(tempfile.mkdtemp(prefix=f"hipp-load-{name}-"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HIPP_")}
@@ -105,6 +115,7 @@ class Mode:
         )
         if api_threads:
             self.env["HIPP_API_THREADS"] = str(api_threads)
+        self.api_processes = api_processes
         self.db_name: str | None = None
         self.pg_admin = pg_url
         self.redis_url = redis_url
@@ -135,6 +146,7 @@ class Mode:
             self.key, _ = create_api_key(s, "bench-load")
 
     def serve(self, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+        extra = (*extra, "--api-processes", str(self.api_processes))
         port = free_port()
         url = f"http://{HOST}:{port}"
         env = dict(self.env, HIPP_PUBLIC_URL=url)
@@ -253,7 +265,8 @@ class Connection:
             raise
 
     async def _request(self, method: str, path: str, body: bytes | None, headers: str) -> Reply:
-        if self.writer is None:
+        if self.writer is None or self.reader is None or self.reader.at_eof() or self.writer.is_closing():
+            self.close()  # like any HTTP client: do not send on a keep-alive connection the server closed
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body is not None else ""
@@ -569,8 +582,9 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         "# bench/load",
         "",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['machine']['memory_gib']} GiB, "
-        f"{res['machine']['os']}, Python {res['machine']['python']}. The API (one uvicorn process, "
-        f"`hipp serve --no-worker`), the database and the load generator (one asyncio process, one keep-alive "
+        f"{res['machine']['os']}, Python {res['machine']['python']}. The API (`hipp serve --no-worker "
+        f"--api-processes {s['api_processes']}`: uvicorn, {s['api_processes']} process(es)), the database and "
+        "the load generator (one asyncio process, one keep-alive "
         f"connection per client) share these cores; load average at the start {res['load_average_start']}, "
         f"at the end {res['load_average_end']}.",
         "",
@@ -634,7 +648,9 @@ def main() -> int:
     ap.add_argument("--stop-after", type=float, default=10.0, help="seconds of load before SIGTERM")
     ap.add_argument("--skip-worker-stop", action="store_true", help="skip SIGTERM to hipp serve with its worker")
     ap.add_argument("--api-threads", type=int, default=None, help="HIPP_API_THREADS of the API (default: its own)")
+    ap.add_argument("--api-processes", type=int, default=1, help="hipp serve --api-processes (uvicorn workers)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="load", help="result files: OUT/NAME.json and OUT/NAME.md")
     args = ap.parse_args()
     pg = os.environ.get("HIPP_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     rd = os.environ.get("HIPP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -643,11 +659,11 @@ def main() -> int:
         "command": command.strip(),
         "machine": machine(),
         "load_average_start": loadavg(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "name")},
         "modes": {},
     }
     for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        mode = Mode(name, pg, rd, args.api_threads)
+        mode = Mode(name, pg, rd, args.api_threads, args.api_processes)
         try:
             res["modes"][name] = run_mode(mode, args)
         finally:
@@ -655,10 +671,10 @@ def main() -> int:
     res["load_average_end"] = loadavg()
     res["targets"] = verdicts(res)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "load.json").write_text(json.dumps(res, indent=1) + "\n")
-    write_md(res, args.out / "load.md")
+    (args.out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_md(res, args.out / f"{args.name}.md")
     print("\n".join(res["targets"]))
-    print(f"wrote {args.out / 'load.json'} and {args.out / 'load.md'}; reproduce with: {command.strip()}")
+    print(f"wrote {args.out / args.name}.json and .md; reproduce with: {command.strip()}")
     return 0
 
 

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="API only")
     s.add_argument(
+        "--api-processes", type=int, default=1, metavar="N", help="API processes on the port (the API image runs 2)"
+    )
+    s.add_argument(
         "--migrate",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -202,6 +205,30 @@ def _uvicorn_server(config: Any, on_signal: Callable[[], None]) -> Any:
     return Server(config)
 
 
+def _uvicorn_supervisor(config: Any, on_signal: Callable[[], None]) -> Any:
+    """uvicorn's supervisor of several API processes (it relays SIGTERM/SIGINT to them and returns), telling
+    ``hipp serve`` when the signal came."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        signalled_at: float | None = None
+
+        def _signalled(self) -> None:
+            if self.signalled_at is None:
+                self.signalled_at = time.monotonic()
+                on_signal()
+
+        def handle_int(self) -> None:
+            self._signalled()
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self._signalled()
+            super().handle_term()
+
+    return Supervisor(config, sockets=[config.bind_socket()])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -230,14 +257,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGTERM)
 
-        config = uvicorn.Config(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            timeout_graceful_shutdown=int(GRACE_S),
-        )
-        server = _uvicorn_server(config, on_signal)
+        if args.api_processes > 1:  # each process builds the app from the same HIPP_* environment
+            config = uvicorn.Config(
+                "app.main:create_app",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.api_processes,
+                log_level="warning",
+                timeout_graceful_shutdown=int(GRACE_S),
+            )
+            server = _uvicorn_supervisor(config, on_signal)
+        else:
+            config = uvicorn.Config(
+                create_app(settings),
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                timeout_graceful_shutdown=int(GRACE_S),
+            )
+            server = _uvicorn_server(config, on_signal)
         if not _early_signals:
             server.run()
     finally:
