@@ -4,6 +4,7 @@ at shutdown. (How fast under how much load is measured by ``python -m bench.load
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -138,14 +139,27 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
+def _celery(proc: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "celery" in " ".join(child.cmdline()):
+                out.append(child)
+    return out
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_stops_its_worker_and_beat(tmp_path: Path, sig: signal.Signals) -> None:
-    server, url, key, home = _serve(tmp_path)
+@pytest.mark.parametrize(
+    ("sig", "extra"),
+    [(signal.SIGTERM, ()), (signal.SIGINT, ()), (signal.SIGTERM, ("--api-processes", "2"))],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-2-API-processes"],
+)
+def test_serve_stops_its_worker_and_beat(tmp_path: Path, sig: signal.Signals, extra: tuple[str, ...]) -> None:
+    server, url, key, home = _serve(tmp_path, *extra)
     try:
         proc = psutil.Process(server.pid)
         deadline = time.monotonic() + 60
-        while len(proc.children(recursive=True)) < 3:  # the worker, its pool child and its beat
+        while len(_celery(proc)) < 3:  # the worker, its pool child and its beat
             assert time.monotonic() < deadline, [c.cmdline() for c in proc.children(recursive=True)]
             time.sleep(0.3)
         if sig == signal.SIGTERM:  # stop it in the middle of a job
