@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,28 @@ def build_qwen_vl(out: str | Path, *, version: str = "2.5", layout: str = "stock
     return out
 
 
-def build_llava(out: str | Path, *, dtype: str = "float32", seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class LlavaShape:
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 8
+    intermediate: int = 160
+    #: Embedding rows (None: the tokenizer's); 32064 gives a LLaVA-1.5-sized embedding and head.
+    vocab_size: int | None = None
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate: int = 64
+    image_size: int = 32
+    patch_size: int = 8
+
+
+#: About 1.5B parameters: a LLaVA-1.5-style decoder of 24 layers at d=2048 with a ViT-B-sized tower.
+LLAVA_1_5B = LlavaShape(hidden=2048, layers=24, heads=16, intermediate=5632, vocab_size=32064, vision_hidden=768,
+                        vision_layers=12, vision_heads=12, vision_intermediate=3072, image_size=112, patch_size=14)
+
+
+def build_llava(out: str | Path, *, dtype: str = "float32", seed: int = 0, shape: LlavaShape = LlavaShape()) -> Path:
     """A llava-1.5-style random-weight LLaVA (vision_feature_layer -2, default select strategy) saved stock."""
     from transformers import (
         CLIPVisionConfig,
@@ -141,22 +163,35 @@ def build_llava(out: str | Path, *, dtype: str = "float32", seed: int = 0) -> Pa
 
     out = Path(out)
     tokenizer = _llama_tokenizer()
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+    text = LlamaConfig(vocab_size=max(len(tokenizer), shape.vocab_size or 0), hidden_size=shape.hidden,
+                       intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                       num_attention_heads=shape.heads, num_key_value_heads=shape.heads, max_position_embeddings=512,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                              image_size=shape.image_size, patch_size=shape.patch_size,
+                              projection_dim=shape.vision_hidden)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(
-        "<image>"), image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        "<image>"), image_seq_length=(shape.image_size // shape.patch_size) ** 2, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    # Built directly in the target dtype: a 1.5B model in float32 first would need twice the memory.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
     _randomize(model, seed)
-    model.to(DTYPES[dtype]).save_pretrained(out)
+    model.save_pretrained(out)
+    del model
+    size = {"shortest_edge": shape.image_size}
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
-        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+        image_processor=CLIPImageProcessorPil(size=size, crop_size={"height": shape.image_size,
+                                                                     "width": shape.image_size}),
+        tokenizer=tokenizer, patch_size=shape.patch_size, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(out)
     return out
 
@@ -177,6 +212,7 @@ def _llama_tokenizer() -> Any:
 
 BUILDERS = {
     "llava": lambda out, dtype: build_llava(out, dtype=dtype),
+    "llava-1.5b": lambda out, dtype: build_llava(out, dtype=dtype, shape=LLAVA_1_5B),
     "qwen2.5-vl-stock": lambda out, dtype: build_qwen_vl(out, version="2.5", layout="stock", dtype=dtype),
     "qwen2.5-vl-stock-tied": lambda out, dtype: build_qwen_vl(out, version="2.5", layout="stock",
                                                               tie_embeddings=True, dtype=dtype),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from worker.hipp.errors import OptionError
+from worker.hipp.export_options import DTYPE_CHOICES
 from worker.hipp.progress import TqdmReporter
 
 
@@ -18,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--mode", choices=("logits", "generate"), default="logits")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="dtype to evaluate in (default auto: the checkpoint's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress output")

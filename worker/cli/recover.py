@@ -44,7 +44,7 @@ def _default_targets() -> tuple[str, ...]:
 
 
 def run_recover(args: argparse.Namespace) -> int:
-    from worker.hipp.checkpoint import METRICS_FILE, PLAN_FILE, export_pruned
+    from worker.hipp.checkpoint import METRICS_FILE, PLAN_FILE, export_loaded
     from worker.hipp.conversations import load_llava_json, world_conversations
     from worker.hipp.errors import OptionError
     from worker.hipp.loading import load_model
@@ -85,11 +85,13 @@ def run_recover(args: argparse.Namespace) -> int:
     reporter = TqdmReporter(enabled=not args.quiet)
     start = time.perf_counter()
     reporter.stage("load", str(source))
-    student = load_model(str(source), device=args.device)
+    # Training runs in float32 whatever the checkpoint's dtype (low-precision weights lose small updates);
+    # the export is written in the checkpoint's own dtype again.
+    student = load_model(str(source), dtype="float32", device=args.device)
     teacher = None
     if config.needs_teacher:
         reporter.stage("load", f"teacher {teacher_ref}")
-        teacher = load_model(str(teacher_ref), device=args.device)
+        teacher = load_model(str(teacher_ref), dtype="float32", device=args.device)
     if args.data == "world":
         conversations = world_conversations(args.samples, seed=args.seed)
         data = f"world training split ({args.samples} conversations, seed {args.seed})"
@@ -103,7 +105,7 @@ def run_recover(args: argparse.Namespace) -> int:
     metrics["recovery"] = result.record(config, teacher=str(teacher_ref) if teacher else None, data=data)
     reporter.stage("export", str(out))
     card = {"source_model": plan.meta.get("model")}
-    export_pruned(student.model, student.processor, student.adapter, out, plan=plan, metrics=metrics, card=card)
+    export_loaded(student, out, plan=plan, metrics=metrics, card=card)
     first, last = result.mean_loss(first=True), result.mean_loss(first=False)
     print(f"recovered {source} with {config.method}: {result.steps} steps in {result.seconds:.1f}s, loss "
           f"{first if first is None else round(first, 4)} -> {last if last is None else round(last, 4)}, "

@@ -209,11 +209,15 @@ def _from_pretrained(
             f"{source}: model type {model_type or '(none)'!r} is not supported; supported model types: "
             f"{', '.join(registered_model_types())}"
         )
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        files = safetensors_files(source)
+        if files:
+            model = _from_state_dict(source, files, dtype, trust_remote_code, kwargs)
+        else:  # .bin checkpoints: transformers' own path
+            model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except torch.OutOfMemoryError:
         raise  # may succeed on another worker: not the checkpoint's fault
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
@@ -226,6 +230,75 @@ def _from_pretrained(
             "files (preprocessor_config.json or processor_config.json, tokenizer files) and the packages they name"
         ) from exc
     return model, processor
+
+
+def safetensors_files(source: str) -> list[Path]:
+    """The safetensors files of the checkpoint at ``source`` (its shards, by the index, when sharded)."""
+    index = _checkpoint_file(source, "model.safetensors.index.json")
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        paths = [_checkpoint_file(source, shard) for shard in shards]
+        missing = [name for name, path in zip(shards, paths, strict=True) if path is None]
+        if missing:
+            raise ModelNotLoadableError(f"{source}: shard(s) {', '.join(missing)} named by {index.name} are missing")
+        return [path for path in paths if path is not None]
+    single = _checkpoint_file(source, "model.safetensors")
+    return [single] if single is not None else []
+
+
+def _checkpoint_file(source: str, name: str) -> Path | None:
+    path = Path(source)
+    if path.is_dir():
+        return path / name if (path / name).is_file() else None
+    from transformers.utils import cached_file
+
+    resolved = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    return Path(resolved) if resolved else None
+
+
+def read_state_dict(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files`` read into its own memory (``pread``, not a memory map) and cast to ``dtype`` one
+    at a time. Memory-mapped weights would stay resident beside the narrower copies surgery makes (the mapping
+    lives while any tensor of the file does); read this way, peak memory is the model plus one tensor."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                tensor = f.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state
+
+
+def _model_class(config: Any, source: str, trust_remote_code: bool) -> Any:
+    """The class ``AutoModelForImageTextToText`` would build for ``config`` (remote code for HiPP exports)."""
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    if "AutoModelForImageTextToText" in auto_map and trust_remote_code:
+        return get_class_from_dynamic_module(auto_map["AutoModelForImageTextToText"], source)
+    try:
+        return transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"{source}: {type(config).__name__} has no image-text-to-text model class in transformers"
+        ) from None
+
+
+def _from_state_dict(source: str, files: list[Path], dtype: torch.dtype, trust_remote_code: bool,
+                     kwargs: dict[str, Any]) -> nn.Module:
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model_cls = _model_class(config, source, trust_remote_code)
+    # from_pretrained with a state dict builds the model on the meta device and takes these tensors over
+    # (key renames of older checkpoints included): no second copy.
+    model = model_cls.from_pretrained(None, config=config, state_dict=read_state_dict(files, dtype), **kwargs)
+    if _checkpoint_file(source, "generation_config.json") is not None:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model
 
 
 def _first_line(exc: BaseException) -> str:
