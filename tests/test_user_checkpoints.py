@@ -148,6 +148,7 @@ def test_export_keeps_the_source_dtype_with_fewer_bytes(dtype: str, tmp_path: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert weight_dtypes(out) == {getattr(torch, dtype)}
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+    assert f"Weights: `{dtype}`, 1 safetensors file." in (out / "README.md").read_text()
     assert weight_bytes(out) < weight_bytes(source)
 
     # The in-memory pruned model in the export dtype against the export reloaded by plain transformers.

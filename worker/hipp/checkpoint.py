@@ -146,7 +146,9 @@ def export_pruned(
     if plan is not None:
         plan.save(out / PLAN_FILE)
     (out / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=1))
-    (out / "README.md").write_text(model_card(base_type, plan, metrics or {}, card or {}))
+    weights = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+               "weight_files": sorted(p.name for p in out.glob("*.safetensors"))}
+    (out / "README.md").write_text(model_card(base_type, plan, metrics or {}, {**weights, **(card or {})}))
     return out
 
 
@@ -213,6 +215,9 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
         lines.append(f"Pruned from `{card['source_model']}`.")
     if card.get("preference"):
         lines.append(f"Preference (utility, robustness, compression): `{card['preference']}`.")
+    if card.get("dtype"):
+        files = card.get("weight_files") or []
+        lines.append(f"Weights: `{card['dtype']}`, {len(files)} safetensors file{'s' if len(files) != 1 else ''}.")
     if plan is not None:
         s = plan.summary()
         lines += [
