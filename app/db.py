@@ -128,6 +128,9 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    factory = _factories.get(url) if url is not None else None  # the per-request path: no lock
+    if factory is not None:
+        return factory
     engine = get_engine(url)
     with _lock:
         for key, eng in _engines.items():
@@ -138,6 +141,9 @@ def session_factory(url: str | None = None) -> sessionmaker[Session]:
 
 def read_session_factory(url: str | None = None) -> sessionmaker[Session]:
     """Sessions in autocommit mode, for single-statement reads (GET routes, API-key checks)."""
+    factory = _read_factories.get(url) if url is not None else None
+    if factory is not None:
+        return factory
     engine = get_engine(url)
     with _lock:
         for key, eng in _engines.items():
