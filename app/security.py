@@ -110,9 +110,11 @@ def verify_api_key(session: Session, key: str, cache_ttl: float) -> Principal | 
 
 # Signed URLs for the local store --------------------------------------------------------------------------
 def sign(secret: bytes, key: str, expires: int, filename: str) -> str:
-    msg = f"{key}\n{expires}\n{filename}".encode()
+    msg = f"{key}\n{expires}\n{filename}".encode("utf-8", "surrogatepass")
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
 def check_signature(secret: bytes, key: str, expires: int, filename: str, signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, key, expires, filename), signature)
+    # Bytes, so that any text a caller sends (non-ASCII, lone surrogates) is a mismatch, not an error.
+    sent = signature.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(sign(secret, key, expires, filename).encode(), sent)

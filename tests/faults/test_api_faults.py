@@ -23,6 +23,29 @@ CASES = 2000
 
 
 def test_schemathesis_no_server_errors(stack_settings: Settings, tenant_key: str) -> None:
+    """Postgres, Redis, S3: >= 2,000 cases."""
+    from app.main import create_app
+
+    run_schemathesis(create_app(stack_settings.model_copy(update={"max_active_jobs_per_tenant": 5})), tenant_key, CASES)
+
+
+def test_schemathesis_on_the_embedded_default(tmp_path: Path) -> None:
+    """SQLite, the filesystem broker and the local store served at /files (random keys, signatures, expiries):
+    >= 1,000 more cases."""
+    from app.db import session_scope
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.security import create_api_key
+
+    settings = Settings(home=tmp_path / "home", signing_secret="s", max_active_jobs_per_tenant=5)
+    settings.home.mkdir()
+    upgrade(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as s:
+        key, _ = create_api_key(s, "fuzz")
+    run_schemathesis(create_app(settings), key, CASES // 2)
+
+
+def run_schemathesis(app: Any, tenant_key: str, cases: int) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.checks import (
@@ -32,15 +55,13 @@ def test_schemathesis_no_server_errors(stack_settings: Settings, tenant_key: str
         status_code_conformance,
     )
 
-    from app.main import create_app
     from app.security import key_cache
 
     key_cache.clear()
-    app = create_app(stack_settings.model_copy(update={"max_active_jobs_per_tenant": 5}))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [op.ok() for op in schema.get_all_operations()]
     assert len(operations) >= 10, [o.label for o in operations]
-    per_op = -(-CASES // len(operations)) + 20
+    per_op = -(-cases // len(operations)) + 20
     counts: dict[str, int] = {}
     failures: list[str] = []
 
@@ -75,7 +96,7 @@ def test_schemathesis_no_server_errors(stack_settings: Settings, tenant_key: str
     total = sum(counts.values())
     print(f"schemathesis: {total} cases over {len(counts)} operations: {counts}")
     assert not failures, failures[:5]
-    assert total >= CASES, counts
+    assert total >= cases, counts
 
 
 def test_signed_urls_are_refused_after_expiry(stack_settings: Settings, tmp_path: Path) -> None:

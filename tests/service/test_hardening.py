@@ -473,3 +473,22 @@ def test_the_retention_sweep_deletes_stage_outputs_and_old_artifacts(client, ten
     assert len(client.get(f"/jobs/{new}/artifacts", headers=auth(tenant_key)).json()) == 1
     events = client.get(f"/jobs/{old}/events", headers=auth(tenant_key)).json()["items"]
     assert any("retention" in e["message"] for e in events)
+
+
+def test_signed_file_urls_refuse_odd_signatures_and_keys(sqlite_api) -> None:  # type: ignore[no-untyped-def]
+    """Found by schemathesis on the embedded default: a non-ASCII signature was a 500."""
+    import time
+
+    from app.security import sign
+
+    c, _, settings = sqlite_api
+    expires = int(time.time()) + 60
+    r = c.get("/files/jobs/x/a.bin", params={"expires": expires, "filename": "a.bin", "sig": "\U000431fc"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "bad_signature"
+    # a correctly signed key that leaves the store is still refused
+    secret = settings.resolved_signing_secret
+    for key in ("jobs/../../../etc/passwd", "jobs/./x"):
+        sig = sign(secret, key, expires, "p")
+        path = key.replace(".", "%2e")  # percent-encoded, so the client does not normalize the dots away
+        r = c.get(f"/files/{path}", params={"expires": expires, "filename": "p", "sig": sig})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_key", r.text
