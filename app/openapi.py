@@ -109,7 +109,24 @@ def build(app: FastAPI) -> dict[str, Any]:
         " it created",
         "content": jobs_post["201"]["content"],
     }
+    # Links: what a client (and schemathesis' stateful runs) can do next with the job it just created.
+    links = {}
+    for (method, path), name in JOB_LINKS.items():
+        op = schema["paths"].get(path, {}).get(method)
+        if op is not None:
+            links[name] = {"operationId": op["operationId"], "parameters": {"job_id": "$response.body#/id"}}
+    jobs_post["201"]["links"] = jobs_post["200"]["links"] = links
     return schema
+
+
+JOB_LINKS = {
+    ("get", "/jobs/{job_id}"): "GetJob",
+    ("post", "/jobs/{job_id}/cancel"): "CancelJob",
+    ("get", "/jobs/{job_id}/events"): "ListEvents",
+    ("get", "/jobs/{job_id}/artifacts"): "ListArtifacts",
+    ("get", "/jobs/{job_id}/plans"): "ListPlans",
+    ("delete", "/jobs/{job_id}"): "DeleteJob",
+}
 
 
 def install(app: FastAPI) -> None:

@@ -146,3 +146,55 @@ def test_a_corrupted_artifact_fails_the_sha256_check_loudly(stack_settings: Sett
     local.path("jobs/j/checkpoint.tar").write_bytes(b"corrupted")
     with pytest.raises(IntegrityError):
         local.download("jobs/j/checkpoint.tar", tmp_path / "bad2.tar", sha256=lobj.sha256)
+
+
+def test_schemathesis_stateful_job_lifecycle(stack_settings: Settings, tenant_key: str) -> None:
+    """Stateful: POST /jobs, then the operations its OpenAPI links lead to (read, events, artifacts, plans,
+    cancel, delete) on the job just created, checked against the document like the cases above."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase
+    from hypothesis import settings as hsettings
+    from hypothesis.stateful import run_state_machine_as_test
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    from app.main import create_app
+    from app.security import key_cache
+
+    key_cache.clear()
+    app = create_app(stack_settings.model_copy(update={"max_active_jobs_per_tenant": 0, "rate_limit_per_minute": 0}))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    calls: dict[str, int] = {}
+
+    class Lifecycle(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": auth(tenant_key)}
+
+        def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
+            label = f"{case.method} {case.path}"
+            calls[label] = calls.get(label, 0) + 1
+            case.validate_response(
+                response,
+                checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                        response_schema_conformance],
+            )
+
+    run_state_machine_as_test(
+        Lifecycle,
+        settings=hsettings(
+            max_examples=40,
+            stateful_step_count=8,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    print(f"stateful: {sum(calls.values())} calls: {calls}")
+    linked = [k for k in calls if "{job_id}" in k]
+    assert calls.get("POST /jobs", 0) > 0 and len(linked) >= 4, calls

@@ -60,6 +60,10 @@ def test_each_operation_lists_the_errors_it_can_answer(spec: dict[str, Any]) -> 
     post = spec["paths"]["/jobs"]["post"]["responses"]
     assert {"200", "201", "409", "429"} <= set(post)
     assert post["200"]["content"] == post["201"]["content"]  # the idempotent replay returns the job
+    ids = {op["operationId"] for _, _, op in operations(spec)}
+    links = post["201"]["links"]
+    assert {"GetJob", "CancelJob", "ListEvents", "DeleteJob"} <= set(links)
+    assert all(link["operationId"] in ids for link in links.values())
     assert {"409", "429"} <= set(spec["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"])
     assert "409" in spec["paths"]["/jobs/{job_id}"]["delete"]["responses"]
     assert {"get", "head"} <= set(spec["paths"]["/files/{key}"])
