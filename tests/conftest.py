@@ -34,6 +34,13 @@ def tiny_bias():
     return load_model("tiny-llava-bias")
 
 
+@pytest.fixture
+def tiny_qwen25():
+    from worker.hipp.loading import load_model
+
+    return load_model("tiny-qwen2.5-vl")
+
+
 def calibration_batch(loaded, n: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
     from worker.hipp.calibration import iter_batches, synthetic_samples
 

@@ -233,6 +233,7 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
             f"| {i} | {layer['heads']} | {layer['kv_heads']} | {layer['channels']} | {layer['sparsity']:.3f} |"
             for i, layer in enumerate(s["layers"])
         ]
+    lines += latency_lines(metrics.get("latency"))
     if metrics:
         lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=1), "```"]
     lines += [
@@ -246,6 +247,27 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
         "original heads and channels were kept.", "",
     ]
     return "\n".join(lines)
+
+
+def latency_lines(latency: dict[str, Any] | None) -> list[str]:
+    """The model card's latency table (dense vs pruned on the job's device, against the ideal speedup)."""
+    if not latency or "pruned" not in latency:
+        return []
+    dense, pruned = latency["dense"], latency["pruned"]
+    speedup, over = latency["speedup"], latency["speedup_over_ideal"]
+    return [
+        "", "## Latency", "",
+        f"Measured on {latency['device']} for a fixed prompt of {pruned['prompt_tokens']} tokens "
+        f"(static KV cache{', compiled' if pruned.get('compiled') else ''}); ideal speedup "
+        f"{latency['ideal_speedup']:.3f} (dense over pruned FLOPs per token).", "",
+        "| | dense | pruned | speedup | of ideal |", "|---|---|---|---|---|",
+        f"| prefill (ms) | {dense['prefill_ms']:.2f} | {pruned['prefill_ms']:.2f} | {speedup['prefill']} | "
+        f"{over['prefill']} |",
+        f"| decode (ms/token) | {dense['decode_ms_per_token']:.2f} | {pruned['decode_ms_per_token']:.2f} | "
+        f"{speedup['decode']} | {over['decode']} |",
+        "", "Decode with the same path: `model.generate(**inputs, cache_implementation=\"static\")` "
+        "(compiled with CUDA graphs on a GPU).",
+    ]
 
 
 # --- zero-padded dense export ------------------------------------------------------------------------
