@@ -47,6 +47,7 @@ RESULTS = ROOT / "bench" / "results"
 BODY = {"model": "tiny-llava", "preference": {"utility": 0.5, "robustness": 0.2, "compression": 0.3}}
 EXPECTED = {"poll": (200,), "events": (200,), "submit": (201,), "cancel": (202,), "longpoll": (200, 304)}
 HOST = "127.0.0.1"  # load goes to this machine only
+KEEPALIVE_S = 4.0  # a client reuses a connection idle for less than this (uvicorn keeps idle ones 5 s)
 
 
 # --- the machine and the servers ------------------------------------------------------------------------------
@@ -158,9 +159,12 @@ class Mode:
         return proc, url
 
     def cleanup(self) -> None:
+        import shutil
+
         from app.db import dispose_all
 
         dispose_all()
+        shutil.rmtree(self.home, ignore_errors=True)
         if self.db_name:
             import redis
             from sqlalchemy import create_engine, text
@@ -248,6 +252,7 @@ class Connection:
         self.prefix = f"Host: {host}:{port}\r\nAuthorization: Bearer {auth}\r\n"
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.used_at = 0.0
 
     def close(self) -> None:
         if self.writer is not None:
@@ -265,8 +270,11 @@ class Connection:
             raise
 
     async def _request(self, method: str, path: str, body: bytes | None, headers: str) -> Reply:
-        if self.writer is None or self.reader is None or self.reader.at_eof() or self.writer.is_closing():
-            self.close()  # like any HTTP client: do not send on a keep-alive connection the server closed
+        stale = time.monotonic() - self.used_at > KEEPALIVE_S
+        if stale or self.writer is None or self.reader is None or self.reader.at_eof() or self.writer.is_closing():
+            # Like any HTTP client: no request on a keep-alive connection the server closed or may be closing
+            # right now (uvicorn closes idle ones after 5 s: a request sent then is lost in the race).
+            self.close()
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body is not None else ""
@@ -286,6 +294,7 @@ class Connection:
             await self.reader.readuntil(b"\r\n")
         if fields.get("connection", "").lower() == "close":
             self.close()
+        self.used_at = time.monotonic()
         return Reply(status, fields, data)
 
 
