@@ -336,6 +336,8 @@ def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
 
 
 def stage_load(ctx: JobContext) -> dict[str, Any]:
+    from worker.hipp.decoding import prompt_latency
+
     ctx.loaded = load(ctx)
     ctx.result["device"] = str(ctx.loaded.device)
     params = sum(p.numel() for p in ctx.loaded.model.parameters())
@@ -343,6 +345,7 @@ def stage_load(ctx: JobContext) -> dict[str, Any]:
     if evaluation_enabled(ctx):
         ctx.run.event("evaluating the dense model (baseline for the metrics)")
         ctx.result["dense"]["metrics"] = evaluate_model(ctx, ctx.loaded.model)
+    ctx.result["dense"]["latency"] = prompt_latency(ctx.loaded)
     return {"parameters": params, "adapter": type(ctx.loaded.adapter).__name__, "device": ctx.result["device"]}
 
 
@@ -573,6 +576,8 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
+    from worker.hipp.decoding import device_name, latency_report, prompt_latency
+
     dense, pruned = ctx.result["dense"]["parameters"], ctx.result["pruned"]["parameters"]
     ctx.result["metrics"] = {
         "parameters": pruned,
@@ -582,6 +587,13 @@ def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
         "flops_per_token": ctx.result["chosen_plan"]["flops_per_token"],
         "dense_flops_per_token": ctx.result["chosen_plan"]["dense_flops_per_token"],
     }
+    if "latency" in ctx.result["dense"]:  # absent only in a job resumed from a version that did not time it
+        plan = ctx.result["chosen_plan"]
+        ctx.result["metrics"]["latency"] = latency_report(
+            ctx.result["dense"]["latency"], prompt_latency(ctx.loaded),
+            ideal_speedup=plan["dense_flops_per_token"] / plan["flops_per_token"],
+            device=device_name(ctx.loaded.device),
+        )
     if not evaluation_enabled(ctx):
         raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
     ctx.result["metrics"]["evaluation"] = evaluate_model(ctx, ctx.loaded.model)

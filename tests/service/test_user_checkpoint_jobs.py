@@ -104,7 +104,15 @@ def test_user_checkpoint_job_exports_a_loadable_checkpoint(  # type: ignore[no-u
     assert job["status"] == "succeeded", (job["error"], user_worker.read_text()[-3000:])
     assert abs(job["result"]["chosen_plan"]["sparsity"] - sparsity) < 0.05
 
+    latency = job["result"]["metrics"]["latency"]  # measured on the worker's device, dense and pruned
+    assert latency["device"].startswith("cpu") and latency["ideal_speedup"] >= 1.0
+    for model in ("dense", "pruned"):
+        assert latency[model]["prefill_ms"] > 0 and latency[model]["decode_ms_per_token"] >= 0
+        assert latency[model]["prompt_tokens"] > 0 and latency[model]["static_cache"] is True
+    assert latency["speedup_over_ideal"]["prefill"] > 0
+
     checkpoint = download_checkpoint(uclient, tenant_key, job, tmp_path)
+    assert "## Latency" in (checkpoint / "README.md").read_text()
     assert job["result"]["checkpoint"]["weight_files"] == sorted(p.name for p in checkpoint.glob("*.safetensors"))
     if export.get("dtype") == "bfloat16":
         assert job["result"]["checkpoint"]["dtype"] == "bfloat16" and weight_dtypes(checkpoint) == {torch.bfloat16}
