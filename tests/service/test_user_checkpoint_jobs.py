@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from app.config import Settings
 from tests.service.conftest import auth
-from tests.service.test_worker_job import poll, start_worker
+from tests.service.test_worker_job import api_client, poll, running_worker
 from tests.test_user_checkpoints import build_stock, reload, save_batch, weight_dtypes
 from worker.hipp.loading import load_model
 
@@ -48,23 +47,13 @@ def user_settings(stack_settings: Settings, user_models: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def user_worker(user_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    log_path = tmp_path_factory.mktemp("user-worker") / "worker.log"
-    proc = start_worker(user_settings, log_path)
-    yield log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_worker(user_settings, tmp_path_factory.mktemp("user-worker") / "worker.log") as log_path:
+        yield log_path
 
 
 @pytest.fixture
 def uclient(user_settings: Settings):  # type: ignore[no-untyped-def]
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    with TestClient(create_app(user_settings)) as c:
+    with api_client(user_settings) as c:
         yield c
 
 

@@ -12,6 +12,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -41,25 +42,39 @@ def worker_settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathF
     return stack_settings.model_copy(update={"gpu_queue": f"{stack_settings.gpu_queue}-w", "policy_dirs": [policies]})
 
 
-@pytest.fixture(scope="module")
-def worker(worker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_worker(worker_settings, log_path)
-    yield log_path
-    proc.terminate()
+@contextmanager
+def running_worker(settings: Settings, log_path: Path) -> Iterator[Path]:
+    """A GPU-queue worker process for ``settings`` while the block runs; yields its log file."""
+    proc = start_worker(settings, log_path)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
-@pytest.fixture
-def wclient(worker_settings: Settings):  # type: ignore[no-untyped-def]
+@contextmanager
+def api_client(settings: Settings):  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    with TestClient(create_app(worker_settings)) as c:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def worker(worker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with running_worker(worker_settings, tmp_path_factory.mktemp("worker") / "worker.log") as log_path:
+        yield log_path
+
+
+@pytest.fixture
+def wclient(worker_settings: Settings):  # type: ignore[no-untyped-def]
+    with api_client(worker_settings) as c:
         yield c
 
 
