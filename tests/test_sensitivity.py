@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from worker.hipp.calibration import synthetic_samples
+from worker.hipp.plots import plot_sensitivity
 from worker.hipp.sensitivity import (
     cached_visual_sensitivity,
     compute_visual_sensitivity,
     image_mass,
-    plot_sensitivity,
     rollout_step,
 )
 

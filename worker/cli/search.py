@@ -94,7 +94,8 @@ def evaluation_set(args: argparse.Namespace) -> Any:
 def run_sensitivity(args: argparse.Namespace) -> int:
     from worker.hipp.calibration import default_samples
     from worker.hipp.loading import load_model
-    from worker.hipp.sensitivity import compute_visual_sensitivity, plot_sensitivity
+    from worker.hipp.plots import plot_sensitivity
+    from worker.hipp.sensitivity import compute_visual_sensitivity
 
     loaded = load_model(args.model)
     samples = default_samples(args.model, args.calibration_samples, args.seed)
@@ -129,7 +130,9 @@ def run_baselines(args: argparse.Namespace) -> int:
     rows += [metrics_row(name, plan.sparsity, r.metrics, r.seconds) for name, _, plan, r in results]
     _print_rows(rows)
     print(f"evaluation cost: {evaluator.seconds_per_plan:.2f} s per plan")
-    _plot_baselines(rows, args.plot)
+    from worker.hipp.plots import plot_baselines
+
+    plot_baselines(rows, args.plot)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
@@ -140,27 +143,6 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(str(r.get(k)) for k in keys))
-
-
-def _plot_baselines(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    names = sorted({r["baseline"] for r in rows if r["baseline"] != "dense"})
-    for name in names:
-        pts = sorted((r["sqa"], r["pope_bacc"], r["sparsity"]) for r in rows if r["baseline"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    dense = rows[0]
-    ax.scatter([dense["sqa"]], [dense["pope_bacc"]], marker="*", s=150, c="black", label="dense")
-    ax.set_xlabel("ScienceQA accuracy")
-    ax.set_ylabel("POPE balanced accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _search_setup(args: argparse.Namespace, s_max: float = 0.6) -> Any:
@@ -202,9 +184,10 @@ def run_policy_list(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from worker.hipp.plots import plot_front
     from worker.hipp.policy import validate_preference
     from worker.hipp.policy_store import find_policy, policy_for_model
-    from worker.hipp.search import pareto_front, plot_front, sample_plans, write_candidates
+    from worker.hipp.search import pareto_front, sample_plans, write_candidates
 
     preference = validate_preference(_floats(args.preference, "--preference")).tolist()
     if args.sparsity is not None and not 0 < args.sparsity < 1:

@@ -1,33 +1,128 @@
-"""Plots of plans: per-layer allocation (layer sparsity, kept heads and MLP width)."""
+"""Every plot the engine draws, in one place: per-layer allocation of a plan, visual sensitivity, the GRPO
+learning curve, the front of sampled plans, and the baselines' accuracy curves.
+
+Each function writes one PNG and returns its path. matplotlib is imported on use with the file-only Agg
+backend (workers and CI have no display); the engine's other modules never import it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from worker.hipp.plan import PruningPlan
+if TYPE_CHECKING:
+    from worker.hipp.plan import PruningPlan
+    from worker.hipp.search import Candidate
+    from worker.hipp.sensitivity import VisualSensitivity
+
+DPI = 110
 
 
-def plot_allocation(plan: PruningPlan, path: Path, title: str = "") -> Path:
-    """Bar chart of each decoder layer's sparsity, with kept heads and MLP channels as fractions."""
+@contextmanager
+def _figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.5)) -> Iterator[Any]:
+    """A figure with ``ncols`` axes, laid out and saved to ``path`` (folders made) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+
+
+def plot_allocation(plan: PruningPlan, path: Path, title: str = "") -> Path:
+    """Bar chart of each decoder layer's sparsity, with kept heads and MLP channels as fractions."""
     layers = list(range(plan.geometry.num_layers))
     heads = [len(lp.heads) / s.num_heads for lp, s in zip(plan.layers, plan.geometry.layers, strict=True)]
     mlp = [len(lp.channels) / s.intermediate_size for lp, s in zip(plan.layers, plan.geometry.layers, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers)), 3.8))
-    ax.bar(layers, plan.layer_sparsities(), color="tab:red", alpha=0.6, label="layer sparsity")
-    ax.plot(layers, heads, "o-", label="kept query heads (fraction)")
-    ax.plot(layers, mlp, "s-", label="kept MLP channels (fraction)")
-    ax.axhline(plan.sparsity, color="gray", ls="--", lw=1, label=f"overall {plan.sparsity:.3f}")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title or f"plan {plan.fingerprint}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, figsize=(max(6.0, 0.35 * len(layers)), 3.8)) as (_, ax):
+        ax.bar(layers, plan.layer_sparsities(), color="tab:red", alpha=0.6, label="layer sparsity")
+        ax.plot(layers, heads, "o-", label="kept query heads (fraction)")
+        ax.plot(layers, mlp, "s-", label="kept MLP channels (fraction)")
+        ax.axhline(plan.sparsity, color="gray", ls="--", lw=1, label=f"overall {plan.sparsity:.3f}")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title or f"plan {plan.fingerprint}")
+        ax.legend(fontsize=7)
+    return path
+
+
+def plot_sensitivity(result: VisualSensitivity, path: Path, title: str = "") -> Path:
+    """Per-layer bar chart of direct mass and rollout increment, plus a per-head heat map."""
+    import torch
+
+    layers = list(range(result.num_layers))
+    width = 0.4
+    with _figure(path, ncols=2, figsize=(11, 4)) as (fig, (ax1, ax2)):
+        ax1.bar([x - width / 2 for x in layers], result.direct, width, label="direct text->image mass")
+        ax1.bar([x + width / 2 for x in layers], result.increment, width, label="rollout increment")
+        ax1.set_xlabel("decoder layer")
+        ax1.set_ylabel("attention mass")
+        ax1.legend()
+        ax1.set_title(title or "visual sensitivity per layer")
+        image = ax2.imshow(torch.tensor(result.direct_per_head).T.numpy(), aspect="auto", cmap="viridis")
+        ax2.set_xlabel("decoder layer")
+        ax2.set_ylabel("head")
+        ax2.set_title("direct mass per head")
+        fig.colorbar(image, ax=ax2)
+    return path
+
+
+def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Mean GRPO return and the three objectives per step."""
+    steps = [h["step"] for h in history]
+    with _figure(path, ncols=2, figsize=(10, 3.5)) as (_, (ax1, ax2)):
+        ax1.plot(steps, [h["return"] for h in history], label="mean return")
+        ax1.set_xlabel("GRPO step")
+        ax1.legend()
+        for key in ("utility", "robustness", "compression"):
+            ax2.plot(steps, [h[key] for h in history], label=key)
+        ax2.set_xlabel("GRPO step")
+        ax2.legend()
+    return path
+
+
+def plot_front(candidates: Sequence[Candidate], front: Sequence[Candidate], path: Path,
+               baselines: dict[str, tuple[float, float]] | None = None) -> Path:
+    """POPE balanced accuracy vs ScienceQA accuracy of the sampled plans, the front highlighted."""
+    from worker.hipp.evaluator import PlanEvaluator
+
+    def xy(c: Candidate) -> tuple[float, float]:
+        m = c.evaluation.metrics
+        return m.get("scienceqa", {}).get("accuracy", 0.0), PlanEvaluator.pope_balanced_accuracy(m)
+
+    pts = [xy(c) for c in candidates if not c.evaluation.prescreened]
+    fr = sorted(xy(c) for c in front)
+    with _figure(path) as (_, ax):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="lightgray", label="sampled plans")
+        ax.plot([p[0] for p in fr], [p[1] for p in fr], "o-", c="tab:red", label="non-dominated")
+        for name, (x, y) in (baselines or {}).items():
+            ax.scatter([x], [y], marker="x")
+            ax.annotate(name, (x, y), fontsize=7)
+        ax.set_xlabel("ScienceQA accuracy")
+        ax.set_ylabel("POPE balanced accuracy (mean of splits)")
+        ax.legend()
+    return path
+
+
+def plot_baselines(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Each baseline's (ScienceQA, POPE) points across sparsities, the dense model as a star (``rows[0]``)."""
+    names = sorted({r["baseline"] for r in rows if r["baseline"] != "dense"})
+    with _figure(path, figsize=(6.5, 4.5)) as (_, ax):
+        for name in names:
+            pts = sorted((r["sqa"], r["pope_bacc"], r["sparsity"]) for r in rows if r["baseline"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        dense = rows[0]
+        ax.scatter([dense["sqa"]], [dense["pope_bacc"]], marker="*", s=150, c="black", label="dense")
+        ax.set_xlabel("ScienceQA accuracy")
+        ax.set_ylabel("POPE balanced accuracy")
+        ax.legend(fontsize=7)
     return path

@@ -124,6 +124,8 @@ def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig 
     save_policy(policy, out_dir, meta)
     setup.state.save(out_dir / "state.json")
     if history:
+        from worker.hipp.plots import plot_learning_curve
+
         plot_learning_curve(history, out_dir / "learning_curve.png")
     from worker.hipp.policy_store import load_policy_dir
 
@@ -179,57 +181,6 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     items = list(unique.values())
     return [c for c in items if not any(dominates(o.evaluation.objectives.as_vector(),
                                                   c.evaluation.objectives.as_vector()) for o in items)]
-
-
-def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(steps, [h["return"] for h in history], label="mean return")
-    ax1.set_xlabel("GRPO step")
-    ax1.legend()
-    for key in ("utility", "robustness", "compression"):
-        ax2.plot(steps, [h[key] for h in history], label=key)
-    ax2.set_xlabel("GRPO step")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_front(candidates: Sequence[Candidate], front: Sequence[Candidate], path: Path,
-               baselines: dict[str, tuple[float, float]] | None = None) -> Path:
-    """POPE balanced accuracy vs ScienceQA accuracy of the sampled plans, the front highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def xy(c: Candidate) -> tuple[float, float]:
-        m = c.evaluation.metrics
-        return m.get("scienceqa", {}).get("accuracy", 0.0), PlanEvaluator.pope_balanced_accuracy(m)
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    pts = [xy(c) for c in candidates if not c.evaluation.prescreened]
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="lightgray", label="sampled plans")
-    fr = sorted(xy(c) for c in front)
-    ax.plot([p[0] for p in fr], [p[1] for p in fr], "o-", c="tab:red", label="non-dominated")
-    for name, (x, y) in (baselines or {}).items():
-        ax.scatter([x], [y], marker="x")
-        ax.annotate(name, (x, y), fontsize=7)
-    ax.set_xlabel("ScienceQA accuracy")
-    ax.set_ylabel("POPE balanced accuracy (mean of splits)")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def write_candidates(candidates: Sequence[Candidate], front: Sequence[Candidate], path: Path) -> Path:

@@ -183,29 +183,3 @@ def cached_visual_sensitivity(
     return result
 
 
-def plot_sensitivity(result: VisualSensitivity, path: Path, title: str = "") -> Path:
-    """Per-layer bar chart of direct mass and rollout increment, plus a per-head heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    layers = list(range(result.num_layers))
-    width = 0.4
-    ax1.bar([x - width / 2 for x in layers], result.direct, width, label="direct text->image mass")
-    ax1.bar([x + width / 2 for x in layers], result.increment, width, label="rollout increment")
-    ax1.set_xlabel("decoder layer")
-    ax1.set_ylabel("attention mass")
-    ax1.legend()
-    ax1.set_title(title or "visual sensitivity per layer")
-    image = ax2.imshow(torch.tensor(result.direct_per_head).T.numpy(), aspect="auto", cmap="viridis")
-    ax2.set_xlabel("decoder layer")
-    ax2.set_ylabel("head")
-    ax2.set_title("direct mass per head")
-    fig.colorbar(image, ax=ax2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
