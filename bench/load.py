@@ -497,7 +497,7 @@ def stop_under_load(mode: Mode, args: argparse.Namespace, jobs: list[str], *serv
     )  # fmt: skip
     s = rec.summary(measured)
     return {
-        "command": "hipp serve " + " ".join(serve_args),
+        "command": " ".join(["hipp serve", *serve_args]),
         "load_before_signal_s": round(measured, 1),
         "requests_before_signal": s["all"].get("requests", 0),
         "errors_before_signal": s["all"]["errors"],
@@ -636,7 +636,23 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                     f"{st['exit_code']} | {len(st['processes_left'])} | {st['errors_before_signal']} | "
                     f"{st['clients_during_shutdown']} |"
                 )
-    lines += ["", "Targets (issue 21):", "", *verdicts(res), "", f"Reproduce: `{res['command']}`", ""]
+    lines += ["", "Targets (issue 21):", "", *verdicts(res), "", "Where the time went (CPU):", ""]
+    for name, m in res["modes"].items():
+        for phase in ("poll", "poll+submit"):
+            ph = m["phases"].get(phase)
+            if not ph:
+                continue
+            wall = ph["seconds"] + s.get("warmup", 0)
+            n = ph["all"].get("requests", 0) * wall / max(ph["seconds"], 1e-9)
+            lines.append(
+                f"- {name} {phase}: the API processes used {ph['server_cpu_s'] / wall:.2f} of the "
+                f"{res['machine']['cores']} cores ({1000 * ph['server_cpu_s'] / max(n, 1):.1f} ms of CPU per request), "
+                f"the load generator {ph['client_cpu_s'] / wall:.2f}; load average {ph['load_average_before'][0]} -> "
+                f"{ph['load_average_after'][0]} (the rest: the database, and whatever else ran on the machine)"
+            )
+    if res.get("notes"):
+        lines += ["", *res["notes"]]
+    lines += ["", f"Reproduce: `{res['command']}`", ""]
     path.write_text("\n".join(lines))
 
 
@@ -660,7 +676,12 @@ def main() -> int:
     ap.add_argument("--api-processes", type=int, default=1, help="hipp serve --api-processes (uvicorn workers)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="load", help="result files: OUT/NAME.json and OUT/NAME.md")
+    ap.add_argument("--md-only", action="store_true", help="rewrite OUT/NAME.md from OUT/NAME.json, run nothing")
     args = ap.parse_args()
+    if args.md_only:
+        res = json.loads((args.out / f"{args.name}.json").read_text())
+        write_md(res, args.out / f"{args.name}.md")
+        return 0
     pg = os.environ.get("HIPP_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     rd = os.environ.get("HIPP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     command = "python -m bench.load " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -668,7 +689,7 @@ def main() -> int:
         "command": command.strip(),
         "machine": machine(),
         "load_average_start": loadavg(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "name")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "name", "md_only")},
         "modes": {},
     }
     for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
