@@ -15,7 +15,7 @@ import torch
 
 from bench.report import markdown_table, write_report
 from worker.hipp.baselines import evaluate_baselines, metrics_row
-from worker.hipp.calibration import default_samples
+from worker.hipp.calibration_source import default_samples
 from worker.hipp.evaluator import EvalSet, PlanEvaluator
 from worker.hipp.loading import load_model
 from worker.hipp.progress import TqdmReporter

@@ -27,7 +27,7 @@ import torch
 
 from bench.speed import SIZES
 from worker.hipp.adapters import get_adapter
-from worker.hipp.builtin import build_tiny_llava
+from worker.hipp.builtin_llava import build_tiny_llava
 from worker.hipp.calibration import iter_batches, synthetic_samples
 from worker.hipp.checkpoint import export_pruned
 from worker.hipp.loading import LoadedModel

@@ -27,7 +27,7 @@ import torch
 from bench.baselines import test_set
 from bench.report import markdown_table, write_report
 from worker.hipp.baselines import evaluate_baselines, metrics_row
-from worker.hipp.calibration import default_samples
+from worker.hipp.calibration_source import default_samples
 from worker.hipp.evaluator import PlanEvaluator
 from worker.hipp.grpo import GRPOConfig
 from worker.hipp.loading import load_model

@@ -25,7 +25,7 @@ import torch
 
 from bench.report import markdown_table, write_report
 from worker.hipp.adapters import get_adapter
-from worker.hipp.builtin import TinyLlavaSpec, build_tiny_llava
+from worker.hipp.builtin_llava import TinyLlavaSpec, build_tiny_llava
 from worker.hipp.calibration import iter_batches, synthetic_samples
 from worker.hipp.checkpoint import export_pruned
 from worker.hipp.decoding import EAGER, DecodeOptions, generate

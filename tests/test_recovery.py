@@ -236,7 +236,7 @@ def test_bad_options_fail_clearly(kwargs, message):
 
 def test_distillation_needs_a_teacher_with_the_same_vocabulary(tiny_gqa):
     from worker.hipp.adapters import get_adapter
-    from worker.hipp.builtin import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
+    from worker.hipp.builtin_llava import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
     from worker.hipp.loading import LoadedModel
 
     pruned(tiny_gqa, 0.3)

@@ -272,14 +272,13 @@ def calibration_option(ctx: JobContext, name: str, default: int) -> int:
 
 
 def calibration_samples(ctx: JobContext, count: int) -> list[Any]:
-    """In-distribution images for the testbed (its world), simple synthetic scenes for anything else."""
-    if ctx.job.model == "testbed":
-        from worker.hipp.testbed.data import calibration_samples as world_samples
+    """The engine's calibration choice for the job's model; a warning in the result when it is not the
+    model's own distribution."""
+    from worker.hipp.calibration_source import choose_calibration
 
-        return world_samples(count)
-    from worker.hipp.calibration import synthetic_samples
-
-    return synthetic_samples(count, seed=0)
+    choice = choose_calibration(ctx.job.model, count)
+    ctx.result["calibration"] = {"source": choice.source, "warning": choice.warning}
+    return choice.samples
 
 
 def evaluation_enabled(ctx: JobContext) -> bool:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run_prune(args: argparse.Namespace) -> int:
     from worker.hipp.allocation import validate_sparsity
-    from worker.hipp.calibration import synthetic_samples
+    from worker.hipp.calibration_source import choose_calibration
     from worker.hipp.checkpoint import export_loaded, export_zero_padded
     from worker.hipp.errors import OptionError
     from worker.hipp.importance import get_criterion
@@ -64,9 +64,11 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.plan:
         plan = PruningPlan.load(args.plan)
     else:
+        calibration = choose_calibration(args.model, args.calibration_samples, seed=args.seed)
+        if calibration.warning:
+            reporter.log(f"warning: {calibration.warning}")
         plan = build_plan(loaded, args.sparsity, args.criterion, args.allocation, args.mlp_multiple,
-                          samples=synthetic_samples(args.calibration_samples, seed=args.seed), seed=args.seed,
-                          reporter=reporter)
+                          samples=calibration.samples, seed=args.seed, reporter=reporter)
     reporter.stage("prune", f"slicing to plan {plan.fingerprint}")
     apply_plan(loaded.adapter, plan)
     reporter.stage("export", str(out))

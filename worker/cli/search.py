@@ -92,7 +92,7 @@ def evaluation_set(args: argparse.Namespace) -> Any:
 
 
 def run_sensitivity(args: argparse.Namespace) -> int:
-    from worker.hipp.calibration import default_samples
+    from worker.hipp.calibration_source import default_samples
     from worker.hipp.loading import load_model
     from worker.hipp.plots import plot_sensitivity
     from worker.hipp.sensitivity import compute_visual_sensitivity
@@ -114,7 +114,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
 
 def run_baselines(args: argparse.Namespace) -> int:
     from worker.hipp.baselines import ALL_BASELINES, evaluate_baselines, metrics_row
-    from worker.hipp.calibration import default_samples
+    from worker.hipp.calibration_source import default_samples
     from worker.hipp.evaluator import PlanEvaluator
     from worker.hipp.loading import load_model
 
@@ -146,7 +146,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def _search_setup(args: argparse.Namespace, s_max: float = 0.6) -> Any:
-    from worker.hipp.calibration import default_samples
+    from worker.hipp.calibration_source import default_samples
     from worker.hipp.loading import load_model
     from worker.hipp.search import prepare_search
 

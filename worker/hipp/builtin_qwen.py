@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.hipp.builtin import BASE_WORDS, _randomize_norms
+from worker.hipp.builtin_llava import BASE_WORDS, randomize_norms
 
 PAD, UNK = "<|endoftext|>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -163,7 +163,7 @@ def build_tiny_qwen(spec: TinyQwenSpec = TinyQwenSpec()) -> tuple[nn.Module, Any
         processor_cls = Qwen2VLImageOnlyProcessor
     else:
         raise ValueError(f"unknown Qwen VL version {spec.version!r}; use '2.5' or '2'")
-    _randomize_norms(model, spec.seed)
+    randomize_norms(model, spec.seed)
     model.eval()
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=spec.patch_size,

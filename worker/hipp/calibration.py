@@ -146,13 +146,3 @@ def collect_activations(
         for h in handles:
             h.remove()
     return stats
-
-
-def default_samples(reference: str, count: int = 32, seed: int = 0) -> list[CalibrationSample]:
-    """Calibration prompts for a model reference: world scenes with benchmark prompts for the testbed
-    (in-distribution), simple synthetic shape scenes otherwise."""
-    if reference == "testbed":
-        from worker.hipp.testbed.data import calibration_samples
-
-        return calibration_samples(count, seed=seed + 1234)
-    return synthetic_samples(count, seed=seed)

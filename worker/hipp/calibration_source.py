@@ -1,0 +1,43 @@
+"""Which images a model is calibrated on: the one owner of that choice, used by ``hipp prune``, the search and
+baseline commands, the benchmarks and the service.
+
+The testbed is calibrated on in-distribution samples of its world (scenes with the benchmarks' prompts);
+calibrating it on anything else changes which units look important and flips the baselines' ranking. Any other
+model gets simple synthetic shape scenes, and the choice says so, so that results can carry the warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.hipp.calibration import CalibrationSample, synthetic_samples
+
+#: Seed offset of the world's calibration stream (the world's other streams use other names, not other seeds).
+WORLD_CALIBRATION_SEED = 1234
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    samples: list[CalibrationSample]
+    #: ``world`` (in-distribution, the testbed) or ``synthetic`` (shape scenes).
+    source: str
+    #: Set when the samples are not from the model's own distribution.
+    warning: str | None = None
+
+
+def choose_calibration(reference: str, count: int, seed: int = 0) -> CalibrationChoice:
+    """The calibration samples for the model ``reference`` (see the module doc)."""
+    if reference == "testbed":
+        from worker.hipp.testbed.data import calibration_samples
+
+        return CalibrationChoice(calibration_samples(count, seed=seed + WORLD_CALIBRATION_SEED), "world")
+    return CalibrationChoice(
+        synthetic_samples(count, seed=seed), "synthetic",
+        warning=f"{reference} was calibrated on synthetic shape scenes, not on data of its own distribution; "
+        "importance scores and the plan may differ from what real images would give",
+    )
+
+
+def default_samples(reference: str, count: int = 32, seed: int = 0) -> list[CalibrationSample]:
+    """Just the samples of :func:`choose_calibration`."""
+    return choose_calibration(reference, count, seed).samples
