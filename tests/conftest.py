@@ -10,7 +10,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2
+torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():  # type: ignore[no-untyped-def]
+    """Every test starts with the same thread count (the testbed recipe sets its own and keeps it): float
+    reductions, and so logits compared bit for bit with a subprocess, depend on it."""
+    torch.set_num_threads(TORCH_THREADS)
+    yield
 
 
 @pytest.fixture

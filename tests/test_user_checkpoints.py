@@ -39,7 +39,8 @@ RELOAD = textwrap.dedent(
     """
     import json, sys, torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
-    path, batch_path, out_path = sys.argv[1:4]
+    path, batch_path, out_path, threads = sys.argv[1:5]
+    torch.set_num_threads(int(threads))  # the test process's count: reductions, and so logits, depend on it
     model, info = AutoModelForImageTextToText.from_pretrained(
         path, trust_remote_code=True, output_loading_info=True, dtype="auto")
     AutoTokenizer.from_pretrained(path, trust_remote_code=True)
@@ -71,7 +72,7 @@ def hipp(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def reload(path: Path, batch_path: Path, out: Path) -> dict:
-    result = run_isolated("-c", RELOAD, str(path), str(batch_path), str(out))
+    result = run_isolated("-c", RELOAD, str(path), str(batch_path), str(out), str(torch.get_num_threads()))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
