@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from bench.report import markdown_table, write_report
-from worker.hipp.baselines import evaluate_baselines, metrics_row
 from worker.hipp.calibration_source import default_samples
-from worker.hipp.evaluator import EvalSet, PlanEvaluator
-from worker.hipp.loading import load_model
+from worker.hipp.evaluation.baseline_grid import evaluate_baselines, metrics_row
+from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluator
+from worker.hipp.models.loading import load_model
 from worker.hipp.progress import TqdmReporter
 from worker.hipp.testbed.data import write_benchmarks
 

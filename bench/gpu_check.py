@@ -26,14 +26,14 @@ from typing import Any
 import torch
 
 from bench.speed import SIZES
-from worker.hipp.adapters import get_adapter
-from worker.hipp.builtin_llava import build_tiny_llava
-from worker.hipp.calibration import iter_batches, synthetic_samples
-from worker.hipp.checkpoint import export_pruned
-from worker.hipp.loading import LoadedModel
-from worker.hipp.masking import apply_masks
-from worker.hipp.pruner import build_plan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.checkpoint.export import export_pruned
+from worker.hipp.data.calibration import iter_batches, synthetic_samples
+from worker.hipp.models.adapters import get_adapter
+from worker.hipp.models.builtin_llava import build_tiny_llava
+from worker.hipp.models.loading import LoadedModel
+from worker.hipp.pruning.masking import apply_masks
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
 
 
 @torch.no_grad()

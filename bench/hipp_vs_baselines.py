@@ -26,15 +26,13 @@ import torch
 
 from bench.baselines import test_set
 from bench.report import markdown_table, write_report
-from worker.hipp.baselines import evaluate_baselines, metrics_row
 from worker.hipp.calibration_source import default_samples
-from worker.hipp.evaluator import PlanEvaluator
-from worker.hipp.grpo import GRPOConfig
-from worker.hipp.loading import load_model
-from worker.hipp.policy import PolicyConfig
-from worker.hipp.policy_store import StoredPolicy, load_policy_dir
-from worker.hipp.progress import TqdmReporter
-from worker.hipp.search import (
+from worker.hipp.evaluation.baseline_grid import evaluate_baselines, metrics_row
+from worker.hipp.evaluation.plan_evaluator import PlanEvaluator
+from worker.hipp.models.loading import load_model
+from worker.hipp.policy.grpo import GRPOConfig
+from worker.hipp.policy.network import PolicyConfig
+from worker.hipp.policy.search import (
     SearchSetup,
     hypervolume,
     prepare_search,
@@ -42,6 +40,8 @@ from worker.hipp.search import (
     testbed_search_set,
     train_policy,
 )
+from worker.hipp.policy.store import StoredPolicy, load_policy_dir
+from worker.hipp.progress import TqdmReporter
 
 CACHE = Path.home() / ".cache" / "hipp" / "bench"
 ROBUST = (0.25, 0.65, 0.10)
@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=600)
     parser.add_argument("--samples", type=int, default=8, help="plans sampled per query (plus the mean plan)")
     parser.add_argument("--policy", type=Path, help="use this trained policy instead of training one")
-    parser.add_argument("--ship", type=Path, help="save the trained policy here (e.g. worker/hipp/policies/testbed)")
+    parser.add_argument("--ship", type=Path,
+                        help="save the trained policy here (e.g. worker/hipp/policy/shipped/testbed)")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="testbed", help="a testbed-world model (default: the shipped testbed)")

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 
 from bench.report import markdown_table, write_report
-from worker.hipp.calibration import CalibrationSample
-from worker.hipp.conversations import world_conversations
-from worker.hipp.evaluation import evaluate
-from worker.hipp.loading import LoadedModel, load_model
-from worker.hipp.plan import PruningPlan
-from worker.hipp.pruner import build_plan
-from worker.hipp.recovery import METHODS, RecoveryConfig, recover
-from worker.hipp.surgery import apply_plan
+from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.evaluation.runner import evaluate
+from worker.hipp.models.loading import LoadedModel, load_model
+from worker.hipp.pruning.plan import PruningPlan
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
+from worker.hipp.recovery.conversations import world_conversations
+from worker.hipp.recovery.training import METHODS, RecoveryConfig, recover
 from worker.hipp.testbed.data import DEFAULT_SEED, POPE_IMAGES, SQA_SIZES, write_benchmarks
 
 

@@ -24,15 +24,15 @@ from typing import Any
 import torch
 
 from bench.report import markdown_table, write_report
-from worker.hipp.adapters import get_adapter
-from worker.hipp.builtin_llava import TinyLlavaSpec, build_tiny_llava
-from worker.hipp.calibration import iter_batches, synthetic_samples
-from worker.hipp.checkpoint import export_pruned
-from worker.hipp.decoding import EAGER, DecodeOptions, generate
-from worker.hipp.loading import LoadedModel, resolve_dtype
-from worker.hipp.plan import PruningPlan
-from worker.hipp.pruner import build_plan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.checkpoint.export import export_pruned
+from worker.hipp.data.calibration import iter_batches, synthetic_samples
+from worker.hipp.models.adapters import get_adapter
+from worker.hipp.models.builtin_llava import TinyLlavaSpec, build_tiny_llava
+from worker.hipp.models.decoding import EAGER, DecodeOptions, generate
+from worker.hipp.models.loading import LoadedModel, resolve_dtype
+from worker.hipp.pruning.plan import PruningPlan
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
 
 SIZES = {
     # The built-in tiny LLaVA: a smoke test of the harness in seconds.

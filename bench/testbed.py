@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from bench.report import markdown_table, write_report
-from worker.hipp.benchmarks.pope import SPLITS
-from worker.hipp.evaluation import evaluate
-from worker.hipp.loading import LoadedModel, load_model
-from worker.hipp.masking import apply_masks
+from worker.hipp.evaluation.runner import evaluate
+from worker.hipp.evaluation.tasks.pope import SPLITS
+from worker.hipp.models.loading import LoadedModel, load_model
 from worker.hipp.progress import TqdmReporter
-from worker.hipp.pruner import build_plan
+from worker.hipp.pruning.masking import apply_masks
+from worker.hipp.pruning.planner import build_plan
 from worker.hipp.testbed.data import DEFAULT_SEED, calibration_samples, write_benchmarks
 
 SPARSITIES = (0.2, 0.4, 0.6)

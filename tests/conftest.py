@@ -24,34 +24,34 @@ def _torch_threads():  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def tiny_gqa():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     return load_model("tiny-llava")
 
 
 @pytest.fixture
 def tiny_mha():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     return load_model("tiny-llava-mha")
 
 
 @pytest.fixture
 def tiny_bias():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     return load_model("tiny-llava-bias")
 
 
 @pytest.fixture
 def tiny_qwen25():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     return load_model("tiny-qwen2.5-vl")
 
 
 def calibration_batch(loaded, n: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
-    from worker.hipp.calibration import iter_batches, synthetic_samples
+    from worker.hipp.data.calibration import iter_batches, synthetic_samples
 
     return next(iter_batches(loaded, synthetic_samples(n, seed=seed), batch_size=n))
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from worker.hipp.allocation import counts_from_ratios, max_sparsity, removed_parameters
-from worker.hipp.allocators import allocate
 from worker.hipp.errors import OptionError
-from worker.hipp.plan import dense_layer_parameters, geometry_of, mlp_parameters
+from worker.hipp.pruning.allocators import allocate
+from worker.hipp.pruning.layer_counts import counts_from_ratios, max_sparsity, removed_parameters
+from worker.hipp.pruning.plan import dense_layer_parameters, geometry_of, mlp_parameters
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from worker.hipp.allocators import ALLOCATORS, AllocationContext, spread
-from worker.hipp.calibration import synthetic_samples
+from worker.hipp.data.calibration import synthetic_samples
 from worker.hipp.errors import OptionError
-from worker.hipp.plan import mlp_parameters
-from worker.hipp.pruner import allocation_context, build_plan, score_model
+from worker.hipp.pruning.allocators import ALLOCATORS, AllocationContext, spread
+from worker.hipp.pruning.plan import mlp_parameters
+from worker.hipp.pruning.planner import allocation_context, build_plan, score_model
 
 
 @pytest.fixture(scope="module")
 def scored():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     loaded = load_model("tiny-llava")
     samples = synthetic_samples(8, seed=0)
@@ -60,8 +60,8 @@ def test_spread_prunes_less_where_signal_is_high():
 
 
 def test_allocators_that_need_signals_say_so(tiny_gqa):
-    from worker.hipp.allocators import allocate
-    from worker.hipp.plan import geometry_of
+    from worker.hipp.pruning.allocators import allocate
+    from worker.hipp.pruning.plan import geometry_of
 
     for allocation, needed in (("owl", "outlier"), ("visual", "sensitivity"), ("flap", "scores")):
         with pytest.raises(OptionError, match=needed):

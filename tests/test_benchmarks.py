@@ -9,11 +9,11 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from worker.hipp.benchmarks import pope, scienceqa
-from worker.hipp.benchmarks.pope import ObjectStats
+from worker.hipp.data.world import CATEGORY_NAMES, generate_scenes
 from worker.hipp.errors import HippError
+from worker.hipp.evaluation.tasks import pope, scienceqa
+from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.testbed.data import write_benchmarks
-from worker.hipp.world import CATEGORY_NAMES, generate_scenes
 
 # --------------------------------------------------------------------------------------------- POPE splits
 

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from worker.hipp.checkpoint import PLAN_FILE, export_pruned, export_zero_padded
-from worker.hipp.plan import PruningPlan
-from worker.hipp.pruner import build_plan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.checkpoint.export import PLAN_FILE, export_pruned, export_zero_padded
+from worker.hipp.pruning.plan import PruningPlan
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
 
 RELOAD = textwrap.dedent(
     """
@@ -72,7 +72,7 @@ def test_export_reloads_in_fresh_process_with_equal_logits(request, fixture, tmp
 
 
 def test_exported_model_loads_through_the_engine_and_reexports(tiny_gqa, tmp_path, batch_for):
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     plan = build_plan(tiny_gqa, 0.3, "magnitude")
     apply_plan(tiny_gqa.adapter, plan)
@@ -109,7 +109,7 @@ def test_zero_padded_export_loads_without_remote_code(tiny_gqa, tmp_path, batch_
 def test_exports_of_two_families_in_one_process_do_not_share_remote_code(tmp_path, batch_for):
     """Exports are cached by folder name in transformers' module cache: a LLaVA and a Qwen export that share
     the name must still each get their own classes (and key mappings) in one process."""
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     for family, ref in (("llava", "tiny-llava"), ("qwen", "tiny-qwen2.5-vl")):
         loaded = load_model(ref)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import calibration_batch
-from worker.hipp.checkpoint import export_loaded
-from worker.hipp.decoding import EAGER, DecodeOptions, generate, latency_report, measure_latency
-from worker.hipp.pruner import build_plan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.checkpoint.export import export_loaded
+from worker.hipp.models.decoding import EAGER, DecodeOptions, generate, latency_report, measure_latency
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
 
 STATIC_RELOAD = textwrap.dedent(
     """

@@ -14,10 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from worker.hipp.benchmarks.pope import PopeQuestion
-from worker.hipp.benchmarks.scienceqa import SqaProblem
 from worker.hipp.errors import OptionError
-from worker.hipp.evaluation import (
+from worker.hipp.evaluation.runner import (
     POPE_INSTRUCTION,
     SQA_INSTRUCTION,
     answer_token_ids,
@@ -29,6 +27,8 @@ from worker.hipp.evaluation import (
     sqa_prompt_text,
     subset,
 )
+from worker.hipp.evaluation.tasks.pope import PopeQuestion
+from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
 from worker.hipp.testbed.tokenizer import build_processor
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from worker.hipp.evaluator import PRESCREEN_RETURN, EvalSet, PlanEvaluator
-from worker.hipp.plan import LayerPlan, PruningPlan, geometry_of
-from worker.hipp.pruner import build_plan
+from worker.hipp.evaluation.plan_evaluator import PRESCREEN_RETURN, EvalSet, PlanEvaluator
+from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.planner import build_plan
 from worker.hipp.testbed.data import write_benchmarks
 
 
@@ -50,7 +50,7 @@ def test_dense_plan_scores_one_and_plans_are_cached(tiny_gqa, evalset, tmp_path)
 
 
 def test_masked_evaluation_matches_the_physically_pruned_model(tiny_gqa, evalset):
-    from worker.hipp.surgery import apply_plan
+    from worker.hipp.pruning.surgery import apply_plan
 
     evaluator = PlanEvaluator(tiny_gqa, evalset, batch_size=16)
     plan = build_plan(tiny_gqa, 0.5, "wanda-sp")
@@ -78,7 +78,7 @@ def test_empty_evaluation_set_is_refused():
 
 
 def test_decoder_only_scoring_matches_the_full_model(tiny_gqa, evalset):
-    from worker.hipp.evaluation import evaluate_pope_split, evaluate_sqa
+    from worker.hipp.evaluation.runner import evaluate_pope_split, evaluate_sqa
 
     evaluator = PlanEvaluator(tiny_gqa, evalset, batch_size=16)
     for split, questions in evalset.pope.items():

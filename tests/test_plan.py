@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from worker.hipp.adapters.base import LayerShape
 from worker.hipp.errors import PlanError
-from worker.hipp.plan import LayerPlan, ModelGeometry, PruningPlan
+from worker.hipp.models.adapters.base import LayerShape
+from worker.hipp.pruning.plan import LayerPlan, ModelGeometry, PruningPlan
 
 GQA = LayerShape(num_heads=8, num_kv_heads=4, head_dim=8, intermediate_size=32, attention_bias=False,
                  o_bias=False, mlp_bias=False)

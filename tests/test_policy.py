@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from worker.hipp.errors import OptionError
-from worker.hipp.grpo import GRPOConfig, GRPOTrainer, Outcome, group_advantages, scalarize
-from worker.hipp.policy import Action, HippPolicy, PolicyConfig, action_to_ratios, validate_preference, water_fill
+from worker.hipp.policy.grpo import GRPOConfig, GRPOTrainer, Outcome, group_advantages, scalarize
+from worker.hipp.policy.network import (
+    Action,
+    HippPolicy,
+    PolicyConfig,
+    action_to_ratios,
+    validate_preference,
+    water_fill,
+)
 
 LAYERS = 4
 FEATURES = torch.randn(LAYERS, 5, generator=torch.Generator().manual_seed(0))

@@ -14,14 +14,14 @@ import textwrap
 import pytest
 import torch
 
-from worker.hipp.calibration import _keep_tail, iter_batches, synthetic_samples
-from worker.hipp.checkpoint import PLAN_FILE, export_pruned
+from worker.hipp.checkpoint.export import PLAN_FILE, export_pruned
+from worker.hipp.data.calibration import _keep_tail, iter_batches, synthetic_samples
 from worker.hipp.errors import PlanError
-from worker.hipp.loading import LoadedModel, load_model
-from worker.hipp.masking import apply_masks
-from worker.hipp.plan import LayerPlan, PruningPlan, geometry_of
-from worker.hipp.pruner import build_plan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.models.loading import LoadedModel, load_model
+from worker.hipp.pruning.masking import apply_masks
+from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
 
 
 @pytest.fixture
@@ -283,7 +283,7 @@ def test_exported_model_loads_through_the_engine(qwen25, tmp_path):
 
 
 def test_visual_sensitivity_on_qwen_finds_the_image_tokens(qwen25):
-    from worker.hipp.calibration import synthetic_samples
+    from worker.hipp.data.calibration import synthetic_samples
     from worker.hipp.sensitivity import compute_visual_sensitivity
 
     result = compute_visual_sensitivity(qwen25, synthetic_samples(4, seed=0), batch_size=2)
@@ -295,11 +295,11 @@ def test_visual_sensitivity_on_qwen_finds_the_image_tokens(qwen25):
 
 
 def test_recovery_on_a_pruned_qwen_model_merges_and_keeps_shapes(qwen25):
-    from worker.hipp.calibration import synthetic_samples
-    from worker.hipp.conversations import Conversation
-    from worker.hipp.pruner import build_plan
-    from worker.hipp.recovery import RecoveryConfig, recover
-    from worker.hipp.surgery import apply_plan
+    from worker.hipp.data.calibration import synthetic_samples
+    from worker.hipp.pruning.planner import build_plan
+    from worker.hipp.pruning.surgery import apply_plan
+    from worker.hipp.recovery.conversations import Conversation
+    from worker.hipp.recovery.training import RecoveryConfig, recover
 
     plan = build_plan(qwen25, 0.4, "wanda-sp")
     apply_plan(qwen25.adapter, plan)

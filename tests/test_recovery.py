@@ -10,19 +10,19 @@ import textwrap
 import pytest
 import torch
 
-from worker.hipp.calibration import synthetic_samples
-from worker.hipp.conversations import (
+from worker.hipp.data.calibration import synthetic_samples
+from worker.hipp.errors import OptionError
+from worker.hipp.pruning.plan import PruningPlan
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
+from worker.hipp.recovery.conversations import (
     IGNORE_INDEX,
     Conversation,
     encode_conversation,
     load_llava_json,
     write_llava_json,
 )
-from worker.hipp.errors import OptionError
-from worker.hipp.plan import PruningPlan
-from worker.hipp.pruner import build_plan
-from worker.hipp.recovery import RecoveryConfig, recover
-from worker.hipp.surgery import apply_plan
+from worker.hipp.recovery.training import RecoveryConfig, recover
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,7 +79,7 @@ def test_lora_loss_falls_and_merge_leaves_the_plain_pruned_model(tiny_gqa):
 
 @pytest.mark.parametrize("method", ["kd", "lora+kd"])
 def test_distillation_falls_and_never_modifies_the_teacher(tiny_gqa, method):
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     teacher = load_model("tiny-llava")
     teacher_state = {k: v.clone() for k, v in teacher.model.state_dict().items()}
@@ -96,7 +96,7 @@ def test_distillation_falls_and_never_modifies_the_teacher(tiny_gqa, method):
 
 
 def test_same_seed_gives_the_same_run():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     runs = []
     for _ in range(2):
@@ -155,7 +155,7 @@ RELOAD = textwrap.dedent(
 
 
 def test_recovered_model_exports_and_reloads_in_a_fresh_process(tiny_gqa, tmp_path, batch_for):
-    from worker.hipp.checkpoint import PLAN_FILE, export_pruned
+    from worker.hipp.checkpoint.export import PLAN_FILE, export_pruned
 
     plan = pruned(tiny_gqa)
     result = recover(tiny_gqa, conversations(16), RecoveryConfig(method="lora", steps=5))
@@ -235,9 +235,9 @@ def test_bad_options_fail_clearly(kwargs, message):
 
 
 def test_distillation_needs_a_teacher_with_the_same_vocabulary(tiny_gqa):
-    from worker.hipp.adapters import get_adapter
-    from worker.hipp.builtin_llava import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
-    from worker.hipp.loading import LoadedModel
+    from worker.hipp.models.adapters import get_adapter
+    from worker.hipp.models.builtin_llava import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
+    from worker.hipp.models.loading import LoadedModel
 
     pruned(tiny_gqa, 0.3)
     with pytest.raises(OptionError, match="pass a teacher"):

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from worker.cli import main
-from worker.hipp.calibration import synthetic_samples
-from worker.hipp.evaluator import EvalSet
-from worker.hipp.grpo import GRPOConfig
-from worker.hipp.policy_store import find_policy, model_fingerprint
-from worker.hipp.search import dominates, pareto_front, prepare_search, sample_plans, train_policy
+from worker.hipp.data.calibration import synthetic_samples
+from worker.hipp.evaluation.plan_evaluator import EvalSet
+from worker.hipp.policy.grpo import GRPOConfig
+from worker.hipp.policy.search import dominates, pareto_front, prepare_search, sample_plans, train_policy
+from worker.hipp.policy.store import find_policy, model_fingerprint
 from worker.hipp.testbed.data import write_benchmarks
 
 
@@ -81,7 +81,7 @@ def test_cli_plan_without_policy_or_data_says_what_to_do(data, tmp_path, capsys)
 
 
 def test_hypervolume_of_known_sets():
-    from worker.hipp.search import hypervolume
+    from worker.hipp.policy.search import hypervolume
 
     assert hypervolume([(1.0, 1.0, 1.0)]) == pytest.approx(1.0)
     # Two boxes 2x1x1 and 1x2x1 overlap in a unit cube: 2 + 2 - 1.

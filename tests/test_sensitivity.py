@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.hipp.calibration import synthetic_samples
+from worker.hipp.data.calibration import synthetic_samples
 from worker.hipp.plots import plot_sensitivity
 from worker.hipp.sensitivity import (
     cached_visual_sensitivity,
@@ -98,7 +98,7 @@ def test_sensitivity_restores_attention_implementation_and_caches(tiny_gqa, tmp_
 
 
 def test_policy_state_is_normalized_and_round_trips(tiny_gqa, tmp_path):
-    from worker.hipp.state import FEATURES, PolicyState, compute_policy_state
+    from worker.hipp.policy.state import FEATURES, PolicyState, compute_policy_state
 
     state = compute_policy_state(tiny_gqa, synthetic_samples(4, seed=0), batch_size=4)
     assert state.features.shape == (4, len(FEATURES))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.hipp.plan import LayerPlan, PruningPlan, geometry_of
-from worker.hipp.pruner import build_plan
-from worker.hipp.stability import StabilityProxy, layer_path_mass
+from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.stability import StabilityProxy, layer_path_mass
 
 
 @torch.no_grad()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.hipp.adapters.base import LayerShape
 from worker.hipp.errors import PlanError
-from worker.hipp.masking import apply_masks
-from worker.hipp.plan import LayerPlan, PruningPlan, geometry_of
-from worker.hipp.pruner import build_plan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.models.adapters.base import LayerShape
+from worker.hipp.pruning.masking import apply_masks
+from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.surgery import apply_plan
 
 
 def logits(loaded, batch):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from worker.hipp.benchmarks.pope import SPLITS
-from worker.hipp.evaluation import evaluate
+from worker.hipp.evaluation.runner import evaluate
+from worker.hipp.evaluation.tasks.pope import SPLITS
 from worker.hipp.testbed import MODEL_DIR
 from worker.hipp.testbed.data import DEFAULT_SEED, write_benchmarks
 
@@ -26,7 +26,7 @@ SQA_TEST = 600
 
 @pytest.fixture(scope="module")
 def loaded():
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     return load_model("testbed")
 
@@ -108,8 +108,8 @@ def test_generated_answers_agree_with_logit_scoring(loaded, data):
 
 
 def test_pruning_half_the_decoder_is_visible(loaded, data, dense):
-    from worker.hipp.masking import apply_masks
-    from worker.hipp.pruner import build_plan
+    from worker.hipp.pruning.masking import apply_masks
+    from worker.hipp.pruning.planner import build_plan
 
     plan = build_plan(loaded, 0.5, "magnitude", "uniform")
     assert plan.sparsity == pytest.approx(0.5, abs=0.05)
@@ -123,7 +123,7 @@ def test_pruning_half_the_decoder_is_visible(loaded, data, dense):
 
 def test_the_shipped_policy_belongs_to_the_shipped_testbed(loaded):
     """The testbed policy is keyed to the weights' fingerprint: retraining the testbed means retraining it."""
-    from worker.hipp.policy_store import SHIPPED, load_policy_dir, policy_for_model
+    from worker.hipp.policy.store import SHIPPED, load_policy_dir, policy_for_model
 
     found = policy_for_model(loaded.adapter)
     assert found is not None and found.id == load_policy_dir(SHIPPED / "testbed").id

@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
-from worker.hipp.benchmarks import scienceqa
-from worker.hipp.benchmarks.pope import ObjectStats
-from worker.hipp.evaluation import LETTERS
+from worker.hipp.data.world import generate_scenes
+from worker.hipp.evaluation.runner import LETTERS
+from worker.hipp.evaluation.tasks import scienceqa
+from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.progress import SILENT
 from worker.hipp.testbed.tokenizer import build_processor
 from worker.hipp.testbed.train import (
@@ -23,7 +24,6 @@ from worker.hipp.testbed.train import (
     sqa_turn,
     train,
 )
-from worker.hipp.world import generate_scenes
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from tests.conftest import calibration_batch
-from worker.hipp.checkpoint import PLAN_FILE, export_loaded
-from worker.hipp.loading import load_model
-from worker.hipp.plan import PruningPlan
-from worker.hipp.surgery import apply_plan
+from worker.hipp.checkpoint.export import PLAN_FILE, export_loaded
+from worker.hipp.models.loading import load_model
+from worker.hipp.pruning.plan import PruningPlan
+from worker.hipp.pruning.surgery import apply_plan
 
 BUILDER = Path(__file__).parent / "stock_checkpoints.py"
 QWEN_KINDS = ["qwen2.5-vl-stock", "qwen2.5-vl-stock-tied", "qwen2.5-vl-hub", "qwen2-vl-hub"]
@@ -237,6 +237,6 @@ def test_service_schema_offers_the_engines_dtypes() -> None:
     from typing import get_args
 
     from app.schemas import ExportOptions
-    from worker.hipp.export_options import DTYPE_CHOICES
+    from worker.hipp.models.export_options import DTYPE_CHOICES
 
     assert get_args(ExportOptions.model_fields["dtype"].annotation) == DTYPE_CHOICES

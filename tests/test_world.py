@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from worker.hipp.world import (
+from worker.hipp.data.world import (
     BY_NAME,
     CATEGORIES,
     CATEGORY_NAMES,

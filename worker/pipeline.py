@@ -288,7 +288,7 @@ def evaluation_enabled(ctx: JobContext) -> bool:
 def evaluate_model(ctx: JobContext, model: Any) -> dict[str, Any]:
     """POPE and ScienceQA-style accuracy on the world benchmarks (written once per job, ``max_samples``
     questions per split), scored from first-token logits."""
-    from worker.hipp.evaluation import evaluate
+    from worker.hipp.evaluation.runner import evaluate
     from worker.hipp.testbed.data import write_benchmarks
 
     n = int(ctx.job.options.get("evaluation", {}).get("max_samples", 16))
@@ -309,7 +309,7 @@ def worker_device(settings: Settings) -> str:
 
 
 def load(ctx: JobContext) -> Any:
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
 
     with hub_ids_from_the_hub(ctx.job.model):
         return load_model(ctx.job.model, dtype=ctx.settings.dtype, device=worker_device(ctx.settings))
@@ -320,7 +320,7 @@ def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
     """A reference that is neither a built-in name nor an absolute path (the API only lets folders under
     ``HIPP_MODEL_DIRS`` through, as absolute paths) is a hub id: it is loaded in an empty directory, so an
     ``org/name`` that happens to be a folder relative to the worker's directory is never read."""
-    from worker.hipp import builtin
+    from worker.hipp.models import builtin
 
     if ref in builtin.BUILTINS or ref == "testbed" or Path(ref).is_absolute():
         yield
@@ -335,7 +335,7 @@ def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
 
 
 def stage_load(ctx: JobContext) -> dict[str, Any]:
-    from worker.hipp.decoding import prompt_latency
+    from worker.hipp.evaluation.latency import prompt_latency
 
     ctx.loaded = load(ctx)
     ctx.result["device"] = str(ctx.loaded.device)
@@ -397,7 +397,7 @@ def trained_policy(ctx: JobContext) -> tuple[Any, str]:
     registered policy (its ``uri`` is a policy directory, id or model fingerprint) first, then the engine's
     store (shipped and user policies) by the model's fingerprint."""
     try:
-        from worker.hipp.policy_store import find_policy, policy_for_model
+        from worker.hipp.policy.store import find_policy, policy_for_model
     except ImportError:
         return None, "the engine has no policy store"
     from worker.hipp.errors import HippError
@@ -423,7 +423,7 @@ def trained_policy(ctx: JobContext) -> tuple[Any, str]:
 def plans_from_policy(ctx: JobContext, stored: Any) -> tuple[Any, list[dict[str, Any]]]:
     """The policy's mean plan and samples for the job's preference, scored on the world's search split;
     the best non-dominated one (by the preference-weighted return) is chosen."""
-    from worker.hipp.search import pareto_front, prepare_search, sample_plans, testbed_search_set
+    from worker.hipp.policy.search import pareto_front, prepare_search, sample_plans, testbed_search_set
 
     n = int(ctx.job.options.get("evaluation", {}).get("max_samples", 16))
     evalset = testbed_search_set(ctx.work_dir / "search", limit=n)
@@ -445,9 +445,9 @@ def plans_from_policy(ctx: JobContext, stored: Any) -> tuple[Any, list[dict[str,
 
 
 def baseline_plan(ctx: JobContext) -> Any:
-    from worker.hipp.allocation import max_sparsity
-    from worker.hipp.plan import geometry_of
-    from worker.hipp.pruner import build_plan
+    from worker.hipp.pruning.layer_counts import max_sparsity
+    from worker.hipp.pruning.plan import geometry_of
+    from worker.hipp.pruning.planner import build_plan
 
     ceiling = max_sparsity(geometry_of(ctx.loaded.adapter))
     if ctx.job.target_sparsity is not None:
@@ -468,7 +468,7 @@ def baseline_plan(ctx: JobContext) -> Any:
 def stage_plan(ctx: JobContext) -> dict[str, Any]:
     """A trained policy's plan when one exists for the model, else the baseline allocator's (uniform
     allocation, Wanda-sp importance). The plan is saved to object storage; a retry reuses it."""
-    from worker.hipp.plan import PruningPlan
+    from worker.hipp.pruning.plan import PruningPlan
 
     key = f"jobs/{ctx.job.id}/stages/plan.json"
     saved = (ctx.job.stage_outputs or {}).get("plan")
@@ -508,7 +508,7 @@ def stage_plan(ctx: JobContext) -> dict[str, Any]:
 
 
 def stage_prune(ctx: JobContext) -> dict[str, Any]:
-    from worker.hipp.surgery import apply_plan
+    from worker.hipp.pruning.surgery import apply_plan
 
     ctx.run.check()
     apply_plan(ctx.loaded.adapter, ctx.plan)
@@ -534,7 +534,7 @@ def restore_weights(ctx: JobContext) -> None:
     download is checked against the recorded SHA-256: a corrupted stage output fails the attempt loudly."""
     from safetensors.torch import load_model
 
-    from worker.hipp.surgery import apply_plan
+    from worker.hipp.pruning.surgery import apply_plan
 
     apply_plan(ctx.loaded.adapter, ctx.plan)
     saved = ctx.run.outputs.get("weights")
@@ -553,8 +553,8 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
     steps = int(options.get("steps", 0))
     if steps <= 0:
         raise Skipped("no recovery requested (recovery.steps = 0)")
-    from worker.hipp.conversations import world_conversations
-    from worker.hipp.recovery import RecoveryConfig, recover
+    from worker.hipp.recovery.conversations import world_conversations
+    from worker.hipp.recovery.training import RecoveryConfig, recover
 
     config = RecoveryConfig(
         method=options.get("method", "lora"),
@@ -575,7 +575,8 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
-    from worker.hipp.decoding import device_name, latency_report, prompt_latency
+    from worker.hipp.evaluation.latency import prompt_latency
+    from worker.hipp.models.decoding import device_name, latency_report
 
     dense, pruned = ctx.result["dense"]["parameters"], ctx.result["pruned"]["parameters"]
     ctx.result["metrics"] = {
@@ -603,7 +604,7 @@ def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
 
 def export_options(ctx: JobContext) -> dict[str, Any]:
     """The job's export dtype (None: the source checkpoint's) and shard size."""
-    from worker.hipp.loading import resolve_dtype
+    from worker.hipp.models.loading import resolve_dtype
 
     options = ctx.job.options.get("export") or {}
     dtype = options.get("dtype", "auto")
@@ -612,8 +613,8 @@ def export_options(ctx: JobContext) -> dict[str, Any]:
 
 
 def stage_upload(ctx: JobContext) -> dict[str, Any]:
-    from worker.hipp.checkpoint import export_loaded
-    from worker.hipp.loading import dtype_name
+    from worker.hipp.checkpoint.export import export_loaded
+    from worker.hipp.models.loading import dtype_name
 
     out = ctx.work_dir / "checkpoint"
     shutil.rmtree(out, ignore_errors=True)

@@ -118,7 +118,7 @@ def test_a_stored_policy_uri_outside_the_folders_is_not_probed(
     api, tenant_key: str, hub_settings: Settings  # type: ignore[no-untyped-def]
 ) -> None:
     """A row from before the check (uri /etc): the worker neither looks there nor reports what it found."""
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
     from worker.pipeline import JobContext, JobRun, claim, trained_policy
 
     job_id = api.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]

@@ -67,8 +67,8 @@ def test_qwen_job_through_the_embedded_service(tmp_path: Path) -> None:
     assert config["architectures"] == ["HippQwen2_5_VLForConditionalGeneration"]
     assert (ckpt / "processing_qwen_images.py").is_file()  # the processor ships as code next to the weights
 
-    from worker.hipp.calibration import iter_batches, synthetic_samples
-    from worker.hipp.loading import load_model
+    from worker.hipp.data.calibration import iter_batches, synthetic_samples
+    from worker.hipp.models.loading import load_model
 
     loaded = load_model(str(ckpt))
     assert loaded.adapter.family == "qwen2_vl"

@@ -24,7 +24,7 @@ from app.config import Settings
 from tests.service.conftest import auth
 from tests.service.test_worker_job import api_client, poll, running_worker
 from tests.test_user_checkpoints import build_stock, reload, save_batch, weight_dtypes
-from worker.hipp.loading import load_model
+from worker.hipp.models.loading import load_model
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -180,11 +180,11 @@ def test_unknown_builtin_fails_without_retry_and_duplicates_are_not_claimed(  # 
 def test_a_registered_policy_plans_the_job(worker, wclient, tenant_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    pytest.importorskip("worker.hipp.search", reason="the engine's policy search is not in this checkout")
-    from worker.hipp.loading import load_model
-    from worker.hipp.policy import HippPolicy, PolicyConfig
-    from worker.hipp.policy_store import model_fingerprint, save_policy
-    from worker.hipp.state import FEATURES
+    pytest.importorskip("worker.hipp.policy.search", reason="the engine's policy search is not in this checkout")
+    from worker.hipp.models.loading import load_model
+    from worker.hipp.policy.network import HippPolicy, PolicyConfig
+    from worker.hipp.policy.state import FEATURES
+    from worker.hipp.policy.store import model_fingerprint, save_policy
 
     # An untrained (randomly initialized) policy is still a policy: the job must plan with it.
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from worker.hipp.errors import OptionError
-from worker.hipp.export_options import DTYPE_CHOICES
+from worker.hipp.models.export_options import DTYPE_CHOICES
 from worker.hipp.progress import TqdmReporter
 
 
@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     if args.pope is None and args.sqa is None:
         raise OptionError("give --pope DIR and/or --sqa DIR")
-    from worker.hipp.evaluation import evaluate, format_table
-    from worker.hipp.loading import load_model
+    from worker.hipp.evaluation.runner import evaluate, format_table
+    from worker.hipp.models.loading import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     result = evaluate(

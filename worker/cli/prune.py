@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from worker.hipp.export_options import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
+from worker.hipp.models.export_options import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,16 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from worker.hipp.allocation import validate_sparsity
     from worker.hipp.calibration_source import choose_calibration
-    from worker.hipp.checkpoint import export_loaded, export_zero_padded
+    from worker.hipp.checkpoint.export import export_loaded, export_zero_padded
     from worker.hipp.errors import OptionError
-    from worker.hipp.importance import get_criterion
-    from worker.hipp.loading import dtype_name, load_model, resolve_dtype
-    from worker.hipp.plan import PruningPlan
+    from worker.hipp.models.loading import dtype_name, load_model, resolve_dtype
     from worker.hipp.progress import TqdmReporter
-    from worker.hipp.pruner import build_plan
-    from worker.hipp.surgery import apply_plan
+    from worker.hipp.pruning.criteria import get_criterion
+    from worker.hipp.pruning.layer_counts import validate_sparsity
+    from worker.hipp.pruning.plan import PruningPlan
+    from worker.hipp.pruning.planner import build_plan
+    from worker.hipp.pruning.surgery import apply_plan
 
     validate_sparsity(args.sparsity)
     get_criterion(args.criterion)
@@ -87,9 +87,9 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from worker.hipp.checkpoint import PLAN_FILE
+    from worker.hipp.checkpoint.export import PLAN_FILE
     from worker.hipp.errors import OptionError
-    from worker.hipp.plan import PruningPlan
+    from worker.hipp.pruning.plan import PruningPlan
 
     path = Path(args.path)
     if not (path / PLAN_FILE).is_file():

@@ -38,19 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _default_targets() -> tuple[str, ...]:
-    from worker.hipp.recovery import LM_LINEARS
+    from worker.hipp.recovery.training import LM_LINEARS
 
     return LM_LINEARS
 
 
 def run_recover(args: argparse.Namespace) -> int:
-    from worker.hipp.checkpoint import METRICS_FILE, PLAN_FILE, export_loaded
-    from worker.hipp.conversations import load_llava_json, world_conversations
+    from worker.hipp.checkpoint.export import METRICS_FILE, PLAN_FILE, export_loaded
     from worker.hipp.errors import OptionError
-    from worker.hipp.loading import load_model
-    from worker.hipp.plan import PruningPlan
+    from worker.hipp.models.loading import load_model
     from worker.hipp.progress import TqdmReporter
-    from worker.hipp.recovery import RecoveryConfig, recover
+    from worker.hipp.pruning.plan import PruningPlan
+    from worker.hipp.recovery.conversations import load_llava_json, world_conversations
+    from worker.hipp.recovery.training import RecoveryConfig, recover
 
     config = RecoveryConfig(
         method=args.method,

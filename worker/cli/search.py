@@ -80,12 +80,12 @@ def _reporter(args: argparse.Namespace) -> Any:
 
 
 def evaluation_set(args: argparse.Namespace) -> Any:
-    from worker.hipp.evaluator import EvalSet
+    from worker.hipp.evaluation.plan_evaluator import EvalSet
 
     if args.pope or args.sqa:
         return EvalSet.from_dirs(args.pope, args.sqa, sqa_split="val", limit=args.limit, seed=args.seed)
     if args.model == "testbed":
-        from worker.hipp.search import testbed_search_set
+        from worker.hipp.policy.search import testbed_search_set
 
         return testbed_search_set(args.cache_dir / "testbed-data", limit=args.limit)
     raise OptionError("give --pope DIR and/or --sqa DIR (evaluation data is only generated for the testbed)")
@@ -93,7 +93,7 @@ def evaluation_set(args: argparse.Namespace) -> Any:
 
 def run_sensitivity(args: argparse.Namespace) -> int:
     from worker.hipp.calibration_source import default_samples
-    from worker.hipp.loading import load_model
+    from worker.hipp.models.loading import load_model
     from worker.hipp.plots import plot_sensitivity
     from worker.hipp.sensitivity import compute_visual_sensitivity
 
@@ -113,10 +113,10 @@ def run_sensitivity(args: argparse.Namespace) -> int:
 
 
 def run_baselines(args: argparse.Namespace) -> int:
-    from worker.hipp.baselines import ALL_BASELINES, evaluate_baselines, metrics_row
     from worker.hipp.calibration_source import default_samples
-    from worker.hipp.evaluator import PlanEvaluator
-    from worker.hipp.loading import load_model
+    from worker.hipp.evaluation.baseline_grid import ALL_BASELINES, evaluate_baselines, metrics_row
+    from worker.hipp.evaluation.plan_evaluator import PlanEvaluator
+    from worker.hipp.models.loading import load_model
 
     sparsities = _floats(args.sparsity, "--sparsity")
     allocations = [a.strip() for a in args.allocations.split(",") if a.strip()]
@@ -147,8 +147,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 def _search_setup(args: argparse.Namespace, s_max: float = 0.6) -> Any:
     from worker.hipp.calibration_source import default_samples
-    from worker.hipp.loading import load_model
-    from worker.hipp.search import prepare_search
+    from worker.hipp.models.loading import load_model
+    from worker.hipp.policy.search import prepare_search
 
     loaded = load_model(args.model)
     samples = default_samples(args.model, args.calibration_samples, args.seed)
@@ -157,10 +157,10 @@ def _search_setup(args: argparse.Namespace, s_max: float = 0.6) -> Any:
 
 
 def run_policy_train(args: argparse.Namespace) -> int:
-    from worker.hipp.grpo import GRPOConfig
-    from worker.hipp.policy import PolicyConfig
-    from worker.hipp.policy_store import user_policy_dir
-    from worker.hipp.search import train_policy
+    from worker.hipp.policy.grpo import GRPOConfig
+    from worker.hipp.policy.network import PolicyConfig
+    from worker.hipp.policy.search import train_policy
+    from worker.hipp.policy.store import user_policy_dir
 
     setup = _search_setup(args, args.s_max)
     grpo = GRPOConfig(steps=args.steps, group_size=args.group_size, preferences_per_step=args.preferences_per_step,
@@ -176,7 +176,7 @@ def run_policy_train(args: argparse.Namespace) -> int:
 
 
 def run_policy_list(args: argparse.Namespace) -> int:
-    from worker.hipp.policy_store import list_policies
+    from worker.hipp.policy.store import list_policies
 
     for p in list_policies():
         print(f"{p['id']}  model {p.get('model_reference')} ({p.get('model_fingerprint')})  {p['path']}")
@@ -185,9 +185,9 @@ def run_policy_list(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from worker.hipp.plots import plot_front
-    from worker.hipp.policy import validate_preference
-    from worker.hipp.policy_store import find_policy, policy_for_model
-    from worker.hipp.search import pareto_front, sample_plans, write_candidates
+    from worker.hipp.policy.network import validate_preference
+    from worker.hipp.policy.search import pareto_front, sample_plans, write_candidates
+    from worker.hipp.policy.store import find_policy, policy_for_model
 
     preference = validate_preference(_floats(args.preference, "--preference")).tolist()
     if args.sparsity is not None and not 0 < args.sparsity < 1:

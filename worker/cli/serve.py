@@ -312,7 +312,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 def default_model() -> str:
-    from worker.hipp import builtin
+    from worker.hipp.models import builtin
 
     return "testbed" if (builtin.TESTBED_DIR / "config.json").is_file() else "tiny-llava"
 

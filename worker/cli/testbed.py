@@ -89,7 +89,7 @@ def run_card(args: argparse.Namespace) -> int:
     training = json.loads(args.summary.read_text())
     notes = args.notes.read_text() if args.notes else ""
     metrics = write_card(args.model_dir or MODEL_DIR, training, args.command, notes, TqdmReporter())
-    from worker.hipp.evaluation import format_table
+    from worker.hipp.evaluation.runner import format_table
 
     print(format_table(metrics))
     return 0

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.hipp.calibration import CalibrationSample, synthetic_samples
+from worker.hipp.data.calibration import CalibrationSample, synthetic_samples
+from worker.hipp.testbed.data import calibration_samples as world_calibration_samples
 
 #: Seed offset of the world's calibration stream (the world's other streams use other names, not other seeds).
 WORLD_CALIBRATION_SEED = 1234
@@ -28,9 +29,7 @@ class CalibrationChoice:
 def choose_calibration(reference: str, count: int, seed: int = 0) -> CalibrationChoice:
     """The calibration samples for the model ``reference`` (see the module doc)."""
     if reference == "testbed":
-        from worker.hipp.testbed.data import calibration_samples
-
-        return CalibrationChoice(calibration_samples(count, seed=seed + WORLD_CALIBRATION_SEED), "world")
+        return CalibrationChoice(world_calibration_samples(count, seed=seed + WORLD_CALIBRATION_SEED), "world")
     return CalibrationChoice(
         synthetic_samples(count, seed=seed), "synthetic",
         warning=f"{reference} was calibrated on synthetic shape scenes, not on data of its own distribution; "

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.hipp.plan import PruningPlan
-    from worker.hipp.search import Candidate
+    from worker.hipp.policy.search import Candidate
+    from worker.hipp.pruning.plan import PruningPlan
     from worker.hipp.sensitivity import VisualSensitivity
 
 DPI = 110
@@ -93,7 +93,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path) -> Path:
 def plot_front(candidates: Sequence[Candidate], front: Sequence[Candidate], path: Path,
                baselines: dict[str, tuple[float, float]] | None = None) -> Path:
     """POPE balanced accuracy vs ScienceQA accuracy of the sampled plans, the front highlighted."""
-    from worker.hipp.evaluator import PlanEvaluator
+    from worker.hipp.evaluation.plan_evaluator import PlanEvaluator
 
     def xy(c: Candidate) -> tuple[float, float]:
         m = c.evaluation.metrics

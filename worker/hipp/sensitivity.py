@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from worker.hipp.calibration import CalibrationSample, iter_batches
-from worker.hipp.loading import LoadedModel
+from worker.hipp.data.calibration import CalibrationSample, iter_batches
+from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
 
 

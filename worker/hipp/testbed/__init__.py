@@ -6,6 +6,6 @@ staged training recipe; the trained weights ship in ``model/`` and load as the m
 
 from __future__ import annotations
 
-from pathlib import Path
+from worker.hipp.models.builtin import TESTBED_DIR as MODEL_DIR
 
-MODEL_DIR = Path(__file__).resolve().parent / "model"
+__all__ = ["MODEL_DIR"]

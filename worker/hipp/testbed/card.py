@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from worker.hipp.benchmarks.pope import SPLITS
-from worker.hipp.evaluation import evaluate
+from worker.hipp.evaluation.runner import evaluate
+from worker.hipp.evaluation.tasks.pope import SPLITS
 from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.testbed.data import DEFAULT_SEED, POPE_IMAGES, SQA_SIZES, write_benchmarks
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from worker.hipp.benchmarks import pope, scienceqa
-from worker.hipp.benchmarks.pope import ObjectStats
-from worker.hipp.calibration import CalibrationSample
-from worker.hipp.evaluation import pope_prompt_text, sqa_prompt_text
+from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.data.world import CATEGORY_NAMES, generate_scenes, render
+from worker.hipp.evaluation.runner import pope_prompt_text, sqa_prompt_text
+from worker.hipp.evaluation.tasks import pope, scienceqa
+from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.world import CATEGORY_NAMES, generate_scenes, render
 
 DEFAULT_SEED = 1234
 POPE_IMAGES = 500  # x 6 questions = 3,000 per split, as in the real POPE

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from worker.hipp.data.world import IMAGE_SIZE
 from worker.hipp.testbed.tokenizer import BOS, EOS, IMAGE, NUM_IMAGE_TOKENS, PAD, PATCH_SIZE
-from worker.hipp.world import IMAGE_SIZE
 
 VISION_WIDTH = 128
 TEXT_WIDTH = 128

@@ -9,10 +9,10 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-from worker.hipp.benchmarks.pope import question_text
-from worker.hipp.benchmarks.scienceqa import OPTIONS
-from worker.hipp.evaluation import POPE_INSTRUCTION, SQA_INSTRUCTION
-from worker.hipp.world import CATEGORIES, IMAGE_SIZE, SCENE_TYPES
+from worker.hipp.data.world import CATEGORIES, IMAGE_SIZE, SCENE_TYPES
+from worker.hipp.evaluation.runner import POPE_INSTRUCTION, SQA_INSTRUCTION
+from worker.hipp.evaluation.tasks.pope import question_text
+from worker.hipp.evaluation.tasks.scienceqa import OPTIONS
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)

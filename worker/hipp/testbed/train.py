@@ -23,10 +23,11 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-from worker.hipp.benchmarks import pope, scienceqa
-from worker.hipp.benchmarks.pope import ObjectStats
-from worker.hipp.benchmarks.scienceqa import SqaProblem
-from worker.hipp.evaluation import LETTERS, SQA_INSTRUCTION, pope_prompt_text, sqa_prompt_text
+from worker.hipp.data.world import CATEGORIES, CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
+from worker.hipp.evaluation.runner import LETTERS, SQA_INSTRUCTION, pope_prompt_text, sqa_prompt_text
+from worker.hipp.evaluation.tasks import pope, scienceqa
+from worker.hipp.evaluation.tasks.pope import ObjectStats
+from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
 from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.testbed.model import TEXT_WIDTH, VISION_WIDTH, build_model
 from worker.hipp.testbed.tokenizer import (
@@ -40,7 +41,6 @@ from worker.hipp.testbed.tokenizer import (
     PATCH_SIZE,
     build_processor,
 )
-from worker.hipp.world import CATEGORIES, CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
 
 N_CAT = len(CATEGORY_NAMES)
 MAX_COUNT = 3

@@ -1,0 +1,292 @@
+"""The plan evaluator: model + plan + evaluation subsets -> the objectives U, H, C, S and the raw metrics.
+
+Plans are applied with masks (no weight copies), the model inputs are built once and reused for every plan,
+answers are scored from first-token logits (Yes vs No for POPE, the best option letter for ScienceQA), and
+results are cached by plan fingerprint. Objectives are normalized against the dense model:
+
+- U = ScienceQA accuracy / dense accuracy
+- H = (mean POPE balanced accuracy - 0.5) / (dense balanced accuracy - 0.5)
+- C = achieved sparsity / s_max, or 1 - |s - s*| / s* in matched-sparsity mode
+- S = the SynFlow stability proxy (plans failing its pre-screen are not evaluated and get ``PRESCREEN_RETURN``)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.hipp.errors import OptionError
+from worker.hipp.evaluation.runner import (
+    LETTERS,
+    ImageCache,
+    Query,
+    _model_inputs,
+    answer_token_ids,
+    model_family,
+    pope_prompt_text,
+    sqa_prompt_text,
+    subset,
+)
+from worker.hipp.evaluation.tasks import pope, scienceqa
+from worker.hipp.evaluation.tasks.pope import PopeQuestion
+from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
+from worker.hipp.models.loading import LoadedModel
+from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.pruning.masking import apply_masks
+from worker.hipp.pruning.plan import PruningPlan, geometry_of
+from worker.hipp.pruning.stability import StabilityProxy
+
+PRESCREEN_RETURN = -1.0
+
+
+@dataclass
+class EvalSet:
+    """Questions used to score plans: POPE per split and ScienceQA problems."""
+
+    pope: dict[str, list[PopeQuestion]]
+    sqa: list[SqaProblem]
+
+    @classmethod
+    def from_dirs(cls, pope_dir: str | Path | None, sqa_dir: str | Path | None, sqa_split: str = "val",
+                  limit: int | None = None, seed: int = 0) -> EvalSet:
+        pope_sets = {k: list(subset(v, limit, seed)) for k, v in pope.load_pope(pope_dir).items()} if pope_dir else {}
+        sqa = list(subset(scienceqa.load_scienceqa(sqa_dir, sqa_split), limit, seed)) if sqa_dir else []
+        if not pope_sets and not sqa:
+            raise OptionError("the evaluation set is empty: give a POPE folder, a ScienceQA folder, or both")
+        return cls(pope_sets, sqa)
+
+    def size(self) -> int:
+        return sum(len(v) for v in self.pope.values()) + len(self.sqa)
+
+
+@dataclass
+class Objectives:
+    utility: float
+    robustness: float
+    compression: float
+    stability: float
+
+    def as_vector(self) -> list[float]:
+        return [self.utility, self.robustness, self.compression]
+
+
+@dataclass
+class PlanEvaluation:
+    fingerprint: str
+    sparsity: float
+    objectives: Objectives
+    metrics: dict[str, Any]
+    seconds: float
+    prescreened: bool = False
+    cached: bool = False
+    rho: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanEvaluation:
+        data = dict(data)
+        data["objectives"] = Objectives(**data["objectives"])
+        return cls(**data)
+
+
+@dataclass
+class _Batch:
+    """Decoder inputs of one batch, captured once: the vision tower and projector do not depend on the plan,
+    so every plan evaluation runs only the language model on these."""
+
+    decoder_kwargs: dict[str, Any]
+    rows: list[int]
+
+
+class _Captured(Exception):
+    pass
+
+
+class PlanEvaluator:
+    """Scores plans of one model on one evaluation set. Build once, call :meth:`evaluate` many times."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        evalset: EvalSet,
+        s_max: float = 0.6,
+        target_sparsity: float | None = None,
+        batch_size: int = 64,
+        cache_path: Path | None = None,
+        reporter: Reporter = SILENT,
+    ) -> None:
+        if not 0 < s_max < 1:
+            raise OptionError(f"s_max must be in (0, 1), got {s_max}")
+        self.loaded = loaded
+        self.evalset = evalset
+        self.s_max = s_max
+        self.target_sparsity = target_sparsity
+        self.stability = StabilityProxy.from_adapter(loaded.adapter)
+        self.geometry = geometry_of(loaded.adapter)
+        self.cache_path = cache_path
+        self._cache: dict[str, PlanEvaluation] = self._read_cache()
+        self.evaluations = 0
+        self.seconds = 0.0
+        reporter.stage("prepare", f"{evalset.size()} evaluation questions")
+        self._pope_batches = {split: self._prepare([Query(self._image(q.image), pope_prompt_text(q.text))
+                                                     for q in qs], batch_size) for split, qs in evalset.pope.items()}
+        self._sqa_batches = self._prepare([Query(self._image(p.image), sqa_prompt_text(p.question, p.choices, p.hint))
+                                           for p in evalset.sqa], batch_size)
+        self._yes = answer_token_ids(loaded.processor, ("Yes", "yes"))
+        self._no = answer_token_ids(loaded.processor, ("No", "no"))
+        self._letters = [answer_token_ids(loaded.processor, (letter,)) for letter in LETTERS]
+        reporter.stage("dense", "metrics of the dense model")
+        self.dense_metrics = self._metrics(None)
+
+    # --- preparation ---------------------------------------------------------------------------------
+    _images = ImageCache(size=4096)
+
+    def _image(self, path: str) -> Any:
+        return self._images(path)
+
+    def _prepare(self, queries: Sequence[Query], batch_size: int) -> list[_Batch]:
+        family = model_family(self.loaded.model)
+        batches = []
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start : start + batch_size]
+            inputs = _model_inputs(self.loaded.model, self.loaded.processor, chunk, family)
+            inputs = self.loaded.adapter.prepare_inputs({k: v for k, v in inputs.items()
+                                                         if isinstance(v, torch.Tensor)})
+            batches.append(_Batch(self._capture_decoder_kwargs(inputs), list(range(start, start + len(chunk)))))
+        return batches
+
+    @torch.no_grad()
+    def _capture_decoder_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Run the model up to its language model and keep what the language model is called with."""
+        captured: dict[str, Any] = {}
+
+        def grab(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args:
+                raise RuntimeError("the language model was called with positional arguments")
+            captured.update({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+            raise _Captured
+
+        handle = self.loaded.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.loaded.model(**inputs, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        captured["use_cache"] = False
+        return captured
+
+    # --- scoring ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _last_logits(self, batches: Sequence[_Batch]) -> torch.Tensor:
+        language_model = self.loaded.adapter.language_model
+        model: Any = self.loaded.model
+        head = model.get_output_embeddings()
+        rows = []
+        for b in batches:
+            hidden = language_model(**b.decoder_kwargs).last_hidden_state[:, -1]
+            rows.append(head(hidden).float().cpu())
+        return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+    def _metrics(self, plan: PruningPlan | None) -> dict[str, Any]:
+        masks = apply_masks(self.loaded.adapter, plan) if plan is not None else None
+        try:
+            result: dict[str, Any] = {"pope": {}}
+            for split, batches in self._pope_batches.items():
+                logits = self._last_logits(batches)
+                yes = logits[:, self._yes].max(dim=1).values
+                no = logits[:, self._no].max(dim=1).values
+                predictions = ["yes" if v else "no" for v in (yes > no).tolist()]
+                labels = [q.label for q in self.evalset.pope[split]]
+                result["pope"][split] = pope.compute_metrics(predictions, labels).to_dict()
+            if self._sqa_batches:
+                logits = self._last_logits(self._sqa_batches)
+                picks = []
+                for row, problem in zip(logits, self.evalset.sqa, strict=True):
+                    scores = [row[ids].max().item() if ids else -math.inf
+                              for ids in self._letters[: len(problem.choices)]]
+                    picks.append(max(range(len(scores)), key=scores.__getitem__))
+                result["scienceqa"] = scienceqa.compute_metrics(picks, self.evalset.sqa).to_dict()
+        finally:
+            if masks is not None:
+                masks.remove()
+        return result
+
+    # --- objectives ------------------------------------------------------------------------------------
+    @staticmethod
+    def pope_balanced_accuracy(metrics: dict[str, Any]) -> float:
+        splits = metrics.get("pope", {})
+        if not splits:
+            return math.nan
+        return sum(m["balanced_accuracy"] for m in splits.values()) / len(splits)
+
+    def objectives(self, metrics: dict[str, Any], sparsity: float, stability: float) -> Objectives:
+        dense_sqa = self.dense_metrics.get("scienceqa", {}).get("accuracy", math.nan)
+        sqa = metrics.get("scienceqa", {}).get("accuracy", math.nan)
+        utility = sqa / dense_sqa if dense_sqa and not math.isnan(sqa) else 0.0
+        dense_bal = self.pope_balanced_accuracy(self.dense_metrics)
+        bal = self.pope_balanced_accuracy(metrics)
+        robustness = (bal - 0.5) / (dense_bal - 0.5) if dense_bal > 0.5 and not math.isnan(bal) else 0.0
+        if self.target_sparsity:
+            compression = 1.0 - abs(sparsity - self.target_sparsity) / self.target_sparsity
+        else:
+            compression = sparsity / self.s_max
+        return Objectives(utility, robustness, compression, stability)
+
+    def evaluate(self, plan: PruningPlan, prescreen: bool = True) -> PlanEvaluation:
+        """Objectives and metrics of ``plan`` (cached by fingerprint). With ``prescreen``, plans failing the
+        stability pre-screen are not evaluated (search); reports evaluate every plan."""
+        key = plan.fingerprint
+        if key in self._cache and not (self._cache[key].prescreened and not prescreen):
+            hit = self._cache[key]
+            # Objectives depend on this evaluator's mode (s_max, target); the metrics do not.
+            objectives = hit.objectives if hit.prescreened else self.objectives(
+                hit.metrics, hit.sparsity, hit.objectives.stability)
+            return PlanEvaluation(**{**hit.__dict__, "objectives": objectives, "cached": True})
+        start = time.perf_counter()
+        report = self.stability.evaluate(plan)
+        if prescreen and not report.passes:
+            evaluation = PlanEvaluation(key, plan.sparsity, Objectives(PRESCREEN_RETURN, PRESCREEN_RETURN,
+                                        plan.sparsity / self.s_max, report.score), {}, 0.0, prescreened=True,
+                                        rho=report.rho)
+        else:
+            metrics = self._metrics(plan)
+            seconds = time.perf_counter() - start
+            self.evaluations += 1
+            self.seconds += seconds
+            evaluation = PlanEvaluation(key, plan.sparsity, self.objectives(metrics, plan.sparsity, report.score),
+                                        metrics, seconds, rho=report.rho)
+        self._cache[key] = evaluation
+        self._write_cache(evaluation)
+        return evaluation
+
+    @property
+    def seconds_per_plan(self) -> float:
+        return self.seconds / self.evaluations if self.evaluations else math.nan
+
+    # --- disk cache ------------------------------------------------------------------------------------
+    def _read_cache(self) -> dict[str, PlanEvaluation]:
+        if self.cache_path is None or not self.cache_path.is_file():
+            return {}
+        cache = {}
+        for line in self.cache_path.read_text().splitlines():
+            if line.strip():
+                item = PlanEvaluation.from_dict(json.loads(line))
+                cache[item.fingerprint] = item
+        return cache
+
+    def _write_cache(self, evaluation: PlanEvaluation) -> None:
+        if self.cache_path is None:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.cache_path.open("a") as f:
+            f.write(json.dumps(evaluation.to_dict()) + "\n")

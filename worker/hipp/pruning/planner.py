@@ -1,0 +1,149 @@
+"""Orchestration: calibration -> importance scores -> allocation -> selection -> a validated plan.
+
+This is the only place the three decisions meet; each stays in its own module (``importance``,
+``allocation``, and :func:`select_units` here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.hipp.data.calibration import (
+    CalibrationSample,
+    LayerActivations,
+    collect_activations,
+    synthetic_samples,
+)
+from worker.hipp.models.adapters.base import LayerShape
+from worker.hipp.models.loading import LoadedModel
+from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.pruning.allocators import AllocationContext, allocate, get_allocator, outlier_ratios
+from worker.hipp.pruning.criteria import LayerScores, get_criterion
+from worker.hipp.pruning.layer_counts import LayerCounts, validate_sparsity
+from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+
+
+def select_units(shape: LayerShape, counts: LayerCounts, scores: LayerScores) -> LayerPlan:
+    """Keep the best KV groups, the best query heads inside each, and the best MLP channels."""
+    group_scores = scores.kv_group_scores(shape.num_kv_heads)
+    kv = sorted(_top(group_scores, counts.kv_heads))
+    heads: list[int] = []
+    for g in kv:
+        block = scores.heads[g * shape.group_size : (g + 1) * shape.group_size]
+        heads += [g * shape.group_size + h for h in _top(block, counts.heads_per_group)]
+    channels = sorted(_top(scores.channels, counts.channels))
+    return LayerPlan(tuple(sorted(heads)), tuple(kv), tuple(channels))
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    if k <= 0:
+        return []
+    # Stable tie-break by index keeps plans deterministic on constant scores.
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return order[:k]
+
+
+@dataclass
+class ScoringResult:
+    scores: list[LayerScores]
+    activations: list[LayerActivations] | None
+
+
+def score_model(
+    loaded: LoadedModel,
+    criterion: str = "wanda-sp",
+    samples: Sequence[CalibrationSample] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+    seed: int = 0,
+    reporter: Reporter = SILENT,
+    with_activations: bool = False,
+) -> ScoringResult:
+    """Per-layer unit scores with ``criterion`` (calibrating first when it, or the caller, needs activations)."""
+    crit = get_criterion(criterion, seed=seed)
+    activations = None
+    if crit.needs_activations or with_activations:
+        reporter.stage("calibrate", f"activation statistics for {criterion}")
+        if samples is None:
+            samples = synthetic_samples(32, seed=seed)
+        activations = collect_activations(loaded, samples, batch_size, max_length, reporter)
+    reporter.stage("score", f"{criterion} importance")
+    scores = []
+    for i, layer in enumerate(reporter.track(loaded.adapter.layers(), message="layers")):
+        scores.append(crit.score_layer(layer, activations[i] if activations else None))
+    return ScoringResult(scores, activations)
+
+
+def plan_from_counts(
+    loaded: LoadedModel, counts: Sequence[LayerCounts], scores: Sequence[LayerScores], mlp_multiple: int = 1,
+    meta: dict[str, object] | None = None,
+) -> PruningPlan:
+    geometry = geometry_of(loaded.adapter)
+    layers = [select_units(s, c, sc) for s, c, sc in zip(geometry.layers, counts, scores, strict=True)]
+    plan = PruningPlan(geometry, layers, mlp_multiple=mlp_multiple, meta=dict(meta or {}))
+    plan.validate()
+    return plan
+
+
+def owl_outlier_ratios(loaded: LoadedModel, activations: Sequence[LayerActivations]) -> list[float]:
+    """Wanda element scores of each layer's head and MLP consumers -> OWL outlier ratio per layer."""
+    per_layer = []
+    for layer, act in zip(loaded.adapter.layers(), activations, strict=True):
+        down = layer.down_proj.weight.detach().abs().float().cpu() * act.down_proj_norm.float()[None, :]
+        o = layer.o_proj.weight.detach().abs().float().cpu() * act.o_proj_norm.float()[None, :]
+        per_layer.append(torch.cat([down.flatten(), o.flatten()]))
+    return outlier_ratios(per_layer)
+
+
+def allocation_context(
+    loaded: LoadedModel,
+    allocation: str,
+    scoring: ScoringResult,
+    samples: Sequence[CalibrationSample],
+    seed: int = 0,
+    reporter: Reporter = SILENT,
+) -> AllocationContext:
+    """The signals ``allocation`` needs, computed from the scoring pass (and attention flow for ``visual``)."""
+    get_allocator(allocation)
+    context = AllocationContext(scores=scoring.scores, seed=seed)
+    if allocation == "owl":
+        assert scoring.activations is not None, "score_model(with_activations=True) is needed for owl"
+        context.outlier_ratios = owl_outlier_ratios(loaded, scoring.activations)
+    if allocation == "visual":
+        from worker.hipp.sensitivity import compute_visual_sensitivity
+
+        reporter.stage("sensitivity", "attention flow")
+        context.sensitivity = compute_visual_sensitivity(loaded, samples, reporter=reporter).normalized()
+    return context
+
+
+def build_plan(
+    loaded: LoadedModel,
+    sparsity: float,
+    criterion: str = "wanda-sp",
+    allocation: str = "uniform",
+    mlp_multiple: int = 1,
+    samples: Sequence[CalibrationSample] | None = None,
+    seed: int = 0,
+    reporter: Reporter = SILENT,
+    scoring: ScoringResult | None = None,
+    context: AllocationContext | None = None,
+) -> PruningPlan:
+    """A plan that removes ``sparsity`` of the prunable LM-decoder parameters."""
+    validate_sparsity(sparsity)
+    get_allocator(allocation)
+    geometry = geometry_of(loaded.adapter)
+    samples = samples if samples is not None else synthetic_samples(32, seed=seed)
+    if scoring is None:
+        scoring = score_model(loaded, criterion, samples, seed=seed, reporter=reporter,
+                              with_activations=allocation == "owl")
+    if context is None:
+        context = allocation_context(loaded, allocation, scoring, samples, seed, reporter)
+    reporter.stage("plan", f"{allocation} allocation")
+    counts = allocate(geometry, sparsity, allocation, mlp_multiple, context)
+    meta = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
+            "requested_sparsity": sparsity, "seed": seed}
+    return plan_from_counts(loaded, counts, scoring.scores, mlp_multiple, meta)
