@@ -7,14 +7,16 @@ surrogates, NaN and nesting deeper than ``MAX_DEPTH`` are a 422 rather than a da
 
 from __future__ import annotations
 
-import math
 import uuid
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PREFERENCE_KEYS = ("utility", "robustness", "compression")
+from worker.hipp.preference import KEYS, check_keys
+from worker.hipp.preference import Preference as EnginePreference
+
+PREFERENCE_KEYS = KEYS
 
 T = TypeVar("T")
 
@@ -95,33 +97,14 @@ class Preference(Strict):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(PREFERENCE_KEYS))
-            if unknown:
-                raise ValueError(f"unknown preference key(s) {unknown}; use only {list(PREFERENCE_KEYS)}")
+            check_keys(data)
         return data
-
-    @field_validator("utility", "robustness", "compression", mode="after")
-    @classmethod
-    def _finite_non_negative(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number (got NaN or infinity)")
-        if v < 0:
-            raise ValueError(f"must be >= 0 (got {v}); weights are non-negative")
-        return v
 
     @model_validator(mode="after")
     def _normalize(self) -> Preference:
-        total = self.utility + self.robustness + self.compression
-        if total <= 0:
-            raise ValueError(
-                "preference weights are all zero; give at least one of utility, robustness, compression a "
-                'positive weight, e.g. {"utility": 0.5, "robustness": 0.3, "compression": 0.2}'
-            )
-        if not math.isfinite(total):
-            raise ValueError("preference weights are too large; use weights that sum to 1")
-        object.__setattr__(self, "utility", self.utility / total)
-        object.__setattr__(self, "robustness", self.robustness / total)
-        object.__setattr__(self, "compression", self.compression / total)
+        normalized = EnginePreference.from_values([self.utility, self.robustness, self.compression])
+        for key, value in normalized.as_dict().items():
+            object.__setattr__(self, key, value)
         return self
 
 

@@ -69,7 +69,7 @@ def test_cli_policy_train_and_plan(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("pref", "message"), [("0.5,-1,0.5", "non-negative"), ("0,0,0", "all zero"),
-                                               ("1,2", "needs 3 values"), ("a,b,c", "comma-separated")])
+                                               ("1,2", "needs 3 values"), ("a,b,c", "is not a number")])
 def test_cli_plan_rejects_bad_preferences(pref, message, capsys):
     assert main(["plan", "--model", "tiny-llava", "--preference", pref, "--quiet"]) == 2
     assert message in capsys.readouterr().err

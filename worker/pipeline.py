@@ -424,13 +424,14 @@ def plans_from_policy(ctx: JobContext, stored: Any) -> tuple[Any, list[dict[str,
     """The policy's mean plan and samples for the job's preference, scored on the world's search split;
     the best non-dominated one (by the preference-weighted return) is chosen."""
     from worker.hipp.policy.search import pareto_front, prepare_search, sample_plans, testbed_search_set
+    from worker.hipp.preference import Preference
 
     n = int(ctx.job.options.get("evaluation", {}).get("max_samples", 16))
     evalset = testbed_search_set(ctx.work_dir / "search", limit=n)
     s_max = float(getattr(stored.policy.config, "s_max", 0.6))
     samples = calibration_samples(ctx, calibration_option(ctx, "samples", CALIBRATION_SAMPLES))
     setup = prepare_search(ctx.loaded, evalset, samples, s_max=s_max, reporter=ctx.run)
-    preference = [float(ctx.job.preference.get(k, 0.0)) for k in ("utility", "robustness", "compression")]
+    preference = Preference.from_mapping(ctx.job.preference).as_list()
     candidates = sample_plans(
         setup, stored, preference, samples=POLICY_SAMPLES, target=ctx.job.target_sparsity, reporter=ctx.run
     )

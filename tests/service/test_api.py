@@ -49,7 +49,7 @@ def test_x_api_key_header_works(client, tenant_key: str) -> None:  # type: ignor
 @pytest.mark.parametrize(
     ("preference", "fragment"),
     [
-        ({"utility": -1, "compression": 1}, "utility: must be >= 0"),
+        ({"utility": -1, "compression": 1}, "utility must be >= 0"),
         ({"utility": 0, "robustness": 0, "compression": 0}, "all zero"),
         ({"utility": 1, "speed": 1}, "unknown preference key(s) ['speed']"),
         ({"utility": "a lot"}, "preference.utility"),

@@ -182,17 +182,13 @@ def _retry_after(r: Any, default: float) -> float:
 
 
 def parse_preference(text: str) -> dict[str, float]:
-    """``utility=0.5,robustness=0.3,compression=0.2`` or a JSON object."""
-    text = text.strip()
-    if text.startswith("{"):
-        return {k: float(v) for k, v in json.loads(text).items()}
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected key=value in {part!r}, e.g. utility=0.5,compression=0.5")
-        out[key.strip()] = float(value)
-    return out
+    """``utility=0.5,robustness=0.3,compression=0.2`` (or a JSON object), validated and normalized here."""
+    from worker.hipp.preference import Preference, PreferenceError
+
+    try:
+        return Preference.parse(text).as_dict()
+    except PreferenceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     q = sub.add_parser("plan", help="sample plans from a policy for a preference; print the non-dominated ones")
     _common(q)
     q.add_argument("--policy", help="policy directory, id or model fingerprint (default: the model's own)")
-    q.add_argument("--preference", required=True, help="utility,robustness,compression weights, e.g. 0.2,0.7,0.1")
+    q.add_argument("--preference", required=True,
+                   help="weights, e.g. utility=0.2,robustness=0.7,compression=0.1 (missing keys are 0)")
     q.add_argument("--sparsity", type=float, help="matched-sparsity mode: the requested sparsity")
     q.add_argument("--samples", type=int, default=8)
     q.add_argument("--out", type=Path, default=Path("plans.json"))
@@ -185,11 +186,11 @@ def run_policy_list(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from worker.hipp.plots import plot_front
-    from worker.hipp.policy.network import validate_preference
     from worker.hipp.policy.search import pareto_front, sample_plans, write_candidates
     from worker.hipp.policy.store import find_policy, policy_for_model
+    from worker.hipp.preference import Preference
 
-    preference = validate_preference(_floats(args.preference, "--preference")).tolist()
+    preference = Preference.parse(args.preference).as_list()
     if args.sparsity is not None and not 0 < args.sparsity < 1:
         raise OptionError(f"--sparsity must be in (0, 1), got {args.sparsity}")
     setup = _search_setup(args)

@@ -28,23 +28,14 @@ from torch import nn
 from torch.distributions import Beta, Dirichlet
 
 from worker.hipp.errors import OptionError
+from worker.hipp.preference import KEYS, Preference
 
-PREFERENCE_KEYS = ("utility", "robustness", "compression")
+PREFERENCE_KEYS = KEYS
 
 
 def validate_preference(values: Sequence[float]) -> torch.Tensor:
-    """Non-negative, finite, not all zero, three values -> normalized to sum 1."""
-    if len(values) != len(PREFERENCE_KEYS):
-        raise OptionError(
-            f"the preference needs {len(PREFERENCE_KEYS)} values ({', '.join(PREFERENCE_KEYS)}), got {len(values)}")
-    if any(not math.isfinite(float(v)) for v in values):
-        raise OptionError("preference values must be finite numbers (no NaN or infinity)")
-    if any(float(v) < 0 for v in values):
-        raise OptionError("preference values must be non-negative")
-    total = sum(float(v) for v in values)
-    if total <= 0:
-        raise OptionError("the preference must not be all zero")
-    return torch.tensor([float(v) / total for v in values], dtype=torch.float32)
+    """Three weights in ``PREFERENCE_KEYS`` order, validated and normalized by :class:`Preference`."""
+    return torch.tensor(Preference.from_values(values).as_list(), dtype=torch.float32)
 
 
 @dataclass
