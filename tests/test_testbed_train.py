@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worker.hipp.data.world import generate_scenes
-from worker.hipp.evaluation.runner import LETTERS
+from worker.hipp.evaluation.runner import OPTIONS
 from worker.hipp.evaluation.tasks import scienceqa
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.progress import SILENT
@@ -46,7 +46,7 @@ def test_option_ends_point_at_each_options_last_word_after_its_letter(enc, world
         tokens = enc.tok.convert_ids_to_tokens(ids)
         for k, end in enumerate(enc.option_ends(problem)):
             assert tokens[offsets[0] + end] == problem.choices[k].split()[-1]
-            assert tokens[offsets[0] + end - 2 : offsets[0] + end] == [LETTERS[k], "."]
+            assert tokens[offsets[0] + end - 2 : offsets[0] + end] == [OPTIONS[k], "."]
 
 
 def test_stage2_batch_marks_exactly_the_answer_option_of_each_problem(enc, world):

@@ -24,12 +24,12 @@ import torch
 
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.runner import (
-    LETTERS,
+    OPTIONS,
     ImageCache,
     Query,
-    _model_inputs,
     answer_token_ids,
     model_family,
+    model_inputs,
     pope_prompt_text,
     sqa_prompt_text,
     subset,
@@ -143,7 +143,7 @@ class PlanEvaluator:
                                            for p in evalset.sqa], batch_size)
         self._yes = answer_token_ids(loaded.processor, ("Yes", "yes"))
         self._no = answer_token_ids(loaded.processor, ("No", "no"))
-        self._letters = [answer_token_ids(loaded.processor, (letter,)) for letter in LETTERS]
+        self._letters = [answer_token_ids(loaded.processor, (letter,)) for letter in OPTIONS]
         reporter.stage("dense", "metrics of the dense model")
         self.dense_metrics = self._metrics(None)
 
@@ -158,7 +158,7 @@ class PlanEvaluator:
         batches = []
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
-            inputs = _model_inputs(self.loaded.model, self.loaded.processor, chunk, family)
+            inputs = model_inputs(self.loaded.model, self.loaded.processor, chunk, family)
             inputs = self.loaded.adapter.prepare_inputs({k: v for k, v in inputs.items()
                                                          if isinstance(v, torch.Tensor)})
             batches.append(_Batch(self._capture_decoder_kwargs(inputs), list(range(start, start + len(chunk)))))

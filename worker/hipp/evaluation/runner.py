@@ -26,13 +26,12 @@ from PIL import Image
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import PopeMetrics, PopeQuestion
-from worker.hipp.evaluation.tasks.scienceqa import SqaMetrics, SqaProblem
+from worker.hipp.evaluation.tasks.scienceqa import OPTIONS, SqaMetrics, SqaProblem
 from worker.hipp.models.adapters import adapter_class_for
 from worker.hipp.progress import SILENT, Reporter
 
 POPE_INSTRUCTION = "Answer the question using a single word or phrase."
 SQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-LETTERS = ("A", "B", "C", "D", "E")
 MODES = ("logits", "generate")
 
 
@@ -45,7 +44,7 @@ def sqa_prompt_text(question: str, choices: tuple[str, ...] | list[str], hint: s
     """LLaVA-1.5's ScienceQA prompt: context (if any), question, lettered options, the letter instruction."""
     lines = [f"Context: {hint}"] if hint else []
     lines.append(question)
-    lines.extend(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    lines.extend(f"{OPTIONS[i]}. {c}" for i, c in enumerate(choices))
     lines.append(SQA_INSTRUCTION)
     return "\n".join(lines)
 
@@ -97,7 +96,7 @@ def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def _model_inputs(model: Any, processor: Any, queries: Sequence[Query], family: str) -> dict[str, Any]:
+def model_inputs(model: Any, processor: Any, queries: Sequence[Query], family: str) -> dict[str, Any]:
     tok = _tokenizer(processor)
     side = tok.padding_side
     tok.padding_side = "left"  # the last position of every row is then the generation position
@@ -130,7 +129,7 @@ def next_token_logits(
     rows: list[torch.Tensor] = []
     starts = range(0, len(queries), batch_size)
     for start in report.track(starts, total=len(starts), message="score"):
-        inputs = _model_inputs(model, processor, queries[start : start + batch_size], family)
+        inputs = model_inputs(model, processor, queries[start : start + batch_size], family)
         logits = model(**inputs, logits_to_keep=1).logits
         rows.append(logits[:, -1].float().cpu())
     if not rows:
@@ -153,7 +152,7 @@ def generate_answers(
     answers: list[str] = []
     starts = range(0, len(queries), batch_size)
     for start in report.track(starts, total=len(starts), message="generate"):
-        inputs = _model_inputs(model, processor, queries[start : start + batch_size], family)
+        inputs = model_inputs(model, processor, queries[start : start + batch_size], family)
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
@@ -238,7 +237,7 @@ def evaluate_sqa(
     queries = [Query(load(p.image), sqa_prompt_text(p.question, p.choices, p.hint)) for p in problems]
     if mode == "logits":
         logits = next_token_logits(model, processor, queries, batch_size, report)
-        letter_ids = [answer_token_ids(processor, (letter,)) for letter in LETTERS]
+        letter_ids = [answer_token_ids(processor, (letter,)) for letter in OPTIONS]
         predictions = []
         for row, problem in zip(logits, problems, strict=True):
             scores = [row[ids].max().item() if ids else -math.inf for ids in letter_ids[: len(problem.choices)]]

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from worker.hipp.data.world import CATEGORIES, CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
-from worker.hipp.evaluation.runner import LETTERS, SQA_INSTRUCTION, pope_prompt_text, sqa_prompt_text
+from worker.hipp.evaluation.runner import OPTIONS, SQA_INSTRUCTION, pope_prompt_text, sqa_prompt_text
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
@@ -215,7 +215,7 @@ def sample_pope_turn(scene: Scene, rng: random.Random, stats: ObjectStats) -> tu
 
 
 def sqa_turn(problem: SqaProblem) -> tuple[str, str]:
-    return sqa_prompt_text(problem.question, problem.choices, problem.hint), LETTERS[problem.answer]
+    return sqa_prompt_text(problem.question, problem.choices, problem.hint), OPTIONS[problem.answer]
 
 
 class Encoder:
@@ -367,7 +367,7 @@ def quick_eval(model: LlavaForConditionalGeneration, enc: Encoder, val: ValSet, 
         metrics[f"{split}_yes"] = round(m.yes_ratio, 3)
     problems = [p for _, p in val.sqa]
     logits = last_logits(model, enc, [(s, sqa_turn(p)[0]) for s, p in val.sqa])
-    letter_ids = [enc.words(x)[0] for x in LETTERS]
+    letter_ids = [enc.words(x)[0] for x in OPTIONS]
     choices = [
         int(torch.argmax(row[letter_ids[: len(p.choices)]]).item())
         for row, p in zip(logits, problems, strict=True)
