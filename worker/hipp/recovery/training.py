@@ -15,7 +15,6 @@ optimizer: it is not modified. :class:`RecoveryConfig` is the validated configur
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from worker.hipp.errors import HippError, OptionError
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.recovery.conversations import IGNORE_INDEX, Conversation, EncodedExample, collate, encode_all
+from worker.hipp.recovery.schedule import warmup_cosine
 
 METHODS = ("lora", "kd", "lora+kd")
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -286,11 +286,8 @@ def hidden_mse(
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, progress: float, warmup: int) -> float:
-    """Linear warmup, then cosine down to 10% of the peak over the budget's progress (0..1)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+#: Recovery's cosine ends at 10% of the peak LR.
+LR_FLOOR = 0.1
 
 
 class _Budget:
@@ -406,8 +403,9 @@ def recover(
         step = 0
         while (reason := budget.stop_reason(step)) is None:
             reporter.check()
+            factor = warmup_cosine(step, budget.progress(step), config.warmup_steps, LR_FLOOR)
             for group in optimizer.param_groups:
-                group["lr"] = r.learning_rate * _lr_factor(step, budget.progress(step), config.warmup_steps)
+                group["lr"] = r.learning_rate * factor
             batch = _to_device(collate(next(batches), pad_id), student)
             loss, parts = _step_loss(model, teacher, batch, config, image_token_id)
             if not torch.isfinite(loss):

@@ -10,7 +10,6 @@ periodically, so a partial run is usable, and exports fp16 weights with the proc
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
 from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.recovery.schedule import warmup_cosine
 from worker.hipp.testbed.model import TEXT_WIDTH, VISION_WIDTH, build_model
 from worker.hipp.testbed.tokenizer import (
     BOS,
@@ -290,11 +290,13 @@ class Encoder:
 # ---------------------------------------------------------------------------------------------- training
 
 
+#: The testbed recipe's cosine ends at 5% of the peak LR.
+LR_FLOOR = 0.05
+
+
 def lr_factor(step: int, progress: float, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine (in ``progress``, 0..1) down to 5% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """The engine's warmup-cosine schedule with the recipe's floor."""
+    return warmup_cosine(step, progress, warmup, LR_FLOOR)
 
 
 class Schedule:
