@@ -63,6 +63,9 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     r.proc.kill9()
 
 
+BUSY_STAGES = ("sensitivity", "plan", "prune", "recover")
+
+
 def test_redis_restart_with_jobs_queued_and_running(  # type: ignore[no-untyped-def]
     own_redis: OwnRedis, fault_settings: Settings, tenant_key: str, tmp_path: Path
 ) -> None:
@@ -85,9 +88,12 @@ def test_redis_restart_with_jobs_queued_and_running(  # type: ignore[no-untyped-
             def get(job_id: str) -> dict[str, Any]:
                 return dict(api.get(f"/jobs/{job_id}", headers=auth(tenant_key)).json())
 
-            running = submit({"calibration": {"sensitivity_samples": 32}})
+            # Long enough (recovery steps) that it is still running when the broker dies, whatever the machine's
+            # speed: a 0.2 s poll can miss a short stage altogether.
+            running = submit({"calibration": {"sensitivity_samples": 32}, "recovery": {"steps": 40, "batch_size": 1}})
             queued = submit({})
-            wait_for(lambda: get(running), lambda j: j["stage"] == "sensitivity", 120, "the first job to run")
+            wait_for(lambda: get(running), lambda j: j["status"] == "running" and j["stage"] in BUSY_STAGES, 120,
+                     "the first job to run")
             assert get(queued)["status"] == "queued"
             own_redis.proc.kill9()  # the queued job's message is lost with the server
             during = submit({})  # accepted while the broker is down; the outbox relay publishes it later
