@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from worker.cli.serve import wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -155,7 +157,7 @@ class Mode:
         cmd = [sys.executable, "-m", "worker.cli.serve", "serve", "--host", HOST, "--port", str(port), *extra]
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log)
         log.close()
-        wait_ready(url, proc)
+        wait_ready(url, proc, timeout=90)
         return proc, url
 
     def cleanup(self) -> None:
@@ -176,22 +178,6 @@ class Mode:
             with admin.connect() as c:
                 c.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
             admin.dispose()
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} did not become ready in {timeout}s")
 
 
 # --- the clients ------------------------------------------------------------------------------------------------

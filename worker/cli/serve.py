@@ -295,7 +295,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until ``url``/readyz answers 200; a one-line SystemExit when ``proc`` exits or the time runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -336,7 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env)
     try:
         t0 = time.monotonic()
-        _wait_ready(url, server)
+        wait_ready(url, server)
         client = Client(url, key)
         model = args.model or default_model()
         preference = parse_preference(args.preference)

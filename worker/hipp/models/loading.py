@@ -96,13 +96,14 @@ def load_model(
         source_dtype, source_dir = next(model.parameters()).dtype, None
     else:
         source = _resolve_source(ref)
-        source_dtype = checkpoint_dtype(source)
-        target = requested or compute_dtype(source_dtype, device)
-        model, processor = _from_pretrained(source, target, attn_implementation, trust_remote_code)
+        config = _read_config(source)
+        source_dtype = checkpoint_dtype(config)
+        model, processor = _from_pretrained(source, model_type_of(config), requested or compute_dtype(
+            source_dtype, device), attn_implementation, trust_remote_code)
         source_dir = _local_dir(source)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
-    cast_parameters(model, requested or compute_dtype(source_dtype, device))
+    cast_parameters(model, requested or compute_dtype(source_dtype, device))  # built-ins; a no-op otherwise
     model.to(device=device)
     model.eval()
     adapter = get_adapter(model)
@@ -147,8 +148,9 @@ def _resolve_source(ref: str) -> str:
     tried.append(f"a local directory {str(path.resolve())!r} (does not exist)")
     if _HUB_ID.match(ref):
         try:
-            _hub_file(ref, "config.json")
-            return ref
+            if _checkpoint_file(ref, "config.json") is not None:
+                return ref
+            tried.append(f"the Hugging Face hub id {ref!r} (it has no config.json)")
         except OSError as exc:
             tried.append(f"the Hugging Face hub id {ref!r} ({_first_line(exc)})")
     else:
@@ -156,18 +158,13 @@ def _resolve_source(ref: str) -> str:
     raise ModelNotFoundError(f"model {ref!r} not found; tried " + "; ".join(tried))
 
 
-def _hub_file(repo: str, name: str) -> Path:
-    from transformers.utils import cached_file
-
-    resolved = cached_file(repo, name)
-    if resolved is None:
-        raise OSError(f"{repo} has no {name}")
-    return Path(resolved)
-
-
 def _local_dir(source: str) -> Path:
+    """The folder of ``source``: itself, or the hub cache's snapshot folder of a resolved hub id."""
     path = Path(source)
-    return path if path.is_dir() else _hub_file(source, "config.json").parent
+    config = path / "config.json" if path.is_dir() else _checkpoint_file(source, "config.json")
+    if config is None:
+        raise ModelNotFoundError(f"{source} has no config.json")
+    return config.parent
 
 
 def _read_config(source: str) -> dict[str, Any]:
@@ -181,10 +178,9 @@ def _read_config(source: str) -> dict[str, Any]:
     return data
 
 
-def checkpoint_dtype(source: str) -> torch.dtype:
-    """The dtype the checkpoint at ``source`` stores its weights in: ``config.json``'s ``dtype`` (or the
-    older ``torch_dtype``), else float32 as transformers assumes."""
-    config = _read_config(source)
+def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in, from its ``config.json``: ``dtype`` (or the older
+    ``torch_dtype``), else float32 as transformers assumes."""
     for holder in (config, config.get("text_config") or {}):
         name = holder.get("dtype") or holder.get("torch_dtype")
         if isinstance(name, str) and name in DTYPES:
@@ -192,17 +188,16 @@ def checkpoint_dtype(source: str) -> torch.dtype:
     return torch.float32
 
 
-def model_type_of(source: str) -> str:
-    config = _read_config(source)
+def model_type_of(config: dict[str, Any]) -> str:
+    """The family a ``config.json`` belongs to (a HiPP export names its base model's)."""
     return str(config.get("hipp_base_model_type") or config.get("model_type") or "")
 
 
 def _from_pretrained(
-    source: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
+    source: str, model_type: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
 ) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForImageTextToText
 
-    model_type = model_type_of(source)
     adapter_cls = adapter_class_for(model_type)
     if adapter_cls is None:
         raise UnsupportedModelError(
