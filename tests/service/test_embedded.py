@@ -29,8 +29,10 @@ def embedded_env(home: Path, url: str | None = None) -> dict[str, str]:
     return env
 
 
-def hipp(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=240)
+def hipp(
+    *args: str, env: dict[str, str], check: bool = True, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"hipp {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr[-3000:]}")
     return out
