@@ -8,7 +8,7 @@ are applied by surgery to a fresh copy of the model and scored with the evaluati
 ``--world-seed`` draws a fresh sample of the world instead. Drops are paired per question, with standard errors.
 Writes bench/results/fragility.{json,md} and fragility.png; ``hipp inspect --fragility`` shows it next to a plan.
 
-    python -m bench.fragility --limit 600 --threads 1     # the committed table (about 10 minutes on one core)
+    python -m bench.fragility     # the committed table: 1,000 questions per POPE split + 1,000 ScienceQA, 1 thread
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace, meta: dict[str, A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=600, help="questions per POPE split and ScienceQA problems")
+    parser.add_argument("--limit", type=int, default=1000, help="questions per POPE split and ScienceQA problems")
     parser.add_argument("--world-seed", type=int, default=DEFAULT_SEED,
                         help=f"world seed of the report set (default {DEFAULT_SEED}: the files bench.baselines uses)")
     parser.add_argument("--seed", type=int, default=0, help="calibration seed")
