@@ -145,6 +145,18 @@ def test_inspect_fragility_prints_the_columns_next_to_the_plan(tiny, result, tmp
     assert "fragile" not in lines[0]
 
 
+def test_inspect_fragility_reads_an_export_folder(result, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", "tiny-llava", "--sparsity", "0.3", "--criterion", "magnitude", "--out", str(out),
+                 "--quiet"]) == 0
+    (tmp_path / "fragility.json").write_text(json.dumps(result.to_dict()))
+    capsys.readouterr()
+    assert main(["inspect", "--fragility", str(tmp_path / "fragility.json"), str(out), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [sorted(layer["fragility"]) for layer in layers] == [["heads", "mlp"]] * len(result.rows[::2])
+    assert layers[0]["fragility"]["heads"]["pope_bacc_drop"] == result.row(0, "heads").to_dict()["pope_bacc_drop"]
+
+
 def test_inspect_fragility_refuses_a_table_of_another_model(tiny, result, tmp_path, capsys):
     plan = PruningPlan.dense(geometry_of(load_model("tiny-llava-mha").adapter))
     plan.save(tmp_path / "plan.json")
