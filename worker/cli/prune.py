@@ -32,9 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run_prune)
 
     i = sub.add_parser("inspect", help="print the plan and per-layer shapes of an exported model")
-    i.add_argument("path", help="directory written by `hipp prune`")
+    i.add_argument("path", help="directory written by `hipp prune` (or, with --fragility, a plan JSON)")
     i.add_argument("--json", action="store_true")
     i.add_argument("--plot", type=Path, help="also write a per-layer allocation plot (PNG) here")
+    i.add_argument("--fragility", type=Path, metavar="TABLE",
+                   help="show each layer's fragility from this table (bench/results/fragility.json) next to the plan")
     i.set_defaults(func=run_inspect)
 
 
@@ -92,6 +94,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     from worker.hipp.pruning.plan import PruningPlan
 
     path = Path(args.path)
+    if args.fragility:
+        from worker.cli.inspect_fragility import print_fragility
+
+        return print_fragility(path, args.fragility, as_json=args.json)
     if not (path / PLAN_FILE).is_file():
         raise OptionError(f"{path} has no {PLAN_FILE}: not a HiPP-Prune export")
     plan = PruningPlan.load(path / PLAN_FILE)

@@ -1,5 +1,5 @@
 """Every plot the engine draws, in one place: per-layer allocation of a plan, visual sensitivity, the GRPO
-learning curve, the front of sampled plans, and the baselines' accuracy curves.
+learning curve, the front of sampled plans, the baselines' accuracy curves and the per-layer fragility bars.
 
 Each function writes one PNG and returns its path. matplotlib is imported on use with the file-only Agg
 backend (workers and CI have no display); the engine's other modules never import it.
@@ -125,4 +125,29 @@ def plot_baselines(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("ScienceQA accuracy")
         ax.set_ylabel("POPE balanced accuracy")
         ax.legend(fontsize=7)
+    return path
+
+
+def plot_fragility(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Per-layer drops (POPE mean balanced accuracy, ScienceQA) when one query head per KV group, or 25% of the
+    MLP, is removed in that layer alone; bars with 95% intervals (``fragility.FragilityResult.to_dict`` rows)."""
+    layers = sorted({r["layer"] for r in rows})
+    perturbations = {"heads": "-1 query head per KV group", "mlp": "-25% MLP channels"}
+    width = 0.38
+    with _figure(path, ncols=2, figsize=(max(9.0, 0.8 * len(layers)), 3.8)) as (fig, axes):
+        for ax, (key, label) in zip(axes, (("pope_bacc_drop", "POPE balanced accuracy"),
+                                          ("sqa_drop", "ScienceQA accuracy")), strict=True):
+            for k, (perturbation, name) in enumerate(perturbations.items()):
+                found = {r["layer"]: r[key] for r in rows if r["perturbation"] == perturbation and key in r}
+                xs = [i + (k - 0.5) * width for i in layers if i in found]
+                values = [found[i]["value"] for i in layers if i in found]
+                errors = [1.96 * found[i]["se"] for i in layers if i in found]
+                ax.bar(xs, values, width, yerr=errors, capsize=2, label=name)
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_xticks(layers)
+            ax.set_xlabel("decoder layer (perturbed alone)")
+            ax.set_ylabel(f"drop in {label} vs dense")
+            ax.legend(fontsize=7)
+        if title:
+            fig.suptitle(title, fontsize=9)
     return path
