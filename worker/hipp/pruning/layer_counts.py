@@ -3,7 +3,7 @@
 An allocator (``allocators``) turns a target sparsity into per-layer ratios; :func:`counts_from_ratios`
 turns ratios into feasible unit counts (GQA-valid head counts, MLP widths rounded to a multiple) and then
 corrects the MLP widths so that the removed parameters hit the global budget within one rounding unit. Which units go is
-decided later by a criterion (see ``pruner.select_units``).
+decided later by a criterion (see ``planner.select_units``).
 """
 
 from __future__ import annotations
