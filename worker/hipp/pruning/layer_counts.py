@@ -65,13 +65,16 @@ def round_channels(channels: float, width: int, multiple: int) -> int:
     return min(width, max(0, int(round(channels / multiple)) * multiple))
 
 
-def removed_parameters(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> int:
+def kept_parameters(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> list[int]:
+    """Prunable parameters every layer keeps with ``counts``."""
     hidden = geometry.hidden_size
-    removed = 0
-    for shape, c in zip(geometry.layers, counts, strict=True):
-        kept = attention_parameters(shape, hidden, c.heads, c.kv_heads) + mlp_parameters(shape, hidden, c.channels)
-        removed += dense_layer_parameters(shape, hidden) - kept
-    return removed
+    return [attention_parameters(shape, hidden, c.heads, c.kv_heads) + mlp_parameters(shape, hidden, c.channels)
+            for shape, c in zip(geometry.layers, counts, strict=True)]
+
+
+def removed_parameters(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> int:
+    dense = sum(dense_layer_parameters(shape, geometry.hidden_size) for shape in geometry.layers)
+    return dense - sum(kept_parameters(geometry, counts))
 
 
 def counts_from_ratios(

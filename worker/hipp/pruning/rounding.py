@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios
-from worker.hipp.pruning.plan import ModelGeometry, attention_parameters, dense_layer_parameters, mlp_parameters
+from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios, kept_parameters
+from worker.hipp.pruning.plan import ModelGeometry, dense_layer_parameters
 
 DEFAULT_MLP_MULTIPLES = {"cpu": 8, "cuda": 64}
 UNMEASURED_DEVICE_MULTIPLE = 1
@@ -85,12 +85,6 @@ class RoundingCost:
                 "off_target_points": self.off_target_points}
 
 
-def kept_per_layer(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> list[int]:
-    hidden = geometry.hidden_size
-    return [attention_parameters(s, hidden, c.heads, c.kv_heads) + mlp_parameters(s, hidden, c.channels)
-            for s, c in zip(geometry.layers, counts, strict=True)]
-
-
 def rounding_cost(
     geometry: ModelGeometry, ratios: Sequence[float], sparsity: float, counts: Sequence[LayerCounts],
     mlp_multiple: int,
@@ -98,7 +92,7 @@ def rounding_cost(
     """The cost of ``counts`` (``ratios`` made feasible at ``mlp_multiple``) against the same ratios at 1."""
     unrounded = counts_from_ratios(geometry, ratios, sparsity, 1)
     prunable = sum(dense_layer_parameters(s, geometry.hidden_size) for s in geometry.layers)
-    kept, kept_unrounded = kept_per_layer(geometry, counts), kept_per_layer(geometry, unrounded)
+    kept, kept_unrounded = kept_parameters(geometry, counts), kept_parameters(geometry, unrounded)
     return RoundingCost(
         mlp_multiple=mlp_multiple,
         prunable_parameters=prunable,
