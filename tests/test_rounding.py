@@ -83,3 +83,42 @@ def test_the_rounding_line_names_the_multiple_and_the_cost():
     line = describe(rounding_cost(TINY, [0.3, 0.3], 0.3, counts, 8).to_dict())
     assert line.startswith("MLP widths rounded to multiples of 8: +192 parameters removed vs unrounded (+0.521")
     assert "192 moved between layers" in line
+
+
+def test_the_bench_picks_the_smallest_multiple_within_its_tie():
+    from bench.rounding import TIE, pick
+
+    assert pick({1: 1.0, 8: 1.01, 64: 1.2, 128: 1.21}) == 64
+    assert pick({1: 1.0, 8: 1.0 - TIE / 2, 64: 0.9}) == 1
+
+
+def test_the_bench_compares_multiples_sample_by_sample():
+    from bench.rounding import paired_ratio
+
+    cells = {1: (100, print, 1, 0.0), 8: (96, print, 1, 0.0)}
+    # Samples 2 and 3 are slowed by other work for both widths alike; per channel, 96 runs as fast as 100.
+    seconds = {1: [1.0, 5.0, 9.0], 8: [0.96, 4.8, 8.64]}
+    assert paired_ratio(cells, seconds, 8) == pytest.approx(1.0)
+    assert paired_ratio(cells, {1: [1.0, 1.0, 1.0], 8: [0.48, 0.48, 0.48]}, 8) == pytest.approx(2.0)
+
+
+def test_the_bench_writes_its_table_and_the_command(tmp_path, monkeypatch, capsys):
+    import json
+    import os
+
+    from bench import rounding
+
+    monkeypatch.setattr("sys.argv", ["rounding", "--shapes", "230m", "--batches", "1", "--keeps", "0.5",
+                                     "--multiples", "1,64", "--group-seconds", "0.01", "--threads", "1",
+                                     "--out", str(tmp_path)])
+    cores = os.sched_getaffinity(0)
+    try:
+        rounding.main()
+    finally:  # the bench pins this process to its threads' cores; the tests after this one need them all
+        os.sched_setaffinity(0, cores)
+    data = json.loads((tmp_path / "rounding.json").read_text())
+    assert {r["width"] for r in data["results"]} == {1409, 1408}  # 0.5 * 2816 made odd, and rounded to 64
+    assert data["command"].startswith("python -m bench.rounding --shapes 230m")
+    assert "load_average_before" in data and data["pick"] in (1, 64)
+    assert "| 230m | 1 | 64 | 1408 |" in (tmp_path / "rounding.md").read_text()
+    assert "reproduce with: python -m bench.rounding" in capsys.readouterr().out
