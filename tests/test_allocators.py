@@ -66,3 +66,18 @@ def test_allocators_that_need_signals_say_so(tiny_gqa):
     for allocation, needed in (("owl", "outlier"), ("visual", "sensitivity"), ("flap", "scores")):
         with pytest.raises(OptionError, match=needed):
             allocate(geometry_of(tiny_gqa.adapter), 0.3, allocation)
+
+
+def test_allocators_are_configured_in_their_constructors(tiny_gqa):
+    from worker.hipp.pruning.allocators import OWLAllocator, RandomAllocator, UniformAllocator, allocate
+    from worker.hipp.pruning.plan import geometry_of
+
+    g = geometry_of(tiny_gqa.adapter)
+    signal = AllocationContext(outlier_ratios=[0.1, 0.4, 0.2, 0.3])
+    assert OWLAllocator(lam=0.0).layer_ratios(g, 0.3, signal) == UniformAllocator().layer_ratios(g, 0.3, signal)
+    assert OWLAllocator(lam=0.1).layer_ratios(g, 0.3, signal) == pytest.approx([0.4, 0.2, 0.3333, 0.2667], abs=1e-4)
+    # An allocator object and its registered name (with the context's seed) give the same counts.
+    assert allocate(g, 0.3, RandomAllocator(seed=4)) == allocate(g, 0.3, "random", context=AllocationContext(seed=4))
+    assert allocate(g, 0.3, RandomAllocator(seed=4)) != allocate(g, 0.3, RandomAllocator(seed=5))
+    capped = RandomAllocator(seed=4, max_ratio=0.35).layer_ratios(g, 0.3, AllocationContext())
+    assert max(capped) <= 0.35

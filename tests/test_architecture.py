@@ -10,8 +10,8 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parent.parent / "worker" / "hipp"
 # Earlier rooms never import later ones.
-ROOMS = ["errors", "progress", "preference", "models", "data", "sensitivity", "pruning", "checkpoint", "evaluation",
-         "plots", "policy", "recovery", "testbed", "calibration_source"]
+ROOMS = ["errors", "registry", "progress", "preference", "models", "data", "sensitivity", "pruning", "checkpoint",
+         "evaluation", "plots", "policy", "recovery", "testbed", "calibration_source"]
 
 
 def module_name(path: Path) -> str:

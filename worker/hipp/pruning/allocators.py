@@ -1,21 +1,30 @@
 """Allocators: a global sparsity budget -> per-layer pruning ratios (the baselines HiPP-Prune must beat).
 
-- ``uniform``: the same ratio everywhere.
-- ``owl``: OWL-style (Yin et al. 2024): layers with more activation outliers (Wanda scores above ``M`` times
-  the layer mean) are pruned less, ratios spread over ``[s - lambda, s + lambda]``.
-- ``flap``: FLAP-style (An et al. 2024): unit scores standardized per unit type over the whole model, the
-  globally weakest units removed until the budget is met; a layer's ratio is what it lost.
-- ``random``: Dirichlet-random shares of the budget (seeded).
-- ``visual``: less pruning where the attention-flow visual sensitivity is high.
+Each allocator is an object configured in its constructor (as SliceGPT's slicing schedulers) with one method,
+:meth:`Allocator.layer_ratios`; it registers in :data:`ALLOCATORS` under the name plans, the CLI and jobs use
+(``allocation``), and :func:`get_allocator` builds one from that name. A new allocator is one class here with
+``@ALLOCATORS.register("its-name")``.
 
-Ratios become feasible unit counts that hit the budget in ``allocation.counts_from_ratios``; which units go
+- ``uniform`` (:class:`UniformAllocator`): the same ratio everywhere.
+- ``owl`` (:class:`OWLAllocator`): OWL-style (Yin et al. 2024): layers with more activation outliers (Wanda
+  scores above ``M`` times the layer mean) are pruned less, ratios spread over ``[s - lambda, s + lambda]``.
+- ``flap`` (:class:`FLAPAllocator`): FLAP-style (An et al. 2024): unit scores standardized per unit type over
+  the whole model, the globally weakest units removed until the budget is met; a layer's ratio is what it lost.
+- ``random`` (:class:`RandomAllocator`): Dirichlet-random shares of the budget (seeded).
+- ``visual`` (:class:`VisualAllocator`): less pruning where the attention-flow visual sensitivity is high.
+
+Ratios become feasible unit counts that hit the budget in ``layer_counts.counts_from_ratios``; which units go
 is the criterion's business.
+
+Imports the rest of ``pruning`` (plan accounting, criteria's scores, layer counts), ``errors`` and the registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +32,7 @@ from worker.hipp.errors import OptionError
 from worker.hipp.pruning.criteria import LayerScores
 from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios, max_sparsity, validate_sparsity
 from worker.hipp.pruning.plan import ModelGeometry, attention_parameters, dense_layer_parameters, mlp_parameters
+from worker.hipp.registry import Registry
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
@@ -31,7 +41,8 @@ VISUAL_LAMBDA = 0.15
 
 @dataclass
 class AllocationContext:
-    """Signals some allocators need; computed by the caller once per model."""
+    """Signals some allocators need, computed by the caller once per model, and the run's seed (allocators
+    named by string are built with it)."""
 
     scores: Sequence[LayerScores] | None = None
     outlier_ratios: Sequence[float] | None = None
@@ -39,11 +50,25 @@ class AllocationContext:
     seed: int = 0
 
 
-Allocator = Callable[[ModelGeometry, float, AllocationContext], list[float]]
+class Allocator(ABC):
+    """Turns a global sparsity into per-layer ratios; settings are constructor arguments."""
+
+    # Signals the caller must put in the context, beyond unit scores (see ``planner.allocation_context``).
+    needs_outlier_ratios: ClassVar[bool] = False
+    needs_sensitivity: ClassVar[bool] = False
+
+    @classmethod
+    def for_run(cls, seed: int) -> Allocator:
+        """The instance the name-based API builds for a run seeded with ``seed``: default settings (allocators
+        that draw random numbers override this to take the seed)."""
+        return cls()
+
+    @abstractmethod
+    def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
+        """One pruning ratio per layer for a global ``sparsity`` (feasibility is ``counts_from_ratios``' job)."""
 
 
-def uniform_ratios(geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
-    return [sparsity] * geometry.num_layers
+ALLOCATORS: Registry[type[Allocator]] = Registry("allocation", OptionError)
 
 
 def spread(sparsity: float, signal: Sequence[float], amplitude: float) -> list[float]:
@@ -55,81 +80,127 @@ def spread(sparsity: float, signal: Sequence[float], amplitude: float) -> list[f
     return [sparsity + amplitude - 2 * amplitude * (x - lo) / (hi - lo) for x in signal]
 
 
-def owl_ratios(geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
-    if context.outlier_ratios is None:
-        raise OptionError("owl allocation needs calibration outlier ratios (compute them with wanda-sp activations)")
-    return spread(sparsity, context.outlier_ratios, OWL_LAMBDA)
+@ALLOCATORS.register("uniform")
+class UniformAllocator(Allocator):
+    def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
+        return [sparsity] * geometry.num_layers
 
 
-def visual_ratios(geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
-    if context.sensitivity is None:
-        raise OptionError("visual allocation needs the attention-flow sensitivity of the model")
-    return spread(sparsity, context.sensitivity, VISUAL_LAMBDA)
+@ALLOCATORS.register("owl")
+class OWLAllocator(Allocator):
+    """``lam``: the largest distance of a layer's ratio from the global sparsity."""
+
+    needs_outlier_ratios = True
+
+    def __init__(self, lam: float = OWL_LAMBDA) -> None:
+        self.lam = lam
+
+    def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
+        if context.outlier_ratios is None:
+            raise OptionError(
+                "owl allocation needs calibration outlier ratios (compute them with wanda-sp activations)"
+            )
+        return spread(sparsity, context.outlier_ratios, self.lam)
 
 
-def random_ratios(geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
-    # Dirichlet.sample takes no generator: seed the global RNG inside a fork so callers are unaffected.
-    with torch.random.fork_rng():
-        torch.manual_seed(context.seed)
-        shares = torch.distributions.Dirichlet(torch.full((geometry.num_layers,), 3.0)).sample()
-    return [min(0.95, float(sparsity * geometry.num_layers * s)) for s in shares]
+@ALLOCATORS.register("flap")
+class FLAPAllocator(Allocator):
+    def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
+        if context.scores is None:
+            raise OptionError("flap allocation needs unit importance scores")
+        hidden = geometry.hidden_size
+        units: list[tuple[float, int, int]] = []  # (standardized score, layer, parameter cost)
+        for kind in ("heads", "channels"):
+            values = torch.cat([getattr(s, kind).double() for s in context.scores])
+            mean, std = values.mean(), values.std().clamp_min(1e-12)
+            for layer, (shape, scores) in enumerate(zip(geometry.layers, context.scores, strict=True)):
+                unit = (attention_parameters(shape, hidden, 1, 0) if kind == "heads"
+                        else mlp_parameters(shape, hidden, 1))
+                z = (getattr(scores, kind).double() - mean) / std
+                units += [(float(v), layer, unit) for v in z]
+        budget = sparsity * sum(dense_layer_parameters(s, hidden) for s in geometry.layers)
+        removed = [0.0] * geometry.num_layers
+        total = 0.0
+        for _, layer, cost in sorted(units):
+            if total >= budget:
+                break
+            removed[layer] += cost
+            total += cost
+        return [r / dense_layer_parameters(s, hidden) for r, s in zip(removed, geometry.layers, strict=True)]
 
 
-def flap_ratios(geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
-    if context.scores is None:
-        raise OptionError("flap allocation needs unit importance scores")
-    hidden = geometry.hidden_size
-    units: list[tuple[float, int, int]] = []  # (standardized score, layer, parameter cost)
-    for kind in ("heads", "channels"):
-        values = torch.cat([getattr(s, kind).double() for s in context.scores])
-        mean, std = values.mean(), values.std().clamp_min(1e-12)
-        for layer, (shape, scores) in enumerate(zip(geometry.layers, context.scores, strict=True)):
-            unit = attention_parameters(shape, hidden, 1, 0) if kind == "heads" else mlp_parameters(shape, hidden, 1)
-            z = (getattr(scores, kind).double() - mean) / std
-            units += [(float(v), layer, unit) for v in z]
-    budget = sparsity * sum(dense_layer_parameters(s, hidden) for s in geometry.layers)
-    removed = [0.0] * geometry.num_layers
-    total = 0.0
-    for _, layer, cost in sorted(units):
-        if total >= budget:
-            break
-        removed[layer] += cost
-        total += cost
-    return [r / dense_layer_parameters(s, hidden) for r, s in zip(removed, geometry.layers, strict=True)]
+@ALLOCATORS.register("random")
+class RandomAllocator(Allocator):
+    """Dirichlet(``concentration``) shares of the budget, seeded; no layer above ``max_ratio``."""
+
+    def __init__(self, seed: int = 0, concentration: float = 3.0, max_ratio: float = 0.95) -> None:
+        self.seed = seed
+        self.concentration = concentration
+        self.max_ratio = max_ratio
+
+    @classmethod
+    def for_run(cls, seed: int) -> Allocator:
+        return cls(seed=seed)
+
+    def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
+        # Dirichlet.sample takes no generator: seed the global RNG inside a fork so callers are unaffected.
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            shares = torch.distributions.Dirichlet(
+                torch.full((geometry.num_layers,), self.concentration)
+            ).sample()
+        return [min(self.max_ratio, float(sparsity * geometry.num_layers * s)) for s in shares]
 
 
-ALLOCATORS: dict[str, Allocator] = {
-    "uniform": uniform_ratios,
-    "owl": owl_ratios,
-    "flap": flap_ratios,
-    "random": random_ratios,
-    "visual": visual_ratios,
-}
+@ALLOCATORS.register("visual")
+class VisualAllocator(Allocator):
+    """``lam``: the largest distance of a layer's ratio from the global sparsity."""
+
+    needs_sensitivity = True
+
+    def __init__(self, lam: float = VISUAL_LAMBDA) -> None:
+        self.lam = lam
+
+    def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
+        if context.sensitivity is None:
+            raise OptionError("visual allocation needs the attention-flow sensitivity of the model")
+        return spread(sparsity, context.sensitivity, self.lam)
 
 
-def get_allocator(name: str) -> Allocator:
-    if name not in ALLOCATORS:
-        raise OptionError(f"unknown allocation {name!r}; use one of {', '.join(ALLOCATORS)}")
-    return ALLOCATORS[name]
+def get_allocator(name: str, seed: int = 0) -> Allocator:
+    """The allocator registered as ``name``, built for a run seeded with ``seed``."""
+    return ALLOCATORS.get(name).for_run(seed)
 
 
-def allocate(
+def allocation_ratios(
     geometry: ModelGeometry,
     sparsity: float,
-    allocation: str = "uniform",
-    mlp_multiple: int = 1,
+    allocation: str | Allocator = "uniform",
     context: AllocationContext | None = None,
-) -> list[LayerCounts]:
-    """Per-layer kept counts for ``sparsity`` with the named allocator."""
+) -> list[float]:
+    """Per-layer ratios for ``sparsity`` with ``allocation`` (an allocator, or its registered name), after
+    checking that ``sparsity`` is valid and reachable."""
     validate_sparsity(sparsity)
-    allocator = get_allocator(allocation)
+    context = context or AllocationContext()
+    allocator = get_allocator(allocation, context.seed) if isinstance(allocation, str) else allocation
     ceiling = max_sparsity(geometry)
     if sparsity > ceiling:
         raise OptionError(
             f"sparsity {sparsity:.3f} cannot be reached: keeping one head per layer and no MLP removes "
             f"{ceiling:.3f}; ask for at most that"
         )
-    ratios = allocator(geometry, sparsity, context or AllocationContext())
+    return allocator.layer_ratios(geometry, sparsity, context)
+
+
+def allocate(
+    geometry: ModelGeometry,
+    sparsity: float,
+    allocation: str | Allocator = "uniform",
+    mlp_multiple: int = 1,
+    context: AllocationContext | None = None,
+) -> list[LayerCounts]:
+    """Per-layer kept counts for ``sparsity`` with ``allocation`` (an allocator, or its registered name)."""
+    ratios = allocation_ratios(geometry, sparsity, allocation, context)
     return counts_from_ratios(geometry, ratios, sparsity, mlp_multiple)
 
 

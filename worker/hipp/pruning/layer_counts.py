@@ -3,7 +3,7 @@
 An allocator (``allocators``) turns a target sparsity into per-layer ratios; :func:`counts_from_ratios`
 turns ratios into feasible unit counts (GQA-valid head counts, MLP widths rounded to a multiple) and then
 corrects the MLP widths so that the removed parameters hit the global budget within one rounding unit. Which units go is
-decided later by a criterion (see ``pruner.select_units``).
+decided later by a criterion (see ``planner.select_units``).
 """
 
 from __future__ import annotations
@@ -65,13 +65,16 @@ def round_channels(channels: float, width: int, multiple: int) -> int:
     return min(width, max(0, int(round(channels / multiple)) * multiple))
 
 
-def removed_parameters(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> int:
+def kept_parameters(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> list[int]:
+    """Prunable parameters every layer keeps with ``counts``."""
     hidden = geometry.hidden_size
-    removed = 0
-    for shape, c in zip(geometry.layers, counts, strict=True):
-        kept = attention_parameters(shape, hidden, c.heads, c.kv_heads) + mlp_parameters(shape, hidden, c.channels)
-        removed += dense_layer_parameters(shape, hidden) - kept
-    return removed
+    return [attention_parameters(shape, hidden, c.heads, c.kv_heads) + mlp_parameters(shape, hidden, c.channels)
+            for shape, c in zip(geometry.layers, counts, strict=True)]
+
+
+def removed_parameters(geometry: ModelGeometry, counts: Sequence[LayerCounts]) -> int:
+    dense = sum(dense_layer_parameters(shape, geometry.hidden_size) for shape in geometry.layers)
+    return dense - sum(kept_parameters(geometry, counts))
 
 
 def counts_from_ratios(

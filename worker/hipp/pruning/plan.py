@@ -154,6 +154,9 @@ class PruningPlan:
         return PruningPlan.dense(self.geometry).decoder_flops_per_token(context)
 
     def summary(self) -> dict[str, Any]:
+        """The plan's figures for people and job results; ``rounding`` (what rounding the MLP widths to
+        ``mlp_multiple`` cost, see ``rounding.RoundingCost``) when the planner recorded it."""
+        rounding = {"rounding": self.meta["rounding"]} if "rounding" in self.meta else {}
         return {
             "sparsity": self.sparsity,
             "model_fraction_removed": self.model_fraction_removed,
@@ -167,6 +170,7 @@ class PruningPlan:
                  "sparsity": sp}
                 for lp, sp in zip(self.layers, self.layer_sparsities(), strict=True)
             ],
+            **rounding,
         }
 
     # --- validation ----------------------------------------------------------------------------------

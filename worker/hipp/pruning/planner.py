@@ -1,7 +1,8 @@
 """Orchestration: calibration -> importance scores -> allocation -> selection -> a validated plan.
 
-This is the only place the three decisions meet; each stays in its own module (``importance``,
-``allocation``, and :func:`select_units` here).
+This is the only place the three decisions meet; each stays in its own module (``criteria``,
+``allocators`` with ``layer_counts``, and :func:`select_units` here). Plans built with an MLP-width multiple
+record what the rounding cost (``rounding``) in ``meta["rounding"]``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from worker.hipp.data.calibration import (
 from worker.hipp.models.adapters.base import LayerShape
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.pruning.allocators import AllocationContext, allocate, get_allocator, outlier_ratios
+from worker.hipp.pruning.allocators import ALLOCATORS, AllocationContext, allocation_ratios, outlier_ratios
 from worker.hipp.pruning.criteria import LayerScores, get_criterion
-from worker.hipp.pruning.layer_counts import LayerCounts, validate_sparsity
+from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios, validate_sparsity
 from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.rounding import rounding_cost
 
 
 def select_units(shape: LayerShape, counts: LayerCounts, scores: LayerScores) -> LayerPlan:
@@ -107,12 +109,12 @@ def allocation_context(
     reporter: Reporter = SILENT,
 ) -> AllocationContext:
     """The signals ``allocation`` needs, computed from the scoring pass (and attention flow for ``visual``)."""
-    get_allocator(allocation)
+    allocator = ALLOCATORS.get(allocation)  # the class: what it needs is declared there
     context = AllocationContext(scores=scoring.scores, seed=seed)
-    if allocation == "owl":
-        assert scoring.activations is not None, "score_model(with_activations=True) is needed for owl"
+    if allocator.needs_outlier_ratios:
+        assert scoring.activations is not None, f"score_model(with_activations=True) is needed for {allocation}"
         context.outlier_ratios = owl_outlier_ratios(loaded, scoring.activations)
-    if allocation == "visual":
+    if allocator.needs_sensitivity:
         from worker.hipp.sensitivity import compute_visual_sensitivity
 
         reporter.stage("sensitivity", "attention flow")
@@ -134,16 +136,19 @@ def build_plan(
 ) -> PruningPlan:
     """A plan that removes ``sparsity`` of the prunable LM-decoder parameters."""
     validate_sparsity(sparsity)
-    get_allocator(allocation)
+    allocator = ALLOCATORS.get(allocation)  # the class: what it needs is declared there
     geometry = geometry_of(loaded.adapter)
     samples = samples if samples is not None else synthetic_samples(32, seed=seed)
     if scoring is None:
         scoring = score_model(loaded, criterion, samples, seed=seed, reporter=reporter,
-                              with_activations=allocation == "owl")
+                              with_activations=allocator.needs_outlier_ratios)
     if context is None:
         context = allocation_context(loaded, allocation, scoring, samples, seed, reporter)
     reporter.stage("plan", f"{allocation} allocation")
-    counts = allocate(geometry, sparsity, allocation, mlp_multiple, context)
-    meta = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
-            "requested_sparsity": sparsity, "seed": seed}
+    ratios = allocation_ratios(geometry, sparsity, allocation, context)
+    counts = counts_from_ratios(geometry, ratios, sparsity, mlp_multiple)
+    meta: dict[str, object] = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
+                               "requested_sparsity": sparsity, "seed": seed}
+    if mlp_multiple > 1:
+        meta["rounding"] = rounding_cost(geometry, ratios, sparsity, counts, mlp_multiple).to_dict()
     return plan_from_counts(loaded, counts, scoring.scores, mlp_multiple, meta)

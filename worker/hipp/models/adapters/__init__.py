@@ -1,5 +1,6 @@
 """Model adapters, one file per family. Every module in this package is imported so its
-``@register_adapter`` runs: adding a family means adding one file here.
+``@register_adapter`` runs (registering the class in ``base.ADAPTERS``, a :class:`worker.hipp.registry.Registry`
+keyed by model type): adding a family means adding one file here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 
 from worker.hipp.errors import UnsupportedModelError
 from worker.hipp.models.adapters.base import (
+    ADAPTERS,
     LayerAdapter,
     LayerShape,
     ModelAdapter,
@@ -36,4 +38,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return cls(model)
 
 
-__all__ = ["LayerAdapter", "LayerShape", "ModelAdapter", "get_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "LayerAdapter", "LayerShape", "ModelAdapter", "adapter_class_for", "get_adapter",
+           "register_adapter", "registered_model_types"]

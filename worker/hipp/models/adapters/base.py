@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from worker.hipp.errors import UnsupportedModelError
+from worker.hipp.registry import Registry
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -230,19 +233,17 @@ class ModelAdapter(ABC):
         return str(getattr(config, "hipp_base_model_type", None) or config.model_type)
 
 
-_REGISTRY: dict[str, type[ModelAdapter]] = {}
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model type", UnsupportedModelError)
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     """Class decorator: make ``cls`` the adapter for each of its ``model_types``."""
-    for model_type in cls.model_types:
-        _REGISTRY[model_type] = cls
-    return cls
+    return ADAPTERS.register(*cls.model_types)(cls)
 
 
 def registered_model_types() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(ADAPTERS.names())
 
 
 def adapter_class_for(model_type: str) -> type[ModelAdapter] | None:
-    return _REGISTRY.get(model_type)
+    return ADAPTERS.find(model_type)
