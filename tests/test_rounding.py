@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from worker.hipp.checkpoint.export import model_card
 from worker.hipp.models.adapters.base import LayerShape
 from worker.hipp.pruning.layer_counts import counts_from_ratios
 from worker.hipp.pruning.plan import ModelGeometry, PruningPlan
@@ -17,7 +18,7 @@ GQA = LayerShape(num_heads=8, num_kv_heads=4, head_dim=8, intermediate_size=32, 
 TINY = ModelGeometry(family="llava", hidden_size=64, layers=(GQA, GQA), total_parameters=100_000)
 
 
-@pytest.mark.parametrize(("device", "multiple"), [("cpu", 8), ("cuda", 64), ("cuda:1", 64), ("CUDA:0", 64),
+@pytest.mark.parametrize(("device", "multiple"), [("cpu", 1), ("cuda", 64), ("cuda:1", 64), ("CUDA:0", 64),
                                                    ("mps", 1)])
 def test_default_multiple_is_chosen_per_device(device, multiple):
     assert default_mlp_multiple(device) == multiple
@@ -76,6 +77,13 @@ def test_rounded_plans_validate_and_carry_their_cost(tiny_gqa, multiple, allocat
 def test_unrounded_plans_report_no_rounding(tiny_gqa):
     plan = build_plan(tiny_gqa, 0.4, "magnitude")
     assert "rounding" not in plan.meta and "rounding" not in plan.summary()
+    assert "rounded to multiples" not in model_card("llama", plan, {}, {})
+
+
+def test_the_model_card_states_the_rounding_cost(tiny_gqa):
+    plan = build_plan(tiny_gqa, 0.4, "magnitude", mlp_multiple=16)
+    card = model_card("llama", plan, {}, {})
+    assert f"- {describe(plan.meta['rounding'])}" in card.splitlines()
 
 
 def test_the_rounding_line_names_the_multiple_and_the_cost():

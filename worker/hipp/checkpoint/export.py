@@ -32,6 +32,7 @@ from worker.hipp.models.adapters.base import ModelAdapter
 from worker.hipp.models.export_options import DEFAULT_MAX_SHARD_SIZE
 from worker.hipp.models.loading import LoadedModel, cast_parameters
 from worker.hipp.pruning.plan import LayerPlan, PruningPlan
+from worker.hipp.pruning.rounding import describe as describe_rounding
 
 TEMPLATES = Path(__file__).parent / "remote"
 PLAN_FILE = "hipp_plan.json"
@@ -227,6 +228,7 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
             f"- parameters: {s['total_parameters'] - s['removed_parameters']:,} (dense {s['total_parameters']:,})",
             f"- plan fingerprint: `{plan.fingerprint}`; criterion `{plan.meta.get('criterion')}`, "
             f"allocation `{plan.meta.get('allocation')}`",
+            *([f"- {describe_rounding(s['rounding'])}"] if "rounding" in s else []),
             "", "| layer | query heads | KV heads | MLP width | layer sparsity |", "|---|---|---|---|---|",
         ]
         lines += [

@@ -14,12 +14,11 @@ families), already whole tiles.
 The default multiples (:data:`DEFAULT_MLP_MULTIPLES`) come from ``bench/rounding.py``
 (``bench/results/rounding.md``):
 
-- ``cpu`` -> 8. The CPU run (a 2-core AVX2 EPYC shared with other work, one thread) measured no consistent
-  gain from any multiple: per shape and batch the throughput of widths rounded to 8, 64 or 128 lies within about
-  10% of the odd width, either way and without a pattern, and over all shapes the bench's own pick is 1. 8 is
-  kept because it costs almost nothing (a few channels per layer, which the plan reports) and keeps every
-  row a whole number of AVX2 fp32 registers, so no kernel runs a scalar tail; re-run on a quiet machine to
-  refine it.
+- ``cpu`` -> 1 (no rounding). The CPU run (a 2-core AVX2 EPYC shared with other work, one thread) measured no
+  consistent gain from any multiple: per shape and batch the throughput of widths rounded to 8, 64 or 128 lies
+  within about 10% of the odd width, either way and without a pattern, and over all shapes the bench's own pick
+  is 1. Rounding that buys no time would only move the plan off its target, so CPU plans are not rounded;
+  re-run on a quiet machine before changing it.
 - ``cuda`` -> 64: from the tensor-core tile sizes, not yet measured here (no GPU was lent when this was
   written). bf16 MMA needs dimensions in multiples of 8 (16 bytes) at the least, and cuBLAS's GEMM tiles are
   64 or 128 wide, so 64 keeps every tile full for the 64-wide tiles and at most half a tile idle for the 128-wide
@@ -39,7 +38,7 @@ from typing import Any
 from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios, kept_parameters
 from worker.hipp.pruning.plan import ModelGeometry, dense_layer_parameters
 
-DEFAULT_MLP_MULTIPLES = {"cpu": 8, "cuda": 64}
+DEFAULT_MLP_MULTIPLES = {"cpu": 1, "cuda": 64}
 UNMEASURED_DEVICE_MULTIPLE = 1
 
 
