@@ -102,7 +102,6 @@ def run_policy(name: str, setup: SearchSetup, test: PlanEvaluator, stored: Store
         if plans_dir is not None:
             plans_dir.mkdir(parents=True, exist_ok=True)
             chosen.plan.save(plans_dir / f"{name}-{round(s * 100)}.json")
-        test.target_sparsity = None
         result = test.evaluate(chosen.plan, prescreen=False)
         out["matched"].append(metrics_row(name, chosen.plan.sparsity, result.metrics, result.seconds)
                               | {"requested": s, "layer_sparsities": chosen.plan.layer_sparsities()})

@@ -6,6 +6,7 @@ metrics prove the image, the prompt and the answer position line up through padd
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,17 +17,18 @@ from torch import nn
 
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.runner import (
-    POPE_INSTRUCTION,
-    SQA_INSTRUCTION,
+    answer_ids,
+    answer_scores,
     answer_token_ids,
     build_prompt,
     evaluate_pope_split,
     evaluate_sqa,
     format_table,
-    pope_prompt_text,
-    sqa_prompt_text,
+    pope_predictions,
+    sqa_predictions,
     subset,
 )
+from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import PopeQuestion
 from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
 from worker.hipp.testbed.tokenizer import build_processor
@@ -88,15 +90,16 @@ def _images(tmp_path, n: int) -> list[str]:
 
 
 def test_prompts_follow_llava_evaluation(processor):
-    assert pope_prompt_text("Is there a cat in the image?") == f"Is there a cat in the image?\n{POPE_INSTRUCTION}"
-    text = sqa_prompt_text("How many cups are in the image?", ("1", "2", "3"), hint="Count them.")
+    assert pope.prompt_text("Is there a cat in the image?") == (
+        "Is there a cat in the image?\nAnswer the question using a single word or phrase.")
+    text = scienceqa.prompt_text("How many cups are in the image?", ("1", "2", "3"), hint="Count them.")
     assert text.splitlines() == [
         "Context: Count them.",
         "How many cups are in the image?",
         "A. 1",
         "B. 2",
         "C. 3",
-        SQA_INSTRUCTION,
+        "Answer with the option's letter from the given choices directly.",
     ]
     prompt = build_prompt(processor, "Is there a cat in the image?")
     assert prompt.startswith("USER: <image>") and prompt.endswith("ASSISTANT:")
@@ -112,6 +115,42 @@ def test_answer_tokens_exist_in_the_testbed_vocabulary(processor):
     tok = processor.tokenizer
     assert answer_token_ids(processor, ("Yes",)) == [tok.convert_tokens_to_ids("Yes")]
     assert tok.unk_token_id not in answer_token_ids(processor, ("Yes", "yes", "No", "no", "A", "E"))
+
+
+@pytest.mark.parametrize(
+    ("scores", "expected"), [((2.0, 1.0), "yes"), ((1.0, 2.0), "no"), ((1.5, 1.5), "no"), ((-math.inf, 0.0), "no")]
+)
+def test_pope_answer_from_scores_says_yes_only_when_yes_wins(scores, expected):
+    assert pope.answer_from_scores(scores) == expected
+
+
+@pytest.mark.parametrize(
+    ("scores", "n_choices", "expected"),
+    [
+        ((0.1, 0.9, 0.3, 0.0, 0.0), 3, 1),
+        ((0.1, 0.2, 0.3, 5.0, 9.0), 3, 2),  # letters past the problem's choices are never picked
+        ((0.7, 0.7, 0.1, 0.0, 0.0), 2, 0),  # the first letter on ties
+        ((-math.inf, 0.5, 0.0, 0.0, 0.0), 2, 1),  # a letter the tokenizer cannot spell loses
+    ],
+)
+def test_sqa_answer_from_scores_picks_the_best_of_the_choices(scores, n_choices, expected):
+    assert scienceqa.answer_from_scores(scores, n_choices) == expected
+
+
+def test_answer_scores_take_the_best_spelling_per_answer():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [4.0, 0.0, 1.0, 5.0]])
+    assert answer_scores(logits, [[1, 2], [3], []]) == [[3.0, 2.0, -math.inf], [1.0, 5.0, -math.inf]]
+    assert answer_scores(torch.zeros(0, 0), [[1], [2]]) == []
+    assert pope_predictions(logits, [[1, 2], [3]]) == ["yes", "no"]
+    problems = [SqaProblem("0", "Q?", ("x", "y"), 0, "", "", ""), SqaProblem("1", "Q?", ("x", "y", "z"), 0, "", "", "")]
+    assert sqa_predictions(logits, [[0], [2], [3]], problems) == [1, 2]
+
+
+def test_pope_from_logits_needs_yes_and_no_tokens(processor):
+    assert all(answer_ids(processor, pope.ANSWER_WORDS, required=True))
+    with pytest.raises(OptionError, match="no Maybe token"):
+        answer_ids(processor, (("Yes",), ("Maybe",)), required=True)
+    assert answer_ids(processor, (("Yes",), ("Maybe",)))[1] == []
 
 
 @pytest.mark.parametrize("mode", ["logits", "generate"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
-from worker.hipp.evaluation.plan_evaluator import PRESCREEN_RETURN, EvalSet, PlanEvaluator
+from worker.hipp.errors import OptionError
+from worker.hipp.evaluation.plan_evaluator import PRESCREEN_RETURN, EvalSet, PlanEvaluator, ScoringMode
 from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
 from worker.hipp.pruning.planner import build_plan
 from worker.hipp.testbed.data import write_benchmarks
@@ -59,15 +61,50 @@ def test_masked_evaluation_matches_the_physically_pruned_model(tiny_gqa, evalset
     assert evaluator._metrics(None) == masked
 
 
+def test_scoring_mode_is_a_per_call_argument(tiny_gqa, evalset):
+    evaluator = PlanEvaluator(tiny_gqa, evalset, s_max=0.5, batch_size=16)
+    plan = build_plan(tiny_gqa, 0.4, "magnitude")
+    matched = evaluator.evaluate(plan, mode=ScoringMode(0.5, target_sparsity=0.3))
+    assert matched.objectives.compression == pytest.approx(1 - abs(plan.sparsity - 0.3) / 0.3)
+    # The call's mode does not stay behind: the next call without one scores in the evaluator's own mode.
+    free = evaluator.evaluate(plan)
+    assert free.cached and free.metrics == matched.metrics
+    assert free.objectives.compression == pytest.approx(plan.sparsity / 0.5)
+    assert evaluator.mode == ScoringMode(0.5)
+    wide = evaluator.evaluate(plan, mode=ScoringMode(0.8))
+    assert wide.objectives.compression == pytest.approx(plan.sparsity / 0.8)
+    assert (wide.objectives.utility, wide.objectives.robustness) == (free.objectives.utility,
+                                                                      free.objectives.robustness)
+    with pytest.raises(OptionError, match="s_max"):
+        ScoringMode(1.2)
+
+
+def test_images_are_read_through_the_given_loader(tiny_gqa, evalset):
+    read: list[str] = []
+
+    def load(path: str) -> Image.Image:
+        read.append(path)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    PlanEvaluator(tiny_gqa, evalset, batch_size=16, load_image=load)
+    assert len(read) == evalset.size()
+    assert not hasattr(PlanEvaluator, "_images"), "no image cache shared between evaluators"
+
+
 def test_prescreen_skips_plans_that_empty_a_layer(tiny_gqa, evalset):
     evaluator = PlanEvaluator(tiny_gqa, evalset, batch_size=16)
     g = geometry_of(tiny_gqa.adapter)
     layers = [LayerPlan.dense(s) for s in g.layers]
     layers[1] = LayerPlan((0,), (0,), ())
     calls = count_calls(tiny_gqa)
-    result = evaluator.evaluate(PruningPlan(g, layers))
+    plan = PruningPlan(g, layers)
+    result = evaluator.evaluate(plan)
     assert result.prescreened and calls["n"] == 0
     assert result.objectives.utility == PRESCREEN_RETURN and result.rho[1] == 0.0
+    again = evaluator.evaluate(plan, mode=ScoringMode(0.8))
+    assert again.cached and again.prescreened and calls["n"] == 0
+    assert again.objectives.compression == pytest.approx(plan.sparsity / 0.8)
 
 
 def test_empty_evaluation_set_is_refused():

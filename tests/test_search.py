@@ -8,7 +8,7 @@ import pytest
 
 from worker.cli import main
 from worker.hipp.data.calibration import synthetic_samples
-from worker.hipp.evaluation.plan_evaluator import EvalSet
+from worker.hipp.evaluation.plan_evaluator import EvalSet, ScoringMode
 from worker.hipp.policy.grpo import GRPOConfig
 from worker.hipp.policy.search import dominates, pareto_front, prepare_search, sample_plans, train_policy
 from worker.hipp.policy.store import find_policy, model_fingerprint
@@ -52,6 +52,8 @@ def test_train_store_and_query_a_policy(tiny_gqa, data, tmp_path):
     assert free
     for c in free:
         assert c.evaluation.objectives.compression == pytest.approx(c.plan.sparsity / 0.8)
+    # Each plan was scored in the policy's mode, passed per call: the shared evaluator's own mode is untouched.
+    assert setup.evaluator.mode == ScoringMode(s_max=0.6, target_sparsity=None)
 
 
 def test_cli_policy_train_and_plan(data, tmp_path, capsys):

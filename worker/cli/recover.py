@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _default_targets() -> tuple[str, ...]:
-    from worker.hipp.recovery.training import LM_LINEARS
+    from worker.hipp.recovery.config import LM_LINEARS
 
     return LM_LINEARS
 
@@ -49,8 +49,9 @@ def run_recover(args: argparse.Namespace) -> int:
     from worker.hipp.models.loading import load_model
     from worker.hipp.progress import TqdmReporter
     from worker.hipp.pruning.plan import PruningPlan
+    from worker.hipp.recovery.config import RecoveryConfig
     from worker.hipp.recovery.conversations import load_llava_json, world_conversations
-    from worker.hipp.recovery.training import RecoveryConfig, recover
+    from worker.hipp.recovery.training import recover
 
     config = RecoveryConfig(
         method=args.method,

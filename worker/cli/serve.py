@@ -9,7 +9,8 @@ Stopping (SIGTERM or SIGINT, at any moment, also during start-up): the API stops
 answers waiting long-polls, finishes requests in flight (at most ``GRACE_S``) and returns; the worker gets
 SIGTERM at the signal (a warm shutdown: it finishes its task if it can), and ``WORKER_STOP_S`` after the signal
 its whole process group (the worker, its pool child and the beat it started) is killed. Nothing outlives
-``hipp serve``, and it exits 0 within about ``WORKER_STOP_S`` seconds.
+``hipp serve``, and it exits 0 within about ``WORKER_STOP_S`` seconds. The processes themselves (worker
+command, start and stop, the uvicorn server and supervisor) are in ``serve_processes``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from worker.cli.serve_processes import celery_worker_command as celery_worker_command  # re-exported for tests
+from worker.cli.serve_processes import (
+    early_signals,
+    remember_signals_during_startup,
+    start_worker,
+    stop_worker,
+    uvicorn_server,
+    uvicorn_supervisor,
+)
 
 GRACE_S = 5.0  # requests in flight get this long to finish after SIGTERM
 WORKER_STOP_S = 6.0  # then the worker's process group is killed this long after the signal
@@ -122,113 +130,6 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def celery_worker_command(queues: str, *extra: str) -> list[str]:
-    """One Celery worker process on ``queues`` (comma-separated), one task at a time; the service, its
-    tests and the fault tests all start workers with this command."""
-    return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
-        "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        *extra,
-    ]
-
-
-def worker_command(settings: Any) -> list[str]:
-    """The embedded deployment's worker: both queues, with beat (relay and reaper) in the same process."""
-    return celery_worker_command(f"{settings.gpu_queue},{settings.default_queue}", "-B", "--schedule",
-                                 str((settings.home / "celerybeat-schedule").resolve()))
-
-
-_early_signals: list[int] = []
-
-
-def _stop_during_startup(signum: int, frame: FrameType | None) -> None:
-    _early_signals.append(signum)
-
-
-def start_worker(settings: Any) -> subprocess.Popen[bytes]:
-    """The embedded worker, in a process group of its own: ``stop_worker`` can then reach the beat and pool
-    processes it starts, and a Ctrl-C in the terminal reaches ``hipp serve`` only, which stops it in order."""
-    env = dict(os.environ, HIPP_HOME=str(settings.home.resolve()))
-    log = (settings.home / "worker.log").open("ab")
-    try:
-        return subprocess.Popen(
-            worker_command(settings), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    finally:
-        log.close()
-
-
-def stop_worker(worker: subprocess.Popen[bytes], deadline: float) -> None:
-    """SIGTERM (a warm shutdown), and at ``deadline`` (monotonic) SIGKILL to the worker's whole process group,
-    whatever is left of it (also when the worker itself exited first and left children behind)."""
-    with contextlib.suppress(ProcessLookupError):
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        worker.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(worker.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        worker.wait(timeout=5)
-
-
-def _uvicorn_server(config: Any, on_signal: Callable[[], None]) -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn's server without its last step: after a signal-initiated shutdown uvicorn re-raises the signal
-        with the default handler, which killed ``hipp serve`` before it could stop its worker. The first signal
-        also starts stopping the worker, in parallel with the HTTP shutdown."""
-
-        signalled_at: float | None = None
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            for sig in _early_signals:  # arrived while starting up
-                self.handle_exit(sig, None)
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self.signalled_at is None:
-                self.signalled_at = time.monotonic()
-                on_signal()
-            super().handle_exit(sig, frame)
-
-    return Server(config)
-
-
-def _uvicorn_supervisor(config: Any, on_signal: Callable[[], None]) -> Any:
-    """uvicorn's supervisor of several API processes (it relays SIGTERM/SIGINT to them and returns), telling
-    ``hipp serve`` when the signal came."""
-    from uvicorn.supervisors import Multiprocess
-
-    class Supervisor(Multiprocess):
-        signalled_at: float | None = None
-
-        def _signalled(self) -> None:
-            if self.signalled_at is None:
-                self.signalled_at = time.monotonic()
-                on_signal()
-
-        def handle_int(self) -> None:
-            self._signalled()
-            super().handle_int()
-
-        def handle_term(self) -> None:
-            self._signalled()
-            super().handle_term()
-
-    return Supervisor(config, sockets=[config.bind_socket()])
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -236,9 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.queue import relay_pending
 
-    # Until uvicorn takes the signals over, a SIGTERM/SIGINT is remembered; start-up then stops short.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop_during_startup)
+    remember_signals_during_startup()
     settings = _settings()
     worker = None
     server = None
@@ -267,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_level="warning",
                 timeout_graceful_shutdown=int(GRACE_S),
             )
-            server = _uvicorn_supervisor(config, on_signal)
+            server = uvicorn_supervisor(config, on_signal)
         else:
             config = uvicorn.Config(
                 create_app(settings),
@@ -276,8 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_level="warning",
                 timeout_graceful_shutdown=int(GRACE_S),
             )
-            server = _uvicorn_server(config, on_signal)
-        if not _early_signals:
+            server = uvicorn_server(config, on_signal)
+        if not early_signals:
             server.run()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short

@@ -1,13 +1,18 @@
 """The plan evaluator: model + plan + evaluation subsets -> the objectives U, H, C, S and the raw metrics.
 
 Plans are applied with masks (no weight copies), the model inputs are built once and reused for every plan,
-answers are scored from first-token logits (Yes vs No for POPE, the best option letter for ScienceQA), and
-results are cached by plan fingerprint. Objectives are normalized against the dense model:
+answers are scored from first-token logits through the runner's logits path and the tasks' own answer rules
+and metrics (Yes vs No for POPE, the best option letter for ScienceQA), and metrics are cached by plan
+fingerprint. Objectives are normalized against the dense model:
 
 - U = ScienceQA accuracy / dense accuracy
 - H = (mean POPE balanced accuracy - 0.5) / (dense balanced accuracy - 0.5)
-- C = achieved sparsity / s_max, or 1 - |s - s*| / s* in matched-sparsity mode
+- C = achieved sparsity / s_max, or 1 - |s - s*| / s* in matched-sparsity mode (the :class:`ScoringMode`,
+  given per call; the evaluator's own mode is the default)
 - S = the SynFlow stability proxy (plans failing its pre-screen are not evaluated and get ``PRESCREEN_RETURN``)
+
+The evaluator holds no state that callers change: its prepared inputs, dense metrics and cache depend only on
+the model and the evaluation set.
 """
 
 from __future__ import annotations
@@ -15,23 +20,23 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.runner import (
-    OPTIONS,
     ImageCache,
     Query,
-    answer_token_ids,
+    answer_ids,
     model_family,
     model_inputs,
-    pope_prompt_text,
-    sqa_prompt_text,
+    pope_predictions,
+    sqa_predictions,
     subset,
 )
 from worker.hipp.evaluation.tasks import pope, scienceqa
@@ -64,6 +69,23 @@ class EvalSet:
 
     def size(self) -> int:
         return sum(len(v) for v in self.pope.values()) + len(self.sqa)
+
+
+@dataclass(frozen=True)
+class ScoringMode:
+    """How compression is scored: against ``s_max``, or, with a ``target_sparsity``, by closeness to it."""
+
+    s_max: float = 0.6
+    target_sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.s_max < 1:
+            raise OptionError(f"s_max must be in (0, 1), got {self.s_max}")
+
+    def compression(self, sparsity: float) -> float:
+        if self.target_sparsity:
+            return 1.0 - abs(sparsity - self.target_sparsity) / self.target_sparsity
+        return sparsity / self.s_max
 
 
 @dataclass
@@ -112,7 +134,12 @@ class _Captured(Exception):
 
 
 class PlanEvaluator:
-    """Scores plans of one model on one evaluation set. Build once, call :meth:`evaluate` many times."""
+    """Scores plans of one model on one evaluation set. Build once, call :meth:`evaluate` many times.
+
+    ``s_max`` and ``target_sparsity`` set the default :class:`ScoringMode`; a call may pass its own.
+    ``load_image`` reads the evaluation images while the inputs are prepared (by default a cache of its own,
+    dropped once they are).
+    """
 
     def __init__(
         self,
@@ -123,13 +150,11 @@ class PlanEvaluator:
         batch_size: int = 64,
         cache_path: Path | None = None,
         reporter: Reporter = SILENT,
+        load_image: Callable[[str], Image.Image] | None = None,
     ) -> None:
-        if not 0 < s_max < 1:
-            raise OptionError(f"s_max must be in (0, 1), got {s_max}")
+        self.mode = ScoringMode(s_max, target_sparsity)
         self.loaded = loaded
         self.evalset = evalset
-        self.s_max = s_max
-        self.target_sparsity = target_sparsity
         self.stability = StabilityProxy.from_adapter(loaded.adapter)
         self.geometry = geometry_of(loaded.adapter)
         self.cache_path = cache_path
@@ -137,22 +162,17 @@ class PlanEvaluator:
         self.evaluations = 0
         self.seconds = 0.0
         reporter.stage("prepare", f"{evalset.size()} evaluation questions")
-        self._pope_batches = {split: self._prepare([Query(self._image(q.image), pope_prompt_text(q.text))
-                                                     for q in qs], batch_size) for split, qs in evalset.pope.items()}
-        self._sqa_batches = self._prepare([Query(self._image(p.image), sqa_prompt_text(p.question, p.choices, p.hint))
+        load = load_image or ImageCache(size=4096)
+        self._pope_batches = {split: self._prepare([Query(load(q.image), pope.prompt_text(q.text)) for q in qs],
+                                                   batch_size) for split, qs in evalset.pope.items()}
+        self._sqa_batches = self._prepare([Query(load(p.image), scienceqa.prompt_text(p.question, p.choices, p.hint))
                                            for p in evalset.sqa], batch_size)
-        self._yes = answer_token_ids(loaded.processor, ("Yes", "yes"))
-        self._no = answer_token_ids(loaded.processor, ("No", "no"))
-        self._letters = [answer_token_ids(loaded.processor, (letter,)) for letter in OPTIONS]
+        self._pope_ids = answer_ids(loaded.processor, pope.ANSWER_WORDS, required=True) if evalset.pope else []
+        self._sqa_ids = answer_ids(loaded.processor, scienceqa.ANSWER_WORDS)
         reporter.stage("dense", "metrics of the dense model")
         self.dense_metrics = self._metrics(None)
 
     # --- preparation ---------------------------------------------------------------------------------
-    _images = ImageCache(size=4096)
-
-    def _image(self, path: str) -> Any:
-        return self._images(path)
-
     def _prepare(self, queries: Sequence[Query], batch_size: int) -> list[_Batch]:
         family = model_family(self.loaded.model)
         batches = []
@@ -202,19 +222,11 @@ class PlanEvaluator:
         try:
             result: dict[str, Any] = {"pope": {}}
             for split, batches in self._pope_batches.items():
-                logits = self._last_logits(batches)
-                yes = logits[:, self._yes].max(dim=1).values
-                no = logits[:, self._no].max(dim=1).values
-                predictions = ["yes" if v else "no" for v in (yes > no).tolist()]
+                predictions = pope_predictions(self._last_logits(batches), self._pope_ids)
                 labels = [q.label for q in self.evalset.pope[split]]
                 result["pope"][split] = pope.compute_metrics(predictions, labels).to_dict()
             if self._sqa_batches:
-                logits = self._last_logits(self._sqa_batches)
-                picks = []
-                for row, problem in zip(logits, self.evalset.sqa, strict=True):
-                    scores = [row[ids].max().item() if ids else -math.inf
-                              for ids in self._letters[: len(problem.choices)]]
-                    picks.append(max(range(len(scores)), key=scores.__getitem__))
+                picks = sqa_predictions(self._last_logits(self._sqa_batches), self._sqa_ids, self.evalset.sqa)
                 result["scienceqa"] = scienceqa.compute_metrics(picks, self.evalset.sqa).to_dict()
         finally:
             if masks is not None:
@@ -229,41 +241,47 @@ class PlanEvaluator:
             return math.nan
         return sum(m["balanced_accuracy"] for m in splits.values()) / len(splits)
 
-    def objectives(self, metrics: dict[str, Any], sparsity: float, stability: float) -> Objectives:
+    def objectives(self, metrics: dict[str, Any], sparsity: float, stability: float,
+                   mode: ScoringMode | None = None) -> Objectives:
+        """U, H, C, S of a plan's ``metrics``, compression scored in ``mode`` (default: the evaluator's)."""
         dense_sqa = self.dense_metrics.get("scienceqa", {}).get("accuracy", math.nan)
         sqa = metrics.get("scienceqa", {}).get("accuracy", math.nan)
         utility = sqa / dense_sqa if dense_sqa and not math.isnan(sqa) else 0.0
         dense_bal = self.pope_balanced_accuracy(self.dense_metrics)
         bal = self.pope_balanced_accuracy(metrics)
         robustness = (bal - 0.5) / (dense_bal - 0.5) if dense_bal > 0.5 and not math.isnan(bal) else 0.0
-        if self.target_sparsity:
-            compression = 1.0 - abs(sparsity - self.target_sparsity) / self.target_sparsity
-        else:
-            compression = sparsity / self.s_max
-        return Objectives(utility, robustness, compression, stability)
+        return Objectives(utility, robustness, (mode or self.mode).compression(sparsity), stability)
 
-    def evaluate(self, plan: PruningPlan, prescreen: bool = True) -> PlanEvaluation:
-        """Objectives and metrics of ``plan`` (cached by fingerprint). With ``prescreen``, plans failing the
-        stability pre-screen are not evaluated (search); reports evaluate every plan."""
+    @staticmethod
+    def prescreened_objectives(sparsity: float, stability: float, mode: ScoringMode) -> Objectives:
+        """A pre-screened plan's objectives: ``PRESCREEN_RETURN`` for the unmeasured ones."""
+        return Objectives(PRESCREEN_RETURN, PRESCREEN_RETURN, sparsity / mode.s_max, stability)
+
+    def evaluate(self, plan: PruningPlan, prescreen: bool = True, mode: ScoringMode | None = None) -> PlanEvaluation:
+        """Objectives and metrics of ``plan`` (metrics cached by fingerprint), compression scored in ``mode``
+        (default: the evaluator's). With ``prescreen``, plans failing the stability pre-screen are not
+        evaluated (search); reports evaluate every plan."""
+        mode = mode or self.mode
         key = plan.fingerprint
         if key in self._cache and not (self._cache[key].prescreened and not prescreen):
             hit = self._cache[key]
-            # Objectives depend on this evaluator's mode (s_max, target); the metrics do not.
-            objectives = hit.objectives if hit.prescreened else self.objectives(
-                hit.metrics, hit.sparsity, hit.objectives.stability)
+            # Objectives depend on the call's mode (s_max, target); the metrics do not.
+            stability = hit.objectives.stability
+            objectives = (self.prescreened_objectives(hit.sparsity, stability, mode) if hit.prescreened
+                          else self.objectives(hit.metrics, hit.sparsity, stability, mode))
             return PlanEvaluation(**{**hit.__dict__, "objectives": objectives, "cached": True})
         start = time.perf_counter()
         report = self.stability.evaluate(plan)
         if prescreen and not report.passes:
-            evaluation = PlanEvaluation(key, plan.sparsity, Objectives(PRESCREEN_RETURN, PRESCREEN_RETURN,
-                                        plan.sparsity / self.s_max, report.score), {}, 0.0, prescreened=True,
-                                        rho=report.rho)
+            evaluation = PlanEvaluation(key, plan.sparsity,
+                                        self.prescreened_objectives(plan.sparsity, report.score, mode), {}, 0.0,
+                                        prescreened=True, rho=report.rho)
         else:
             metrics = self._metrics(plan)
             seconds = time.perf_counter() - start
             self.evaluations += 1
             self.seconds += seconds
-            evaluation = PlanEvaluation(key, plan.sparsity, self.objectives(metrics, plan.sparsity, report.score),
+            evaluation = PlanEvaluation(key, plan.sparsity, self.objectives(metrics, plan.sparsity, report.score, mode),
                                         metrics, seconds, rho=report.rho)
         self._cache[key] = evaluation
         self._write_cache(evaluation)

@@ -1,14 +1,16 @@
-"""Batched evaluation of a VLM on POPE and ScienceQA: prompt templates, scoring from logits and from generation.
+"""Batched evaluation of a VLM on POPE and ScienceQA, from logits or from generation.
 
-Two modes share the same prompts and batching:
-- ``logits`` (fast): one forward pass per batch; POPE compares the first-token logits of "Yes" and "No",
-  ScienceQA takes the best option letter among the problem's choices.
-- ``generate``: greedy decoding, then the official parsers (POPE's yes/no rule, LLaVA's letter rule; text that
-  does not parse counts as wrong).
+The tasks (``tasks.pope``, ``tasks.scienceqa``) own the prompts, the answer parsing and the metrics; this module
+wraps their prompts in the family's chat format, batches images and prompts through the model, and hands the
+tasks what they parse. Two modes share the prompts and batching:
+- ``logits`` (fast): one forward pass per batch; each task's answers are scored by their best first-token
+  logit (:func:`answer_scores`) and the task picks its answer from those scores (POPE: "Yes" vs "No";
+  ScienceQA: the best option letter among the problem's choices).
+- ``generate``: greedy decoding, then the tasks' official parsers (text that does not parse counts as wrong).
 
-Prompts follow LLaVA-1.5's evaluation ("Answer the question using a single word or phrase." for POPE,
-"Answer with the option's letter from the given choices directly." for ScienceQA) and are wrapped with the
-processor's chat template when it has one, else with the family's conversation format.
+Prompts are wrapped with the processor's chat template when it has one, else with the family's conversation
+format. The plan evaluator scores plans through the same logits path (:func:`pope_predictions`,
+:func:`sqa_predictions`).
 """
 
 from __future__ import annotations
@@ -26,27 +28,18 @@ from PIL import Image
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import PopeMetrics, PopeQuestion
-from worker.hipp.evaluation.tasks.scienceqa import OPTIONS, SqaMetrics, SqaProblem
+from worker.hipp.evaluation.tasks.scienceqa import OPTIONS as OPTIONS  # re-exported, see below
+from worker.hipp.evaluation.tasks.scienceqa import SqaMetrics, SqaProblem
 from worker.hipp.models.adapters import adapter_class_for
 from worker.hipp.progress import SILENT, Reporter
 
-POPE_INSTRUCTION = "Answer the question using a single word or phrase."
-SQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MODES = ("logits", "generate")
-
-
-def pope_prompt_text(question: str) -> str:
-    """LLaVA-1.5's POPE prompt: the question, then the short-answer instruction."""
-    return f"{question}\n{POPE_INSTRUCTION}"
-
-
-def sqa_prompt_text(question: str, choices: tuple[str, ...] | list[str], hint: str = "") -> str:
-    """LLaVA-1.5's ScienceQA prompt: context (if any), question, lettered options, the letter instruction."""
-    lines = [f"Context: {hint}"] if hint else []
-    lines.append(question)
-    lines.extend(f"{OPTIONS[i]}. {c}" for i, c in enumerate(choices))
-    lines.append(SQA_INSTRUCTION)
-    return "\n".join(lines)
+# The tasks own their prompts and letters; these names stay for the testbed's training recipe, tokenizer and
+# data writer, which import them from here.
+POPE_INSTRUCTION = pope.INSTRUCTION
+SQA_INSTRUCTION = scienceqa.INSTRUCTION
+pope_prompt_text = pope.prompt_text
+sqa_prompt_text = scienceqa.prompt_text
 
 
 def model_family(model: Any) -> str:
@@ -173,6 +166,37 @@ def answer_token_ids(processor: Any, words: Sequence[str]) -> list[int]:
     return ids
 
 
+def answer_ids(processor: Any, answers: Sequence[Sequence[str]], required: bool = False) -> list[list[int]]:
+    """First-token ids of each answer a task scores in logits mode (its ``ANSWER_WORDS``). With ``required``,
+    an answer the tokenizer cannot spell is a user error (the task cannot be scored from logits)."""
+    ids = [answer_token_ids(processor, words) for words in answers]
+    missing = [words[0] for words, found in zip(answers, ids, strict=True) if not found]
+    if required and missing:
+        raise OptionError(f"the tokenizer has no {'/'.join(missing)} token; use mode='generate'")
+    return ids
+
+
+def answer_scores(logits: torch.Tensor, ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Per row of first-token ``logits``, each answer's best token logit (-inf for an answer with no token)."""
+    if logits.shape[0] == 0:
+        return []
+    unspellable = torch.full(logits.shape[:1], -math.inf, dtype=logits.dtype)
+    columns = [logits[:, group].max(dim=1).values if group else unspellable for group in ids]
+    return torch.stack(columns, dim=1).tolist()
+
+
+def pope_predictions(logits: torch.Tensor, ids: Sequence[Sequence[int]]) -> list[str]:
+    """POPE answers from first-token logits, ``ids`` from :func:`answer_ids` of ``pope.ANSWER_WORDS``."""
+    return [pope.answer_from_scores(row) for row in answer_scores(logits, ids)]
+
+
+def sqa_predictions(logits: torch.Tensor, ids: Sequence[Sequence[int]], problems: Sequence[SqaProblem]) -> list[int]:
+    """ScienceQA option indices from first-token logits, ``ids`` from :func:`answer_ids` of
+    ``scienceqa.ANSWER_WORDS``."""
+    rows = answer_scores(logits, ids)
+    return [scienceqa.answer_from_scores(row, len(p.choices)) for row, p in zip(rows, problems, strict=True)]
+
+
 # ------------------------------------------------------------------------------------------------- POPE
 
 
@@ -195,17 +219,11 @@ def evaluate_pope_split(
     """POPE metrics for one split. ``load_image`` maps a question's ``image`` to a PIL image."""
     _check_mode(mode)
     load = load_image or ImageCache()
-    queries = [Query(load(q.image), pope_prompt_text(q.text)) for q in questions]
+    queries = [Query(load(q.image), pope.prompt_text(q.text)) for q in questions]
     labels = [q.label for q in questions]
     if mode == "logits":
-        logits = next_token_logits(model, processor, queries, batch_size, report)
-        yes_ids = answer_token_ids(processor, ("Yes", "yes"))
-        no_ids = answer_token_ids(processor, ("No", "no"))
-        if not yes_ids or not no_ids:
-            raise OptionError("the tokenizer has no Yes/No tokens; use mode='generate'")
-        yes = logits[:, yes_ids].max(dim=1).values
-        no = logits[:, no_ids].max(dim=1).values
-        predictions = ["yes" if v else "no" for v in (yes > no).tolist()]
+        ids = answer_ids(processor, pope.ANSWER_WORDS, required=True)
+        predictions = pope_predictions(next_token_logits(model, processor, queries, batch_size, report), ids)
         return PopeResult(pope.compute_metrics(predictions, labels), predictions)
     texts = generate_answers(model, processor, queries, batch_size, max_new_tokens=8, report=report)
     predictions = [pope.parse_answer(t) for t in texts]
@@ -234,14 +252,10 @@ def evaluate_sqa(
     """ScienceQA accuracy. In logits mode the answer is the highest-scoring letter among the choices."""
     _check_mode(mode)
     load = load_image or ImageCache()
-    queries = [Query(load(p.image), sqa_prompt_text(p.question, p.choices, p.hint)) for p in problems]
+    queries = [Query(load(p.image), scienceqa.prompt_text(p.question, p.choices, p.hint)) for p in problems]
     if mode == "logits":
         logits = next_token_logits(model, processor, queries, batch_size, report)
-        letter_ids = [answer_token_ids(processor, (letter,)) for letter in OPTIONS]
-        predictions = []
-        for row, problem in zip(logits, problems, strict=True):
-            scores = [row[ids].max().item() if ids else -math.inf for ids in letter_ids[: len(problem.choices)]]
-            predictions.append(max(range(len(scores)), key=scores.__getitem__))
+        predictions = sqa_predictions(logits, answer_ids(processor, scienceqa.ANSWER_WORDS), problems)
         return SqaResult(scienceqa.compute_metrics(predictions, problems), predictions)
     texts = generate_answers(model, processor, queries, batch_size, max_new_tokens=16, report=report)
     predictions = [scienceqa.prediction_index(t, len(p.choices)) for t, p in zip(texts, problems, strict=True)]

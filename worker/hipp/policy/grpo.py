@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from worker.hipp.errors import OptionError
-from worker.hipp.evaluation.plan_evaluator import PRESCREEN_RETURN, PlanEvaluation, PlanEvaluator
+from worker.hipp.evaluation.plan_evaluator import PRESCREEN_RETURN, PlanEvaluation, PlanEvaluator, ScoringMode
 from worker.hipp.policy.network import Action, HippPolicy, action_to_ratios
 from worker.hipp.policy.state import PolicyState
 from worker.hipp.progress import SILENT, Reporter
@@ -289,9 +289,7 @@ class PruningEnvironment:
     def score(self, plan: PruningPlan, target: float | None) -> PlanEvaluation:
         """Evaluate ``plan`` with objectives in this policy's terms: compression against the policy's s_max,
         or closeness to ``target`` in matched mode (the evaluator may have been set up for another range)."""
-        self.evaluator.target_sparsity = target
-        self.evaluator.s_max = self.policy.config.s_max
-        return self.evaluator.evaluate(plan)
+        return self.evaluator.evaluate(plan, mode=ScoringMode(self.policy.config.s_max, target))
 
     def evaluate(self, action: Action, target: float | None) -> Outcome:
         result = self.score(self.plan_for(action, target), target)

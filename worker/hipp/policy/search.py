@@ -88,7 +88,7 @@ def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig 
     """Train a policy for ``setup``'s model with plan-level GRPO and save it to ``out_dir``."""
     grpo_config = grpo_config or GRPOConfig()
     policy_config = policy_config or PolicyConfig(num_features=setup.state.features.shape[1],
-                                                  s_max=setup.evaluator.s_max)
+                                                  s_max=setup.evaluator.mode.s_max)
     torch.manual_seed(grpo_config.seed)
     policy = HippPolicy(policy_config)
     env = environment(setup, policy, drop_visual)

@@ -132,7 +132,6 @@ def world_conversations(count: int, seed: int = 0, sqa_share: float = 0.45) -> l
     The scenes come from the ``train`` streams the testbed was trained on, so no evaluation image is seen.
     """
     from worker.hipp.data.world import generate_scenes, render
-    from worker.hipp.evaluation.runner import OPTIONS, pope_prompt_text, sqa_prompt_text
     from worker.hipp.evaluation.tasks import pope, scienceqa
     from worker.hipp.evaluation.tasks.pope import ObjectStats
 
@@ -152,11 +151,11 @@ def world_conversations(count: int, seed: int = 0, sqa_share: float = 0.45) -> l
             # Any of the split's top negatives (not always the first) so the data is not one question per image.
             category = rng.choice(pope.negatives_for(split, scene.categories, 3, stats, rng))
             answer = "No"
-        question = pope_prompt_text(pope.question_text(category))
+        question = pope.prompt_text(pope.question_text(category))
         out.append(Conversation(((question, answer),), render(scene), scene.image_id))
     for scene, problem in scienceqa.generate_problems(seed, n_sqa, "train", stats):
-        question = sqa_prompt_text(problem.question, problem.choices, problem.hint)
-        out.append(Conversation(((question, OPTIONS[problem.answer]),), render(scene), problem.pid))
+        question = scienceqa.prompt_text(problem.question, problem.choices, problem.hint)
+        out.append(Conversation(((question, scienceqa.OPTIONS[problem.answer]),), render(scene), problem.pid))
     # Interleave the two kinds deterministically so any prefix of the data mixes both.
     random.Random(f"{seed}:recovery:order").shuffle(out)
     return out

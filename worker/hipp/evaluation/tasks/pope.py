@@ -1,4 +1,5 @@
-"""POPE: question sampling (random / popular / adversarial), writer, loaders, answer parser and metrics.
+"""POPE: question sampling (random / popular / adversarial), writer, loaders, the prompt, answer parsing (from
+first-token scores or from generated text) and metrics.
 
 The writer produces the official layout (one JSON object per line: question_id, image, text, label, plus an
 images folder). The loader reads that layout, the official ``coco_pope_{split}.json`` files with a COCO image
@@ -20,6 +21,9 @@ from worker.hipp.errors import HippError
 
 SPLITS = ("random", "popular", "adversarial")
 QUESTIONS_PER_LABEL = 3  # POPE asks about 3 present and 3 absent objects per image
+INSTRUCTION = "Answer the question using a single word or phrase."
+# The answers scored in logits mode, "yes" then "no", each by the first tokens of its spellings.
+ANSWER_WORDS: tuple[tuple[str, ...], ...] = (("Yes", "yes"), ("No", "no"))
 
 
 def question_text(category: str) -> str:
@@ -239,7 +243,19 @@ def load_pope(
     return out
 
 
-# ------------------------------------------------------------------------------------- parsing, metrics
+# ------------------------------------------------------------------------------ prompt, parsing, metrics
+
+
+def prompt_text(question: str) -> str:
+    """LLaVA-1.5's POPE prompt: the question, then the short-answer instruction."""
+    return f"{question}\n{INSTRUCTION}"
+
+
+def answer_from_scores(scores: Sequence[float]) -> str:
+    """Logits mode: "yes" when the best "Yes" token outscores the best "No" token (``scores`` in
+    ``ANSWER_WORDS`` order; a tie says no)."""
+    yes, no = scores
+    return "yes" if yes > no else "no"
 
 
 def parse_answer(text: str) -> str:

@@ -1,4 +1,5 @@
-"""ScienceQA: the testbed's image questions, writer, loader, the official letter parser and accuracy.
+"""ScienceQA: the testbed's image questions, writer, loader, the prompt, answer parsing (from first-token scores
+or with the official letter parser) and accuracy.
 
 Layout (the official one): ``problems.json`` maps a problem id to {question, choices, answer (index), hint,
 image, split, ...}; ``pid_splits.json`` maps train/val/test to id lists; images live in
@@ -20,6 +21,9 @@ from worker.hipp.errors import HippError
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 
 OPTIONS = ("A", "B", "C", "D", "E")
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# The answers scored in logits mode: each option letter by its first token.
+ANSWER_WORDS: tuple[tuple[str, ...], ...] = tuple((letter,) for letter in OPTIONS)
 KINDS = ("presence", "count", "side")
 # Objects this close to the vertical midline make "left or right" ambiguous; side questions avoid them.
 SIDE_MARGIN = 8
@@ -178,7 +182,24 @@ def load_scienceqa(
     return out
 
 
-# ------------------------------------------------------------------------------------- parsing, metrics
+# ------------------------------------------------------------------------------ prompt, parsing, metrics
+
+
+def prompt_text(question: str, choices: Sequence[str], hint: str = "") -> str:
+    """LLaVA-1.5's ScienceQA prompt: context (if any), question, lettered options, the letter instruction."""
+    lines = [f"Context: {hint}"] if hint else []
+    lines.append(question)
+    lines.extend(f"{OPTIONS[i]}. {c}" for i, c in enumerate(choices))
+    lines.append(INSTRUCTION)
+    return "\n".join(lines)
+
+
+def answer_from_scores(scores: Sequence[float], n_choices: int) -> int:
+    """Logits mode: the index of the best-scoring letter among the problem's ``n_choices`` options (``scores``
+    in ``ANSWER_WORDS`` order; the first on ties)."""
+    considered = scores[:n_choices]
+    return max(range(len(considered)), key=considered.__getitem__)
+
 
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
