@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from worker.hipp.data.world import generate_scenes
-from worker.hipp.evaluation.runner import OPTIONS
 from worker.hipp.evaluation.tasks import scienceqa
 from worker.hipp.evaluation.tasks.pope import ObjectStats
+from worker.hipp.evaluation.tasks.scienceqa import OPTIONS
 from worker.hipp.progress import SILENT
 from worker.hipp.testbed.tokenizer import build_processor
 from worker.hipp.testbed.train import (

@@ -28,18 +28,11 @@ from PIL import Image
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import PopeMetrics, PopeQuestion
-from worker.hipp.evaluation.tasks.scienceqa import OPTIONS as OPTIONS  # re-exported, see below
 from worker.hipp.evaluation.tasks.scienceqa import SqaMetrics, SqaProblem
 from worker.hipp.models.adapters import adapter_class_for
 from worker.hipp.progress import SILENT, Reporter
 
 MODES = ("logits", "generate")
-# The tasks own their prompts and letters; these names stay for the testbed's training recipe, tokenizer and
-# data writer, which import them from here.
-POPE_INSTRUCTION = pope.INSTRUCTION
-SQA_INSTRUCTION = scienceqa.INSTRUCTION
-pope_prompt_text = pope.prompt_text
-sqa_prompt_text = scienceqa.prompt_text
 
 
 def model_family(model: Any) -> str:

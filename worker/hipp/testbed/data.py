@@ -12,7 +12,6 @@ from pathlib import Path
 
 from worker.hipp.data.calibration import CalibrationSample
 from worker.hipp.data.world import CATEGORY_NAMES, generate_scenes, render
-from worker.hipp.evaluation.runner import pope_prompt_text, sqa_prompt_text
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.progress import SILENT, Reporter
@@ -54,9 +53,9 @@ def calibration_samples(count: int = 64, seed: int = DEFAULT_SEED) -> list[Calib
     for i, scene in enumerate(scenes):
         if i % 2 == 0:
             category = rng.choice(scene.categories if rng.random() < 0.5 else list(CATEGORY_NAMES))
-            samples.append(CalibrationSample(render(scene), pope_prompt_text(pope.question_text(category))))
+            samples.append(CalibrationSample(render(scene), pope.prompt_text(pope.question_text(category))))
         else:
             problem_scene, problem = problems[i]
-            text = sqa_prompt_text(problem.question, problem.choices, problem.hint)
+            text = scienceqa.prompt_text(problem.question, problem.choices, problem.hint)
             samples.append(CalibrationSample(render(problem_scene), text))
     return samples

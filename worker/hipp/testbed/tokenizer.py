@@ -10,8 +10,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from worker.hipp.data.world import CATEGORIES, IMAGE_SIZE, SCENE_TYPES
-from worker.hipp.evaluation.runner import POPE_INSTRUCTION, SQA_INSTRUCTION
+from worker.hipp.evaluation.tasks.pope import INSTRUCTION as POPE_INSTRUCTION
 from worker.hipp.evaluation.tasks.pope import question_text
+from worker.hipp.evaluation.tasks.scienceqa import INSTRUCTION as SQA_INSTRUCTION
 from worker.hipp.evaluation.tasks.scienceqa import OPTIONS
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"

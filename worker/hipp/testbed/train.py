@@ -23,10 +23,10 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from worker.hipp.data.world import CATEGORIES, CATEGORY_NAMES, IMAGE_SIZE, Scene, coverage_mask, generate_scenes, render
-from worker.hipp.evaluation.runner import OPTIONS, SQA_INSTRUCTION, pope_prompt_text, sqa_prompt_text
+from worker.hipp.evaluation.runner import pope_predictions, sqa_predictions
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import ObjectStats
-from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
+from worker.hipp.evaluation.tasks.scienceqa import OPTIONS, SqaProblem
 from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.recovery.schedule import warmup_cosine
 from worker.hipp.testbed.model import TEXT_WIDTH, VISION_WIDTH, build_model
@@ -201,7 +201,7 @@ def sample_pope_turn(scene: Scene, rng: random.Random, stats: ObjectStats) -> tu
     (not the evaluation's top-k), so training does not drill exactly the evaluation's hard negatives."""
     present = scene.categories
     if rng.random() < 0.5:
-        return pope_prompt_text(pope.question_text(rng.choice(present))), "Yes"
+        return pope.prompt_text(pope.question_text(rng.choice(present))), "Yes"
     absent = [c for c in CATEGORY_NAMES if c not in present]
     r = rng.random()
     if r < 0.4:
@@ -211,11 +211,11 @@ def sample_pope_turn(scene: Scene, rng: random.Random, stats: ObjectStats) -> tu
     else:
         weights = [sum(stats.cooccurrence.get(p, Counter())[c] for p in present) + 1.0 for c in absent]
     category = rng.choices(absent, weights=weights)[0]
-    return pope_prompt_text(pope.question_text(category)), "No"
+    return pope.prompt_text(pope.question_text(category)), "No"
 
 
 def sqa_turn(problem: SqaProblem) -> tuple[str, str]:
-    return sqa_prompt_text(problem.question, problem.choices, problem.hint), OPTIONS[problem.answer]
+    return scienceqa.prompt_text(problem.question, problem.choices, problem.hint), OPTIONS[problem.answer]
 
 
 class Encoder:
@@ -269,8 +269,8 @@ class Encoder:
         word-level tokenizer splits on whitespace and punctuation, so token counts of those prompts give the
         positions without a second copy of the prompt layout.
         """
-        instruction = len(self.words(SQA_INSTRUCTION))
-        prompts = [sqa_prompt_text(problem.question, problem.choices[: k + 1], problem.hint)
+        instruction = len(self.words(scienceqa.INSTRUCTION))
+        prompts = [scienceqa.prompt_text(problem.question, problem.choices[: k + 1], problem.hint)
                    for k in range(len(problem.choices))]
         return [len(self.words(prompt)) - instruction - 1 for prompt in prompts]
 
@@ -362,18 +362,14 @@ def quick_eval(model: LlavaForConditionalGeneration, enc: Encoder, val: ValSet, 
     metrics: dict[str, float] = {}
     for split, rows in val.pope.items():
         rows = rows[:limit]
-        logits = last_logits(model, enc, [(s, pope_prompt_text(q)) for s, q, _ in rows])
-        preds = ["yes" if v else "no" for v in (logits[:, yes] > logits[:, no]).tolist()]
+        logits = last_logits(model, enc, [(s, pope.prompt_text(q)) for s, q, _ in rows])
+        preds = pope_predictions(logits, [[yes], [no]])
         m = pope.compute_metrics(preds, [lab for _, _, lab in rows])
         metrics[f"{split}_bacc"] = round(m.balanced_accuracy, 4)
         metrics[f"{split}_yes"] = round(m.yes_ratio, 3)
     problems = [p for _, p in val.sqa]
     logits = last_logits(model, enc, [(s, sqa_turn(p)[0]) for s, p in val.sqa])
-    letter_ids = [enc.words(x)[0] for x in OPTIONS]
-    choices = [
-        int(torch.argmax(row[letter_ids[: len(p.choices)]]).item())
-        for row, p in zip(logits, problems, strict=True)
-    ]
+    choices = sqa_predictions(logits, [[enc.words(x)[0]] for x in OPTIONS], problems)
     sm = scienceqa.compute_metrics(choices, problems)
     metrics["sqa"] = round(sm.accuracy, 4)
     for kind, (c, t) in sm.by_kind.items():
