@@ -115,10 +115,7 @@ def test_submit_commits_then_enqueues(client, tenant_key, stack_settings: Settin
     assert r.status_code == 201
     job = r.json()
     assert job["status"] == "queued" and job["attempt"] == 0 and r.headers["Location"] == f"/jobs/{job['id']}"
-    from app.db import session_factory
-    from app.queue import get_dispatcher
-
-    assert get_dispatcher(stack_settings, session_factory(stack_settings.resolved_database_url)).flush()
+    assert client.app.state.runtime.dispatcher.flush()
     with session_scope(stack_settings.resolved_database_url) as s:
         row = s.get(Job, uuid.UUID(job["id"]))
         assert row is not None and row.enqueued_at is not None

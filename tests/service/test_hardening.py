@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.migrate import upgrade
 from app.models import Job
-from app.security import create_api_key, key_cache
+from app.security import create_api_key
 from tests.service.conftest import auth
 
 GOOD: dict[str, Any] = {"model": "tiny-llava", "preference": {"utility": 0.5, "robustness": 0.3, "compression": 0.2}}
@@ -43,7 +43,6 @@ def sqlite_api(tmp_path: Path) -> Iterator[tuple[Any, str, Settings]]:
     upgrade(settings.resolved_database_url)
     with session_scope(settings.resolved_database_url) as s:
         key, _ = create_api_key(s, "sqlite-tenant")
-    key_cache.clear()
     with TestClient(create_app(settings)) as c:
         yield c, key, settings
 
@@ -217,7 +216,6 @@ def test_quota_holds_on_sqlite_under_parallel_submits(tmp_path: Path) -> None:
     upgrade(settings.resolved_database_url)
     with session_scope(settings.resolved_database_url) as s:
         key, _ = create_api_key(s, "quota")
-    key_cache.clear()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -381,7 +379,7 @@ def test_fair_order_publishes_one_waiting_job_per_tenant(stack_settings: Setting
 
     from app.db import session_factory
     from app.main import create_app
-    from app.queue import get_dispatcher, relay_pending
+    from app.queue import relay_pending
 
     queue = f"fair-{uuid.uuid4().hex[:6]}"
     settings = stack_settings.model_copy(update={"max_waiting_per_tenant": 1, "gpu_queue": queue})
@@ -392,7 +390,7 @@ def test_fair_order_publishes_one_waiting_job_per_tenant(stack_settings: Setting
     with TestClient(create_app(settings)) as c:
         a_ids = [c.post("/jobs", json=GOOD, headers=auth(a)).json()["id"] for _ in range(4)]
         b_ids = [c.post("/jobs", json=GOOD, headers=auth(b)).json()["id"] for _ in range(1)]
-        assert get_dispatcher(settings, factory).flush()
+        assert c.app.state.runtime.dispatcher.flush()
 
     def enqueued(ids: list[str]) -> list[bool]:
         with session_scope(settings.resolved_database_url) as s:
