@@ -22,6 +22,7 @@ Callers that hold no runtime yet (the Celery tasks, the CLI, tests) use the modu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -45,8 +46,12 @@ def private_sqlite_file(url: str) -> None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     path = Path(database)
-    if path.parent.is_dir():
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    if path.parent.is_dir() and not path.exists():
+        # Only a file that does not exist yet is opened here: closing any descriptor of a database file
+        # drops the POSIX locks SQLite holds on it in this process, so another process would take this one's
+        # connections for gone, checkpoint and delete the WAL, and they would read a stale snapshot forever.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if p.exists() and p.stat().st_mode & 0o077:
             p.chmod(0o600)

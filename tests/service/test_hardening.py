@@ -264,6 +264,41 @@ def test_sqlite_database_file_is_private(sqlite_api) -> None:  # type: ignore[no
             assert stat.S_IMODE(os.stat(other).st_mode) & 0o077 == 0, suffix
 
 
+def test_a_new_engine_on_an_open_sqlite_file_keeps_the_open_connections_fresh(tmp_path: Path) -> None:
+    """Building a second engine on a SQLite file this process has open (each API runtime builds its own)
+    must not drop this process's locks on it: another process's last close would then take the WAL away
+    and the open connections would read a stale snapshot for good (jobs seen queued forever)."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from app.db import Database
+
+    path = tmp_path / "x.db"
+    first = Database(f"sqlite:///{path}")
+    with first.scope() as s:
+        s.execute(text("CREATE TABLE t (v INTEGER)"))
+        s.execute(text("INSERT INTO t VALUES (1)"))
+    with first.read_sessions() as s:  # the connection stays open in the pool
+        assert s.scalar(text("SELECT v FROM t")) == 1
+    second = Database(f"sqlite:///{path}")
+    # Another process writes and closes (the last connection, had this process lost its locks), then a third
+    # writes and stays connected while this process reads.
+    write = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('UPDATE t SET v = v + 1'); c.commit()"
+    subprocess.run([sys.executable, "-c", write + "; c.close()", str(path)], check=True, timeout=60)
+    stay = write + "; print('ok', flush=True); sys.stdin.read(); c.close()"
+    writer = subprocess.Popen([sys.executable, "-c", stay, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == b"ok"
+        with first.read_sessions() as s:
+            assert s.scalar(text("SELECT v FROM t")) == 3
+    finally:
+        writer.communicate(timeout=60)
+    first.dispose()
+    second.dispose()
+
+
 def test_metrics_without_auth_do_not_show_job_counts(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
     client.post("/jobs", json=GOOD, headers=auth(tenant_key))
     text = client.get("/metrics").text
