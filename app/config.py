@@ -2,12 +2,12 @@
 
 The defaults are the embedded deployment (SQLite, a local artifact folder, a broker that needs no server),
 so ``hipp serve`` works on a bare machine; the full stack overrides them in docker-compose.yml.
-Every field is documented in docs/service.md.
+Every field is documented in docs/service.md. The API reads them once, when its app is created, and keeps
+them in its runtime (app/runtime.py).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -169,6 +169,7 @@ class Settings(BaseSettings):
         raise RuntimeError(f"signing key file {path} is empty; delete it or set HIPP_SIGNING_SECRET")
 
 
-@lru_cache
 def get_settings() -> Settings:
+    """Settings read from the environment now (not cached: a process that needs them for its lifetime keeps
+    the object, as the API's runtime does)."""
     return Settings()

@@ -1,4 +1,5 @@
-"""Database engine and sessions (SQLAlchemy 2). One engine per process and URL, built on first use.
+"""Database engine and sessions (SQLAlchemy 2): ``Database``, one engine and its session factories, built
+explicitly by whoever needs one (the API's runtime, app/runtime.py) and disposed by it.
 
 Postgres in production; SQLite (WAL, busy timeout) for the embedded default. The same models and queries run
 on both: claiming uses a conditional UPDATE, which both support.
@@ -13,10 +14,15 @@ SQLite: WAL (readers never block the writer), ``synchronous=NORMAL`` (the WAL re
 crash of the process, not a power cut), and write transactions that start with ``BEGIN IMMEDIATE``: a
 transaction that reads and then writes takes the write lock up front and waits its turn under the busy
 timeout, instead of failing with "database is locked" when another writer committed in between.
+
+Callers that hold no runtime yet (the Celery tasks, the CLI, tests) use the module functions at the end
+(``session_factory(url)``, ``session_scope(url)``, ``dispose_all()``): they go through ``shared``, one explicit
+``Databases`` registry, never through the API's runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -31,12 +37,6 @@ class Base(DeclarativeBase):
     """Declarative base for every table (see app/models.py)."""
 
 
-_lock = threading.Lock()
-_engines: dict[str, Engine] = {}
-_factories: dict[str, sessionmaker[Session]] = {}
-_read_factories: dict[str, sessionmaker[Session]] = {}
-
-
 def private_sqlite_file(url: str) -> None:
     """Create the SQLite file (and its WAL/SHM companions, if present) readable by the owner only: it holds
     API key hashes and every tenant's jobs."""
@@ -46,17 +46,20 @@ def private_sqlite_file(url: str) -> None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     path = Path(database)
-    if path.parent.is_dir():
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    if path.parent.is_dir() and not path.exists():
+        # Only a file that does not exist yet is opened here: closing any descriptor of a database file
+        # drops the POSIX locks SQLite holds on it in this process, so another process would take this one's
+        # connections for gone, checkpoint and delete the WAL, and they would read a stale snapshot forever.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if p.exists() and p.stat().st_mode & 0o077:
             p.chmod(0o600)
 
 
 DEFAULT_THREADS = 40  # anyio's default thread limit, and HIPP_API_THREADS' default
+DEFAULT_POOL_TIMEOUT_S = 2.0  # HIPP_DB_POOL_TIMEOUT_S' default
 SQLITE_BUSY_TIMEOUT_S = 10.0
-_pool_threads = DEFAULT_THREADS
-_pool_timeout_s = 2.0
 
 
 def pool_size_for(threads: int) -> tuple[int, int]:
@@ -65,29 +68,10 @@ def pool_size_for(threads: int) -> tuple[int, int]:
     return threads + 2, 4
 
 
-def configure_pool(threads: int, timeout_s: float) -> None:
-    """Size the pools of engines built from now on (the API calls this with ``HIPP_API_THREADS`` before its
-    first request); an engine already built with a smaller pool is rebuilt."""
-    global _pool_threads, _pool_timeout_s
-    with _lock:
-        _pool_threads, _pool_timeout_s = threads, timeout_s
-        stale = [url for url, eng in _engines.items() if _pool_capacity(eng) != sum(pool_size_for(threads))]
-        for url in stale:
-            _engines.pop(url).dispose()
-            _factories.pop(url, None)
-            _read_factories.pop(url, None)
-
-
-def _pool_capacity(engine: Engine) -> int:
-    pool = engine.pool
-    size = getattr(pool, "size", None)
-    overflow = getattr(pool, "_max_overflow", 0)
-    return int(size()) + int(overflow) if callable(size) else -1
-
-
-def make_engine(url: str) -> Engine:
-    size, overflow = pool_size_for(_pool_threads)
-    pool = {"pool_size": size, "max_overflow": overflow, "pool_timeout": _pool_timeout_s}
+def make_engine(url: str, threads: int = DEFAULT_THREADS, pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S) -> Engine:
+    """An engine whose pool fits ``threads`` database threads (``pool_size_for``)."""
+    size, overflow = pool_size_for(threads)
+    pool = {"pool_size": size, "max_overflow": overflow, "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}, **pool)
@@ -112,50 +96,34 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=False, pool_recycle=1800, **pool)
 
 
-def get_engine(url: str | None = None) -> Engine:
-    if url is None:
-        from app.config import get_settings
+class Database:
+    """One engine and its session factories: ``sessions`` (transactional) and ``read_sessions`` (autocommit,
+    for single-statement reads: GET routes, API-key checks; one round trip per query, no ROLLBACK at the end).
+    Building one does no I/O; the engine connects on first use."""
 
-        url = get_settings().resolved_database_url
-    with _lock:
-        if url not in _engines:
-            _engines[url] = make_engine(url)
-            _factories[url] = sessionmaker(_engines[url], expire_on_commit=False)
-            # Reads that need no transaction: one round trip per query, no ROLLBACK when the session ends.
-            autocommit = _engines[url].execution_options(isolation_level="AUTOCOMMIT")
-            _read_factories[url] = sessionmaker(autocommit, expire_on_commit=False)
-        return _engines[url]
+    def __init__(self, url: str, threads: int = DEFAULT_THREADS, pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S):
+        self.url = url
+        self.threads = threads
+        self.engine = make_engine(url, threads, pool_timeout_s)
+        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.read_sessions: sessionmaker[Session] = sessionmaker(autocommit, expire_on_commit=False)
 
+    @contextmanager
+    def scope(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with transaction(self.sessions) as session:
+            yield session
 
-def session_factory(url: str | None = None) -> sessionmaker[Session]:
-    factory = _factories.get(url) if url is not None else None  # the per-request path: no lock
-    if factory is not None:
-        return factory
-    engine = get_engine(url)
-    with _lock:
-        for key, eng in _engines.items():
-            if eng is engine:
-                return _factories[key]
-    raise KeyError("engine not registered")
-
-
-def read_session_factory(url: str | None = None) -> sessionmaker[Session]:
-    """Sessions in autocommit mode, for single-statement reads (GET routes, API-key checks)."""
-    factory = _read_factories.get(url) if url is not None else None
-    if factory is not None:
-        return factory
-    engine = get_engine(url)
-    with _lock:
-        for key, eng in _engines.items():
-            if eng is engine:
-                return _read_factories[key]
-    raise KeyError("engine not registered")
+    def dispose(self) -> None:
+        """Close every pooled connection (the engine reconnects if used again)."""
+        self.engine.dispose()
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = session_factory(url)()
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session of ``factory`` that commits on success and rolls back on error."""
+    session = factory()
     try:
         yield session
         session.commit()
@@ -166,11 +134,81 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         session.close()
 
 
+class Databases:
+    """``Database`` objects by URL, built on first use, for code that holds no runtime of its own. Its pools
+    are sized by ``configure`` (default: ``DEFAULT_THREADS``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_url: dict[str, Database] = {}
+        self.threads = DEFAULT_THREADS
+        self.pool_timeout_s = DEFAULT_POOL_TIMEOUT_S
+
+    def get(self, url: str) -> Database:
+        db = self._by_url.get(url)  # the common path: no lock
+        if db is not None:
+            return db
+        with self._lock:
+            if url not in self._by_url:
+                self._by_url[url] = Database(url, self.threads, self.pool_timeout_s)
+            return self._by_url[url]
+
+    def configure(self, threads: int, timeout_s: float) -> None:
+        """Size the pools built from now on; databases already built with other sizes are disposed and
+        rebuilt on next use."""
+        with self._lock:
+            changed = (threads, timeout_s) != (self.threads, self.pool_timeout_s)
+            self.threads, self.pool_timeout_s = threads, timeout_s
+            if changed:
+                for db in self._by_url.values():
+                    db.dispose()
+                self._by_url.clear()
+
+    def dispose(self) -> None:
+        """Close every pooled connection and forget the databases (after fork, or at the end of tests)."""
+        with self._lock:
+            for db in self._by_url.values():
+                db.dispose()
+            self._by_url.clear()
+
+
+shared = Databases()
+
+
+def _url_or_default(url: str | None) -> str:
+    if url is not None:
+        return url
+    from app.config import get_settings
+
+    return get_settings().resolved_database_url
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The shared engine for ``url`` (default: the environment's database)."""
+    return shared.get(_url_or_default(url)).engine
+
+
+def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    return shared.get(_url_or_default(url)).sessions
+
+
+def read_session_factory(url: str | None = None) -> sessionmaker[Session]:
+    """Sessions in autocommit mode, for single-statement reads."""
+    return shared.get(_url_or_default(url)).read_sessions
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session on the shared database for ``url`` that commits on success and rolls back on error."""
+    with transaction(session_factory(url)) as session:
+        yield session
+
+
+def configure_pool(threads: int, timeout_s: float) -> None:
+    """Size the shared databases' pools (``Databases.configure``)."""
+    shared.configure(threads, timeout_s)
+
+
 def dispose_all() -> None:
-    """Close every pooled connection (after fork, or at the end of tests)."""
-    with _lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
-        _factories.clear()
-        _read_factories.clear()
+    """Close every pooled connection of the shared databases (after fork, or at the end of tests)."""
+    shared.dispose()

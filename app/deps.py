@@ -1,5 +1,9 @@
 """Dependencies, declared once as ``Annotated`` types and reused in every route signature.
 
+Everything shared between requests comes from the app's one runtime (``RuntimeDep``, app/runtime.py, built in
+the lifespan of ``app.main.create_app``): settings, sessions, storage, the dispatcher, the broker client, the
+API-key cache, the rate-limit buckets and the per-tenant submission locks.
+
 Database discipline (what keeps a few hundred pollers from starving the pool):
 
 - One ``Session`` per request (``SessionDep``; ``ReadSessionDep`` is the same dependency). It is an autocommit
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
+from celery import Celery
 from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
@@ -29,26 +35,38 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import read_session_factory, session_factory
 from app.errors import ApiError
+from app.queue import Dispatcher
+from app.runtime import Runtime
 from app.security import Principal, cached_principal, verify_api_key
-from app.storage import Storage, get_storage
+from app.services.jobs import TenantLocks
+from app.storage import Storage
+from app.watch import JobWatcher
 
 T = TypeVar("T")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+async def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:  # a programming error, not a client's: the app was served without its lifespan
+        raise RuntimeError("the app has no runtime: serve it with its lifespan (ASGI lifespan, `with TestClient`)")
+    return runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def get_app_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
+async def get_session(request: Request, runtime: RuntimeDep) -> AsyncIterator[Session]:
     """The request's one session (see the module docstring). Creating it does no I/O."""
-    url = settings.resolved_database_url
-    factory = read_session_factory(url) if request.method in READ_METHODS else session_factory(url)
+    factory = runtime.db.read_sessions if request.method in READ_METHODS else runtime.db.sessions
     session = factory()
     try:
         yield session
@@ -113,11 +131,39 @@ class DbRoute(APIRoute):
         super().__init__(path, endpoint, **kwargs)
 
 
-async def get_storage_dep(settings: SettingsDep) -> Storage:
-    return get_storage(settings)
+async def get_storage(runtime: RuntimeDep) -> Storage:
+    return runtime.storage
 
 
-StorageDep = Annotated[Storage, Depends(get_storage_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def get_dispatcher(runtime: RuntimeDep) -> Dispatcher:
+    return runtime.dispatcher
+
+
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+
+async def get_broker(runtime: RuntimeDep) -> Celery:
+    return runtime.broker
+
+
+BrokerDep = Annotated[Celery, Depends(get_broker)]
+
+
+async def get_watcher(request: Request) -> JobWatcher:
+    return request.app.state.watcher  # type: ignore[no-any-return]
+
+
+WatcherDep = Annotated[JobWatcher, Depends(get_watcher)]
+
+
+async def get_tenant_locks(runtime: RuntimeDep) -> TenantLocks:
+    return runtime.tenant_locks
+
+
+TenantLocksDep = Annotated[TenantLocks, Depends(get_tenant_locks)]
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Alternative to the bearer header")
@@ -126,7 +172,7 @@ HOW_TO_GET_A_KEY = "create one with `hipp api-key create --tenant NAME`"
 
 
 async def get_principal(
-    settings: SettingsDep,
+    runtime: RuntimeDep,
     session: SessionDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header_key: Annotated[str | None, Security(_header)],
@@ -143,7 +189,9 @@ async def get_principal(
             f"missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'; {HOW_TO_GET_A_KEY}",
             headers=challenge,
         )
-    principal = cached_principal(key) or await run_db(session, verify_api_key, session, key, settings.api_key_cache_s)
+    principal = cached_principal(runtime.keys, key) or await run_db(
+        session, verify_api_key, session, key, runtime.keys, runtime.settings.api_key_cache_s
+    )
     if principal is None:
         raise ApiError(
             401,
@@ -155,3 +203,27 @@ async def get_principal(
 
 
 CurrentTenant = Annotated[Principal, Depends(get_principal)]
+
+
+def rate_limit(action: str) -> Callable[..., Awaitable[None]]:
+    """A dependency that takes one of the tenant's ``action`` tokens (app/ratelimit.py), else answers 429
+    ``rate_limited`` with ``Retry-After``."""
+
+    async def check(who: CurrentTenant, runtime: RuntimeDep) -> None:
+        settings = runtime.settings
+        if settings.rate_limit_per_minute <= 0:
+            return
+        wait = runtime.limits.take(action, who.tenant_id, settings.rate_limit_per_minute, settings.rate_limit_burst)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many {action} requests for this tenant (limit {settings.rate_limit_per_minute:g} per minute, "
+                f"bursts of {settings.rate_limit_burst}); retry in {retry} s",
+                detail={"retry_after_s": retry, "action": action},
+                headers={"Retry-After": str(retry)},
+            )
+
+    return check
+

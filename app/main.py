@@ -1,6 +1,10 @@
 """The FastAPI application: ``uvicorn app.main:app`` (settings from the environment) or
 ``create_app(settings)``.
 
+The app's lifespan builds its one runtime (app/runtime.py: database, broker client and dispatcher, storage,
+key cache, rate limits) on ``app.state.runtime``, and the long-poll watcher on ``app.state.watcher``; it
+closes both at shutdown. Routes reach them through app/deps.py.
+
 OpenAPI docs at ``/docs``; errors in one JSON shape (app/errors.py); request metrics and the body size
 limit in one pure-ASGI middleware (app/metrics.py).
 """
@@ -16,9 +20,9 @@ from fastapi import FastAPI
 
 from app import errors, openapi
 from app.config import Settings, get_settings
-from app.db import configure_pool
 from app.metrics import MetricsAndLimits
 from app.routes import files, health, jobs, policies, usage
+from app.runtime import Runtime
 from app.watch import JobWatcher, drain_on_signals
 
 DESCRIPTION = """
@@ -35,18 +39,22 @@ Every error is `{"error": {"code", "message", "detail"}}`.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    # Threads that run route code, and one pooled connection for each (app/deps.py, app/db.py).
-    configure_pool(settings.api_threads, settings.db_pool_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Threads that run route code, and one pooled connection for each (app/deps.py, app/db.py).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        undo = drain_on_signals(app.state.watcher)
+        runtime = app.state.runtime = Runtime.for_api(settings)
+        watcher = app.state.watcher = JobWatcher(runtime.db.read_sessions)
+        undo = drain_on_signals(watcher)
         try:
             yield
         finally:
             undo()
-            await app.state.watcher.close()
+            await watcher.close()
+            # Off the loop: the dispatcher may still be publishing its last batch.
+            await anyio.to_thread.run_sync(runtime.close)
+            del app.state.runtime, app.state.watcher
 
     app = FastAPI(
         title="HiPP-Prune",
@@ -55,8 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=errors.SafeJSONResponse,
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.watcher = JobWatcher(settings.resolved_database_url)
+    app.state.settings = settings  # read-only configuration; the runtime built from it lives in the lifespan
     errors.install(app)
     for module in (jobs, policies, health, files, usage):
         app.include_router(module.router)

@@ -6,6 +6,10 @@ fails (broker down, process killed between the two), the relay (``relay_pending`
 ``hipp serve`` start) publishes it again. A queued job whose message was lost (a broker restarted without
 persistence) is re-published ``HIPP_REQUEUE_AFTER_S`` after its enqueue. A job delivered twice is harmless:
 the worker claims it with a conditional UPDATE and the second delivery finds nothing to claim.
+
+Nothing here is cached per process: the publishing client (``make_celery_client``) and the ``Dispatcher`` are
+built once by the API's runtime (app/runtime.py). Functions that publish take that client as ``broker``; without
+one (callers that hold no runtime) they build a client for the call and close it after.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -65,21 +70,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-_clients: dict[str, Celery] = {}
+def make_celery_client(settings: Settings) -> Celery:
+    """A publishing-only Celery app for the settings' broker (the API never imports the worker's code)."""
+    app = Celery("hipp-api", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
 
 
-def celery_client(settings: Settings) -> Celery:
-    """A publishing-only Celery app (one per broker URL and process)."""
-    ident = settings.resolved_broker_url + str(settings.broker_dir)
-    if ident not in _clients:
-        app = Celery("hipp-api", set_as_current=False)
-        app.conf.update(celery_config(settings))
-        _clients[ident] = app
-    return _clients[ident]
+@contextmanager
+def broker_or_temporary(settings: Settings, broker: Celery | None) -> Iterator[Celery]:
+    """``broker`` itself, or a client built for this call and closed after it (its pooled connections)."""
+    if broker is not None:
+        yield broker
+        return
+    temporary = make_celery_client(settings)
+    try:
+        yield temporary
+    finally:
+        temporary.close()
 
 
-def publish(settings: Settings, job_id: uuid.UUID) -> None:
-    celery_client(settings).send_task(RUN_JOB, args=[str(job_id)], queue=settings.gpu_queue)
+def publish(settings: Settings, job_id: uuid.UUID, broker: Celery | None = None) -> None:
+    with broker_or_temporary(settings, broker) as client:
+        client.send_task(RUN_JOB, args=[str(job_id)], queue=settings.gpu_queue)
 
 
 def fair_subset(session: Session, settings: Settings, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
@@ -116,21 +129,27 @@ def fair_subset(session: Session, settings: Settings, job_ids: list[uuid.UUID]) 
     return out
 
 
-def dispatch(settings: Settings, factory: sessionmaker[Session], job_ids: Iterable[uuid.UUID]) -> int:
-    """Publish committed jobs (as many as the per-tenant fair share allows, see ``fair_subset``) and mark
-    them enqueued (one UPDATE for the batch). Returns how many."""
+def dispatch(
+    settings: Settings, factory: sessionmaker[Session], job_ids: Iterable[uuid.UUID], broker: Celery | None = None
+) -> int:
+    """Publish committed jobs (as many as the per-tenant fair share allows, see ``fair_subset``) through
+    ``broker`` (default: a client for this call) and mark them enqueued (one UPDATE for the batch). Returns
+    how many."""
     ids = list(job_ids)
     if settings.max_waiting_per_tenant > 0 and ids:
         with factory() as session:
             ids = fair_subset(session, settings, ids)
+    if not ids:
+        return 0
     sent: list[uuid.UUID] = []
-    for job_id in ids:
-        try:
-            publish(settings, job_id)
-        except Exception as exc:  # the relay will retry; the request already succeeded
-            log.warning("could not enqueue job %s (%s); the relay will retry", job_id, exc)
-            continue
-        sent.append(job_id)
+    with broker_or_temporary(settings, broker) as client:
+        for job_id in ids:
+            try:
+                publish(settings, job_id, client)
+            except Exception as exc:  # the relay will retry; the request already succeeded
+                log.warning("could not enqueue job %s (%s); the relay will retry", job_id, exc)
+                continue
+            sent.append(job_id)
     if sent:
         with factory() as session:
             if session.get_bind().dialect.name == "postgresql":
@@ -152,12 +171,14 @@ def dispatch(settings: Settings, factory: sessionmaker[Session], job_ids: Iterab
 
 class Dispatcher:
     """Publishes jobs off the request path: routes hand over committed job ids and return at once; one
-    thread per process drains them in batches. Ids lost with the process are re-sent by the relay."""
+    thread (per runtime) drains them in batches through ``broker``. Ids lost with the process are re-sent by
+    the relay."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], broker: Celery) -> None:
         self.settings = settings
         self.factory = factory
-        self.pending: queue.Queue[uuid.UUID] = queue.Queue()
+        self.broker = broker
+        self.pending: queue.Queue[uuid.UUID | None] = queue.Queue()  # None: stop
         self.linger_s = 0.02
         self.thread = threading.Thread(target=self._loop, name="hipp-dispatcher", daemon=True)
         self.thread.start()
@@ -167,21 +188,34 @@ class Dispatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = [self.pending.get()]
-            # Linger briefly so that under load one transaction marks many jobs enqueued.
-            deadline = time.monotonic() + self.linger_s
-            while len(batch) < 100:
+            batch, stop = self._next_batch()
+            if batch:
                 try:
-                    batch.append(self.pending.get(timeout=max(deadline - time.monotonic(), 0.0)))
-                except queue.Empty:
-                    break
+                    dispatch(self.settings, self.factory, batch, self.broker)
+                except Exception as exc:
+                    log.warning("dispatch of %d jobs failed (%s); the relay will retry", len(batch), exc)
+            for _ in range(len(batch) + stop):
+                self.pending.task_done()
+            if stop:
+                return
+
+    def _next_batch(self) -> tuple[list[uuid.UUID], bool]:
+        """The ids handed over next (at most 100), and whether ``close`` asked the thread to stop."""
+        first = self.pending.get()
+        if first is None:  # ``close``: no more ids
+            return [], True
+        batch = [first]
+        # Linger briefly so that under load one transaction marks many jobs enqueued.
+        deadline = time.monotonic() + self.linger_s
+        while len(batch) < 100:
             try:
-                dispatch(self.settings, self.factory, batch)
-            except Exception as exc:
-                log.warning("dispatch of %d jobs failed (%s); the relay will retry", len(batch), exc)
-            finally:
-                for _ in batch:
-                    self.pending.task_done()
+                more = self.pending.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if more is None:
+                return batch, True
+            batch.append(more)
+        return batch, False
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything handed over so far is published (tests, shutdown)."""
@@ -190,44 +224,37 @@ class Dispatcher:
             time.sleep(0.01)
         return not self.pending.unfinished_tasks
 
-
-_dispatchers: dict[str, Dispatcher] = {}
-_dispatch_lock = threading.Lock()
-
-
-def get_dispatcher(settings: Settings, factory: sessionmaker[Session]) -> Dispatcher:
-    ident = settings.resolved_broker_url + str(settings.broker_dir) + settings.gpu_queue + str(id(factory))
-    with _dispatch_lock:
-        if ident not in _dispatchers:
-            _dispatchers[ident] = Dispatcher(settings, factory)
-        return _dispatchers[ident]
-
-
-_check_engines: dict[str, Any] = {}
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what was handed over (up to ``timeout``), then stop the thread."""
+        self.pending.put(None)
+        self.thread.join(timeout)
 
 
 def still_queued(settings: Settings, job_id: str) -> bool:
     """Whether a delivered job can still be claimed (queued, attempts left). The worker's main process asks
-    before handing a message to its pool, so a cancelled or finished job costs no child process. Unpooled
-    connections (the pool children are forked from this process). True when the database cannot say."""
+    before handing a message to its pool, so a cancelled or finished job costs no child process. One unpooled
+    connection for the question (the pool children are forked from this process; messages come at the rate
+    of jobs). True when the database cannot say."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    url = settings.resolved_database_url
+    engine = create_engine(settings.resolved_database_url, poolclass=NullPool)
     try:
-        if url not in _check_engines:
-            _check_engines[url] = create_engine(url, poolclass=NullPool)
-        with _check_engines[url].connect() as conn:
+        with engine.connect() as conn:
             row = conn.execute(
                 select(Job.status, Job.attempt, Job.max_attempts).where(Job.id == uuid.UUID(str(job_id)))
             ).first()
     except Exception as exc:
         log.warning("could not check job %s before running it (%s); running it", job_id, exc)
         return True
+    finally:
+        engine.dispose()
     return row is not None and row.status == JobStatus.queued.value and row.attempt < row.max_attempts
 
 
-def relay_pending(settings: Settings, factory: sessionmaker[Session], min_age_s: float | None = None) -> int:
+def relay_pending(
+    settings: Settings, factory: sessionmaker[Session], min_age_s: float | None = None, broker: Celery | None = None
+) -> int:
     """Re-publish queued jobs that were committed but never marked enqueued, and queued jobs enqueued more
     than ``HIPP_REQUEUE_AFTER_S`` ago (their message may have been lost with a broker restart; a duplicate
     is harmless: only one delivery can claim the job)."""
@@ -245,4 +272,4 @@ def relay_pending(settings: Settings, factory: sessionmaker[Session], min_age_s:
                 )
             )
         )
-    return dispatch(settings, factory, ids)
+    return dispatch(settings, factory, ids, broker)

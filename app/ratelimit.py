@@ -6,24 +6,21 @@ in the API process (each API process counts on its own). Beyond it: 429 ``rate_l
 Together with the active-job quota (app/services/jobs.py), the fair publishing order (app/queue.py) and the
 worker dropping cancelled jobs before they cost a process (worker/tasks.py), one tenant cannot starve the
 others by submitting and cancelling in a loop.
+
+The buckets live in the API's runtime (app/runtime.py); the route dependency that takes a token is
+``app.deps.rate_limit``.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Annotated
-
-from fastapi import Depends
-
-from app.deps import CurrentTenant, SettingsDep
-from app.errors import ApiError
 
 
 class TokenBuckets:
+    """A token bucket per (action, tenant). Bounded: cleared past 100,000 buckets."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, uuid.UUID], tuple[float, float]] = {}  # (tokens, at)
@@ -46,29 +43,3 @@ class TokenBuckets:
     def clear(self) -> None:
         with self._lock:
             self._buckets.clear()
-
-
-buckets = TokenBuckets()
-
-
-def rate_limit(action: str) -> Callable[..., Awaitable[None]]:
-    async def check(who: CurrentTenant, settings: SettingsDep) -> None:
-        if settings.rate_limit_per_minute <= 0:
-            return
-        wait = buckets.take(action, who.tenant_id, settings.rate_limit_per_minute, settings.rate_limit_burst)
-        if wait > 0:
-            retry = max(1, math.ceil(wait))
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"too many {action} requests for this tenant (limit {settings.rate_limit_per_minute:g} per minute, "
-                f"bursts of {settings.rate_limit_burst}); retry in {retry} s",
-                detail={"retry_after_s": retry, "action": action},
-                headers={"Retry-After": str(retry)},
-            )
-
-    return check
-
-
-SubmitRateLimit = Annotated[None, Depends(rate_limit("submit"))]
-CancelRateLimit = Annotated[None, Depends(rate_limit("cancel"))]

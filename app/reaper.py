@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +28,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import Event, Job, JobStatus, utcnow
 from app.queue import dispatch
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from app.storage import Storage
 
 log = logging.getLogger("hipp.reaper")
 
@@ -42,8 +47,12 @@ class Reaped:
         return {"requeued": len(self.requeued), "failed": len(self.failed), "cancelled": len(self.cancelled)}
 
 
-def reap_stale(settings: Settings, factory: sessionmaker[Session]) -> Reaped:
-    """Re-queue, fail or cancel every running/cancelling job whose lease has expired."""
+def reap_stale(
+    settings: Settings, factory: sessionmaker[Session], broker: Celery | None = None, storage: Storage | None = None
+) -> Reaped:
+    """Re-queue, fail or cancel every running/cancelling job whose lease has expired. Re-queued jobs are
+    published through ``broker``, stage outputs of ended ones deleted from ``storage`` (defaults: built for
+    this call from ``settings``)."""
     now = utcnow()
     out = Reaped()
     with factory() as s:
@@ -94,13 +103,14 @@ def reap_stale(settings: Settings, factory: sessionmaker[Session]) -> Reaped:
                     s.add(Event(job_id=row.id, message=f"job {target.value}"))
         s.commit()
     if out.requeued:
-        dispatch(settings, factory, out.requeued)
+        dispatch(settings, factory, out.requeued, broker)
     if out.failed or out.cancelled:
         from app.retention import delete_stage_outputs
-        from app.storage import get_storage
+        from app.storage import open_storage
 
+        store = storage or open_storage(settings)
         for job_id in [*out.failed, *out.cancelled]:  # no retry will resume them
-            delete_stage_outputs(get_storage(settings), factory, job_id)
+            delete_stage_outputs(store, factory, job_id)
     if rows:
         log.warning("reaper: %s", out.as_dict())
     return out

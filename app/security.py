@@ -2,8 +2,8 @@
 
 A key reads ``hipp_<prefix>_<secret>``: the prefix finds the row, the SHA-256 of the whole key is compared in
 constant time. Keys carry 256 bits of randomness, so a fast hash is the right tool (nothing to brute-force).
-Verified keys are cached in-process for ``HIPP_API_KEY_CACHE_S`` seconds, so polling does not cost a query;
-a revoked key stops working within that window.
+Verified keys are cached in-process for ``HIPP_API_KEY_CACHE_S`` seconds (a ``KeyCache``, one per API runtime,
+app/runtime.py), so polling does not cost a query; a revoked key stops working within that window.
 
 Local artifacts are served through HMAC-SHA256 signed URLs that carry their expiry.
 """
@@ -58,6 +58,8 @@ class Principal:
 
 
 class KeyCache:
+    """Verified keys by hash, each until its expiry (monotonic clock). Bounded: cleared past 10,000 keys."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, tuple[float, Principal]] = {}
@@ -81,16 +83,15 @@ class KeyCache:
             self._items.clear()
 
 
-key_cache = KeyCache()
+def cached_principal(cache: KeyCache, key: str) -> Principal | None:
+    return cache.get(hash_key(key))
 
 
-def cached_principal(key: str) -> Principal | None:
-    return key_cache.get(hash_key(key))
-
-
-def verify_api_key(session: Session, key: str, cache_ttl: float) -> Principal | None:
+def verify_api_key(session: Session, key: str, cache: KeyCache, cache_ttl: float) -> Principal | None:
+    """The key's principal (from ``cache``, else from the database, then cached for ``cache_ttl`` s), or None
+    for a malformed, unknown or revoked key."""
     key_hash = hash_key(key)
-    cached = key_cache.get(key_hash)
+    cached = cache.get(key_hash)
     if cached is not None:
         return cached
     prefix = split_key(key)
@@ -104,7 +105,7 @@ def verify_api_key(session: Session, key: str, cache_ttl: float) -> Principal | 
     if row is None or not hmac.compare_digest(row[0].key_hash, key_hash):
         return None
     principal = Principal(tenant_id=row[0].tenant_id, tenant_name=row[1], key_id=row[0].id)
-    key_cache.put(key_hash, principal, cache_ttl)
+    cache.put(key_hash, principal, cache_ttl)
     return principal
 
 

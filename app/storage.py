@@ -306,24 +306,14 @@ class S3Storage:
         self.client.head_bucket(Bucket=self.bucket)
 
 
-_cache: dict[tuple[Any, ...], Storage] = {}
+def open_storage(settings: Settings) -> Storage:
+    """The store ``settings`` describe, as a new object (boto3 clients are thread-safe: build one per process
+    and share it, as the API's runtime does)."""
+    if settings.storage == "s3":
+        return S3Storage(settings)
+    return LocalStorage(settings.resolved_storage_dir, settings.resolved_signing_secret, settings.public_url)
 
 
 def get_storage(settings: Settings) -> Storage:
-    """One storage object per process and configuration (boto3 clients are thread-safe)."""
-    ident = (
-        settings.storage,
-        str(settings.resolved_storage_dir),
-        settings.s3_bucket,
-        settings.s3_prefix,
-        settings.s3_endpoint_url,
-        settings.public_url,
-    )
-    if ident not in _cache:
-        if settings.storage == "s3":
-            _cache[ident] = S3Storage(settings)
-        else:
-            _cache[ident] = LocalStorage(
-                settings.resolved_storage_dir, settings.resolved_signing_secret, settings.public_url
-            )
-    return _cache[ident]
+    """``open_storage``, under the name callers without a runtime (the worker pipeline, tests) use."""
+    return open_storage(settings)

@@ -23,8 +23,8 @@ from typing import Any
 
 import anyio
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import read_session_factory
 from app.models import Job
 
 log = logging.getLogger("hipp.api")
@@ -50,8 +50,11 @@ def matches(if_none_match: str | None, tag: str) -> bool:
 
 
 class JobWatcher:
-    def __init__(self, database_url: str, tick_s: float = TICK_S) -> None:
-        self.url = database_url
+    """The API's long-poll watcher (one per app, on ``app.state.watcher``); reads jobs with ``read_sessions``
+    (the runtime's autocommit sessions)."""
+
+    def __init__(self, read_sessions: sessionmaker[Session], tick_s: float = TICK_S) -> None:
+        self.read_sessions = read_sessions
         self.tick_s = tick_s
         self.draining = False
         self._waiters: dict[uuid.UUID, list[tuple[str, asyncio.Event]]] = {}
@@ -82,7 +85,7 @@ class JobWatcher:
 
     def _read(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         out: dict[uuid.UUID, str] = {}
-        with read_session_factory(self.url)() as session:
+        with self.read_sessions() as session:
             for i in range(0, len(ids), 500):
                 rows = session.execute(select(Job.id, *VERSION_COLUMNS).where(Job.id.in_(ids[i : i + 500])))
                 for row in rows:

@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
-from app.deps import DbRoute, SessionDep, SettingsDep, StorageDep
+from app.deps import BrokerDep, DbRoute, SessionDep, SettingsDep, StorageDep
 from app.errors import ApiError, error_body
 from app.metrics import JOB_REGISTRY, JOBS_BY_STATUS, OLDEST_QUEUED
 from app.models import Job, JobStatus
-from app.queue import celery_client
 from app.schemas import Health
 
 router = APIRouter(tags=["health"], route_class=DbRoute)
@@ -29,7 +28,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"description": "A dependency is down"}})
-def readyz(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> Response:
+def readyz(session: SessionDep, broker: BrokerDep, storage: StorageDep) -> Response:
     """Database, broker and storage all answer."""
     checks: dict[str, str] = {}
     try:
@@ -38,7 +37,7 @@ def readyz(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> R
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}: {exc}"[:300]
     try:
-        with celery_client(settings).connection_for_write() as conn:
+        with broker.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         checks["broker"] = "ok"
     except Exception as exc:

@@ -5,18 +5,27 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 from fastapi.responses import RedirectResponse
 from sqlalchemy import delete
 
 from app import watch
-from app.db import session_factory
-from app.deps import CurrentTenant, DbRoute, ReadSessionDep, SessionDep, SettingsDep, StorageDep, run_db
+from app.deps import (
+    CurrentTenant,
+    DbRoute,
+    DispatcherDep,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantLocksDep,
+    WatcherDep,
+    rate_limit,
+    run_db,
+)
 from app.errors import ApiError
 from app.metrics import JOBS_SUBMITTED
 from app.models import TERMINAL, Job, JobStatus
-from app.queue import get_dispatcher
-from app.ratelimit import rate_limit
 from app.retention import FINISHED, delete_job_files
 from app.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page, PlanOut
 from app.services import jobs as service
@@ -33,17 +42,19 @@ def submit_job(
     body: JobCreate,
     session: SessionDep,
     settings: SettingsDep,
+    locks: TenantLocksDep,
+    dispatcher: DispatcherDep,
     who: CurrentTenant,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Job:
     """Queue a pruning job. Poll ``GET /jobs/{id}``; a repeated ``Idempotency-Key`` returns the same job."""
-    job, created = service.create_job(session, settings, who, body, idempotency_key)
+    job, created = service.create_job(session, settings, locks, who, body, idempotency_key)
     response.headers["Location"] = f"/jobs/{job.id}"
     if created:
         JOBS_SUBMITTED.inc()
         # Enqueue only after the row is committed (create_job commits); the relay covers a failed publish.
-        get_dispatcher(settings, session_factory(settings.resolved_database_url)).submit(job.id)
+        dispatcher.submit(job.id)
     else:
         response.status_code = status.HTTP_200_OK
     return job
@@ -68,10 +79,10 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut, responses={304: {"description": "Unchanged (If-None-Match)"}})
 async def get_job(
     job_id: uuid.UUID,
-    request: Request,
     response: Response,
     session: ReadSessionDep,
     settings: SettingsDep,
+    watcher: WatcherDep,
     who: CurrentTenant,
     wait: Annotated[
         float,
@@ -94,7 +105,7 @@ async def get_job(
     tag = watch.job_etag(job)
     unchanged = not if_none_match or watch.matches(if_none_match, tag)  # since the state the client has
     if wait > 0 and unchanged and job.status not in TERMINAL_STATES:
-        await request.app.state.watcher.wait(job.id, tag, wait)
+        await watcher.wait(job.id, tag, wait)
         job = await run_db(session, service.get_job, session, who, job_id)
         tag = watch.job_etag(job)
     if watch.matches(if_none_match, tag):

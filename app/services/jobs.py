@@ -32,9 +32,15 @@ def request_hash(body: JobCreate) -> str:
 
 
 def create_job(
-    session: Session, settings: Settings, who: Principal, body: JobCreate, idempotency_key: str | None
+    session: Session,
+    settings: Settings,
+    locks: TenantLocks,
+    who: Principal,
+    body: JobCreate,
+    idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Insert a queued job. Returns (job, created); ``created`` is False for an idempotent replay."""
+    """Insert a queued job (the tenant's submissions serialized by ``locks``). Returns (job, created);
+    ``created`` is False for an idempotent replay."""
     model = check_model_ref(body.model, settings)
     digest = request_hash(body)
     if idempotency_key is not None:
@@ -43,7 +49,7 @@ def create_job(
         existing = _by_idempotency_key(session, who, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
-    with tenant_write_lock(session, who):
+    with locks.hold(session, who):
         return _insert(session, settings, who, body, model, digest, idempotency_key)
 
 
@@ -83,28 +89,31 @@ def _insert(
     return job, True
 
 
-_sqlite_locks: dict[uuid.UUID, threading.Lock] = {}
-_sqlite_locks_guard = threading.Lock()
+class TenantLocks:
+    """Serializes one tenant's submissions from the quota check to the commit of the INSERT (one per API
+    runtime, app/runtime.py).
 
+    Postgres: a transaction-scoped advisory lock (taken in ``check_quota``); nothing here. SQLite: the write
+    lock taken up front (``BEGIN IMMEDIATE``, so a second submission waits instead of counting the same active
+    jobs), plus a per-tenant lock in this process for drivers that already opened the transaction."""
 
-@contextmanager
-def tenant_write_lock(session: Session, who: Principal) -> Iterator[None]:
-    """Serialize one tenant's submissions from the quota check to the commit of the INSERT.
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[uuid.UUID, threading.Lock] = {}
 
-    Postgres: a transaction-scoped advisory lock (taken in ``check_quota``). SQLite: the write lock taken up
-    front (``BEGIN IMMEDIATE``, so a second submission waits instead of counting the same active jobs), plus a
-    per-tenant lock in this process for drivers that already opened the transaction."""
-    if session.get_bind().dialect.name != "sqlite":
-        yield
-        return
-    with _sqlite_locks_guard:
-        lock = _sqlite_locks.setdefault(who.tenant_id, threading.Lock())
-    with lock:
-        conn = session.connection()
-        raw = conn.connection.dbapi_connection
-        if raw is not None and not getattr(raw, "in_transaction", True):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        yield
+    @contextmanager
+    def hold(self, session: Session, who: Principal) -> Iterator[None]:
+        if session.get_bind().dialect.name != "sqlite":
+            yield
+            return
+        with self._guard:
+            lock = self._locks.setdefault(who.tenant_id, threading.Lock())
+        with lock:
+            conn = session.connection()
+            raw = conn.connection.dbapi_connection
+            if raw is not None and not getattr(raw, "in_transaction", True):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield
 
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)

@@ -136,9 +136,7 @@ def api(fault_settings: Settings) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.security import key_cache
 
-    key_cache.clear()
     with TestClient(create_app(fault_settings)) as c:
         yield c
 

@@ -55,9 +55,6 @@ def run_schemathesis(app: Any, tenant_key: str, cases: int) -> None:
         status_code_conformance,
     )
 
-    from app.security import key_cache
-
-    key_cache.clear()
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [op.ok() for op in schema.get_all_operations()]
     assert len(operations) >= 10, [o.label for o in operations]
@@ -163,9 +160,7 @@ def test_schemathesis_stateful_job_lifecycle(stack_settings: Settings, tenant_ke
     )
 
     from app.main import create_app
-    from app.security import key_cache
 
-    key_cache.clear()
     app = create_app(stack_settings.model_copy(update={"max_active_jobs_per_tenant": 0, "rate_limit_per_minute": 0}))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     calls: dict[str, int] = {}

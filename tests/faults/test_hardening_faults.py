@@ -45,16 +45,14 @@ def test_cancelled_jobs_are_dropped_without_a_worker_child(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from app.db import session_factory
     from app.main import create_app
-    from app.queue import get_dispatcher
 
     queue = fault_settings.gpu_queue + "-d"
     settings = fault_settings.model_copy(update={"max_waiting_per_tenant": 0, "gpu_queue": queue})
     n = 12
     with TestClient(create_app(settings)) as api:
         ids = [api.post("/jobs", json=BODY, headers=auth(tenant_key)).json()["id"] for _ in range(n)]
-        assert get_dispatcher(settings, session_factory(settings.resolved_database_url)).flush()
+        assert api.app.state.runtime.dispatcher.flush()
         for job_id in ids:  # queued -> cancelled at once; their messages stay in the broker
             assert api.post(f"/jobs/{job_id}/cancel", headers=auth(tenant_key)).json()["status"] == "cancelled"
     worker = gpu_worker(settings, tmp_path / "worker.log").start()

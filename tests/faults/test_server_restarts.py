@@ -159,7 +159,7 @@ def test_postgres_restart_gives_503_then_recovers(fault_settings: Settings) -> N
     from app.db import dispose_all, session_scope
     from app.main import create_app
     from app.migrate import upgrade
-    from app.security import create_api_key, key_cache
+    from app.security import create_api_key
 
     pg = OwnPostgres()
     try:
@@ -168,7 +168,6 @@ def test_postgres_restart_gives_503_then_recovers(fault_settings: Settings) -> N
         with session_scope(pg.url) as s:
             key, _ = create_api_key(s, "pg-restart", "test")
         settings = fault_settings.model_copy(update={"database_url": pg.url})
-        key_cache.clear()
         with TestClient(create_app(settings), raise_server_exceptions=False) as api:
             body = {"model": "tiny-llava", "preference": {"utility": 1}}
             r = api.post("/jobs", json=body, headers=auth(key))
@@ -181,7 +180,7 @@ def test_postgres_restart_gives_503_then_recovers(fault_settings: Settings) -> N
                 r = api.request(method, path, headers=auth(key), json=body if method == "POST" else None)
                 assert r.status_code == 503, (method, path, r.status_code, r.text)
                 assert r.json()["error"]["code"] == "database_unavailable" and r.headers["Retry-After"]
-            key_cache.clear()  # an uncached key needs the database too: still 503, never 500 or 401
+            api.app.state.runtime.keys.clear()  # an uncached key needs the database too: still 503, never 500 or 401
             assert api.get(f"/jobs/{job_id}", headers=auth(key)).status_code == 503
             assert api.get("/readyz").status_code == 503
             assert api.get("/healthz").status_code == 200

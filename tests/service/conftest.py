@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, make_url, text
 from app.config import Settings
 from app.db import dispose_all, session_scope
 from app.migrate import upgrade
-from app.security import create_api_key, key_cache
+from app.security import create_api_key
 
 PG_URL = os.environ.get("HIPP_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("HIPP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -140,7 +140,6 @@ def client(stack_settings: Settings):  # type: ignore[no-untyped-def]
 
     from app.main import create_app
 
-    key_cache.clear()
     with TestClient(create_app(stack_settings)) as c:
         yield c
 

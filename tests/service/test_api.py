@@ -109,16 +109,34 @@ def test_malformed_json_and_unknown_route_use_the_error_shape(client, tenant_key
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
+
+def test_each_app_has_its_own_runtime_and_closes_it_at_shutdown(stack_settings: Settings, tenant_key: str) -> None:
+    """No state shared between two apps of one process (database pool, key cache, dispatcher); at shutdown
+    an app publishes what its dispatcher holds and stops it."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.security import hash_key
+
+    with TestClient(create_app(stack_settings)) as a, TestClient(create_app(stack_settings)) as b:
+        ra, rb = a.app.state.runtime, b.app.state.runtime
+        assert ra.db.engine is not rb.db.engine and ra.broker is not rb.broker
+        assert a.get("/jobs", headers=auth(tenant_key)).status_code == 200
+        assert ra.keys.get(hash_key(tenant_key)) is not None and rb.keys.get(hash_key(tenant_key)) is None
+        job_id = submit(a, tenant_key).json()["id"]
+        dispatcher = ra.dispatcher
+    assert not dispatcher.thread.is_alive()
+    with session_scope(stack_settings.resolved_database_url) as s:
+        job = s.get(Job, uuid.UUID(job_id))
+        assert job is not None and job.enqueued_at is not None
+
 # --- jobs --------------------------------------------------------------------------------------------------
 def test_submit_commits_then_enqueues(client, tenant_key, stack_settings: Settings) -> None:  # type: ignore[no-untyped-def]
     r = submit(client, tenant_key)
     assert r.status_code == 201
     job = r.json()
     assert job["status"] == "queued" and job["attempt"] == 0 and r.headers["Location"] == f"/jobs/{job['id']}"
-    from app.db import session_factory
-    from app.queue import get_dispatcher
-
-    assert get_dispatcher(stack_settings, session_factory(stack_settings.resolved_database_url)).flush()
+    assert client.app.state.runtime.dispatcher.flush()
     with session_scope(stack_settings.resolved_database_url) as s:
         row = s.get(Job, uuid.UUID(job["id"]))
         assert row is not None and row.enqueued_at is not None

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.migrate import upgrade
 from app.models import Job
-from app.security import create_api_key, key_cache
+from app.security import create_api_key
 from tests.service.conftest import auth
 
 GOOD: dict[str, Any] = {"model": "tiny-llava", "preference": {"utility": 0.5, "robustness": 0.3, "compression": 0.2}}
@@ -43,7 +43,6 @@ def sqlite_api(tmp_path: Path) -> Iterator[tuple[Any, str, Settings]]:
     upgrade(settings.resolved_database_url)
     with session_scope(settings.resolved_database_url) as s:
         key, _ = create_api_key(s, "sqlite-tenant")
-    key_cache.clear()
     with TestClient(create_app(settings)) as c:
         yield c, key, settings
 
@@ -217,7 +216,6 @@ def test_quota_holds_on_sqlite_under_parallel_submits(tmp_path: Path) -> None:
     upgrade(settings.resolved_database_url)
     with session_scope(settings.resolved_database_url) as s:
         key, _ = create_api_key(s, "quota")
-    key_cache.clear()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -264,6 +262,41 @@ def test_sqlite_database_file_is_private(sqlite_api) -> None:  # type: ignore[no
         other = Path(str(path) + suffix)
         if other.exists():
             assert stat.S_IMODE(os.stat(other).st_mode) & 0o077 == 0, suffix
+
+
+def test_a_new_engine_on_an_open_sqlite_file_keeps_the_open_connections_fresh(tmp_path: Path) -> None:
+    """Building a second engine on a SQLite file this process has open (each API runtime builds its own)
+    must not drop this process's locks on it: another process's last close would then take the WAL away
+    and the open connections would read a stale snapshot for good (jobs seen queued forever)."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from app.db import Database
+
+    path = tmp_path / "x.db"
+    first = Database(f"sqlite:///{path}")
+    with first.scope() as s:
+        s.execute(text("CREATE TABLE t (v INTEGER)"))
+        s.execute(text("INSERT INTO t VALUES (1)"))
+    with first.read_sessions() as s:  # the connection stays open in the pool
+        assert s.scalar(text("SELECT v FROM t")) == 1
+    second = Database(f"sqlite:///{path}")
+    # Another process writes and closes (the last connection, had this process lost its locks), then a third
+    # writes and stays connected while this process reads.
+    write = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('UPDATE t SET v = v + 1'); c.commit()"
+    subprocess.run([sys.executable, "-c", write + "; c.close()", str(path)], check=True, timeout=60)
+    stay = write + "; print('ok', flush=True); sys.stdin.read(); c.close()"
+    writer = subprocess.Popen([sys.executable, "-c", stay, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == b"ok"
+        with first.read_sessions() as s:
+            assert s.scalar(text("SELECT v FROM t")) == 3
+    finally:
+        writer.communicate(timeout=60)
+    first.dispose()
+    second.dispose()
 
 
 def test_metrics_without_auth_do_not_show_job_counts(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
@@ -381,7 +414,7 @@ def test_fair_order_publishes_one_waiting_job_per_tenant(stack_settings: Setting
 
     from app.db import session_factory
     from app.main import create_app
-    from app.queue import get_dispatcher, relay_pending
+    from app.queue import relay_pending
 
     queue = f"fair-{uuid.uuid4().hex[:6]}"
     settings = stack_settings.model_copy(update={"max_waiting_per_tenant": 1, "gpu_queue": queue})
@@ -392,7 +425,7 @@ def test_fair_order_publishes_one_waiting_job_per_tenant(stack_settings: Setting
     with TestClient(create_app(settings)) as c:
         a_ids = [c.post("/jobs", json=GOOD, headers=auth(a)).json()["id"] for _ in range(4)]
         b_ids = [c.post("/jobs", json=GOOD, headers=auth(b)).json()["id"] for _ in range(1)]
-        assert get_dispatcher(settings, factory).flush()
+        assert c.app.state.runtime.dispatcher.flush()
 
     def enqueued(ids: list[str]) -> list[bool]:
         with session_scope(settings.resolved_database_url) as s:

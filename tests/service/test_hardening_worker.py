@@ -17,7 +17,6 @@ from sqlalchemy import select, update
 from app.config import Settings
 from app.db import session_factory, session_scope
 from app.models import Event, Job, JobStatus, Policy
-from app.security import key_cache
 from tests.service.conftest import auth
 
 GOOD: dict[str, Any] = {
@@ -48,7 +47,6 @@ def api(hub_settings: Settings) -> Iterator[Any]:
 
     from app.main import create_app
 
-    key_cache.clear()
     with TestClient(create_app(hub_settings)) as c:
         yield c
 

@@ -22,8 +22,6 @@ import pytest
 from sqlalchemy import event
 
 from app.config import Settings
-from app.db import get_engine
-from app.security import key_cache
 from tests.service.conftest import auth, free_port
 
 CLI = [sys.executable, "-m", "worker.cli"]
@@ -39,17 +37,13 @@ def small_app(stack_settings: Settings) -> Iterator[tuple[object, Settings]]:
     from app.main import create_app
 
     settings = stack_settings.model_copy(update={"api_threads": 2, "db_pool_timeout_s": 0.5, "api_key_cache_s": 0})
-    key_cache.clear()
     with TestClient(create_app(settings)) as c:
         yield c, settings
-    from app.db import configure_pool
-
-    configure_pool(stack_settings.api_threads, stack_settings.db_pool_timeout_s)  # back to the defaults
 
 
 def test_one_connection_per_request_and_none_held_while_waiting(small_app, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
     client, settings = small_app
-    engine = get_engine(settings.resolved_database_url)
+    engine = client.app.state.runtime.db.engine
     in_use = 0
     peak = 0
     lock = threading.Lock()
@@ -92,7 +86,7 @@ def test_one_connection_per_request_and_none_held_while_waiting(small_app, tenan
 def test_an_exhausted_pool_is_a_503_with_retry_after(small_app, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
     client, settings = small_app
     job = client.post("/jobs", json=BODY, headers=auth(tenant_key)).json()["id"]
-    engine = get_engine(settings.resolved_database_url)
+    engine = client.app.state.runtime.db.engine
     held = [engine.connect() for _ in range(engine.pool.size() + engine.pool._max_overflow)]  # type: ignore[attr-defined]
     try:
         r = client.get(f"/jobs/{job}", headers=auth(tenant_key))
