@@ -50,6 +50,13 @@ def tiny_qwen25():
     return load_model("tiny-qwen2.5-vl")
 
 
+@pytest.fixture
+def tiny_qwen2():
+    from worker.hipp.models.loading import load_model
+
+    return load_model("tiny-qwen2-vl")
+
+
 def calibration_batch(loaded, n: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
     from worker.hipp.data.calibration import iter_batches, synthetic_samples
 

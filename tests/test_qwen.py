@@ -1,4 +1,5 @@
-"""Qwen2.5-VL / Qwen2-VL: GQA-aware masks and surgery, image tokens and mRoPE inputs, portable export.
+"""Qwen2.5-VL / Qwen2-VL particulars: image tokens and mRoPE inputs, portable export with the processor.
+Masks and surgery are checked for every family in test_surgery.py.
 
 The tiny built-ins keep the family's particulars: 8 query heads over 2 KV heads, q/k/v biases, multimodal
 RoPE, a processor that expands <|image_pad|> per image_grid_thw and returns mm_token_type_ids.
@@ -14,12 +15,11 @@ import textwrap
 import pytest
 import torch
 
+from tests.surgery_checks import logits
 from worker.hipp.checkpoint.export import PLAN_FILE, export_pruned
 from worker.hipp.data.calibration import _keep_tail, iter_batches, synthetic_samples
-from worker.hipp.errors import PlanError
 from worker.hipp.models.loading import LoadedModel, load_model
-from worker.hipp.pruning.masking import apply_masks
-from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.plan import PruningPlan
 from worker.hipp.pruning.planner import build_plan
 from worker.hipp.pruning.surgery import apply_plan
 
@@ -29,39 +29,13 @@ def qwen25() -> LoadedModel:
     return load_model("tiny-qwen2.5-vl")
 
 
-@pytest.fixture
-def qwen2() -> LoadedModel:
-    return load_model("tiny-qwen2-vl")
-
-
 def batch(loaded: LoadedModel, n: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
     return next(iter_batches(loaded, synthetic_samples(n, seed=seed), batch_size=n))
-
-
-def logits(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return loaded.model(**inputs).logits
-
-
-def assert_mask_equals_surgery(loaded: LoadedModel, plan: PruningPlan, inputs: dict[str, torch.Tensor]) -> None:
-    dense = logits(loaded, inputs)
-    with apply_masks(loaded.adapter, plan):
-        masked = logits(loaded, inputs)
-    assert torch.equal(logits(loaded, inputs), dense), "masks must be fully removed on exit"
-    apply_plan(loaded.adapter, plan)
-    sliced = logits(loaded, inputs)
-    assert (masked - sliced).abs().max().item() <= 1e-5
-    assert (dense - sliced).abs().max().item() > 1e-3, "the plan must change the model"
 
 
 def make_plan(loaded: LoadedModel, sparsity: float, criterion: str) -> PruningPlan:
     # Eight calibration prompts are plenty for a 4-layer model and keep the suite fast.
     return build_plan(loaded, sparsity, criterion, samples=synthetic_samples(8, seed=1))
-
-
-def first_layer_plan(loaded: LoadedModel, layer0: LayerPlan) -> PruningPlan:
-    g = geometry_of(loaded.adapter)
-    return PruningPlan(g, [layer0] + [LayerPlan.dense(s) for s in g.layers[1:]])
 
 
 # --- adapter and inputs ------------------------------------------------------------------------------
@@ -156,58 +130,6 @@ def test_attention_weights_reach_image_tokens(qwen25):
         assert weights.shape[:2] == (2, 8)
         mass = (weights.mean(1)[:, last_query] * image).sum(-1)
         assert bool((mass > 0).all()) and bool((mass < 1).all())
-
-
-# --- masks and surgery -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("criterion", ["magnitude", "wanda-sp"])
-def test_mask_and_surgery_give_same_logits(qwen25, criterion):
-    inputs = batch(qwen25)
-    plan = make_plan(qwen25, 0.4, criterion)
-    assert_mask_equals_surgery(qwen25, plan, inputs)
-    for layer, lp in zip(qwen25.adapter.layers(), plan.layers, strict=True):
-        assert layer.num_heads == len(lp.heads) and layer.num_kv_heads == len(lp.kv_heads)
-        assert layer.q_proj.bias is not None and layer.q_proj.bias.shape == (layer.q_proj.out_features,)
-        assert layer.k_proj.bias is not None and layer.k_proj.bias.shape == (layer.k_proj.out_features,)
-        assert layer.attention.num_key_value_groups == len(lp.heads) // len(lp.kv_heads)
-    assert qwen25.adapter.total_parameters() == plan.geometry.total_parameters - plan.removed_parameters()
-
-
-def test_qwen2_vl_mask_and_surgery_give_same_logits(qwen2):
-    assert qwen2.adapter.family == "qwen2_vl"
-    assert_mask_equals_surgery(qwen2, make_plan(qwen2, 0.4, "wanda-sp"), batch(qwen2))
-
-
-def test_query_heads_pruned_inside_gqa_groups(qwen25):
-    # 8 query heads over 2 KV heads: keep 2 of the 4 query heads in each group.
-    width = qwen25.adapter.layer_shapes()[0].intermediate_size
-    plan = first_layer_plan(qwen25, LayerPlan((1, 3, 4, 6), (0, 1), tuple(range(0, width, 2))))
-    assert_mask_equals_surgery(qwen25, plan, batch(qwen25))
-    layer = qwen25.adapter.layer(0)
-    assert (layer.num_heads, layer.num_kv_heads, layer.attention.num_key_value_groups) == (4, 2, 2)
-    assert layer.k_proj.out_features == 2 * layer.head_dim
-
-
-def test_whole_kv_group_removed(qwen25):
-    width = qwen25.adapter.layer_shapes()[0].intermediate_size
-    plan = first_layer_plan(qwen25, LayerPlan((4, 5, 6, 7), (1,), tuple(range(width))))
-    assert_mask_equals_surgery(qwen25, plan, batch(qwen25))
-    layer = qwen25.adapter.layer(0)
-    assert (layer.num_heads, layer.num_kv_heads, layer.attention.num_key_value_groups) == (4, 1, 4)
-    assert layer.v_proj.bias is not None and layer.v_proj.bias.shape == (layer.head_dim,)
-
-
-def test_unequal_query_heads_per_group_are_refused(qwen25):
-    with pytest.raises(PlanError, match="same number of query heads"):
-        first_layer_plan(qwen25, LayerPlan((0, 1, 2, 4), (0, 1), (0, 1))).validate()
-
-
-def test_plans_keep_gqa_groups_valid(qwen25):
-    plan = make_plan(qwen25, 0.6, "magnitude")
-    for lp in plan.layers:
-        per_group = {sum(1 for h in lp.heads if h // 4 == g) for g in lp.kv_heads}
-        assert len(per_group) == 1 and lp.kv_heads
 
 
 # --- export ------------------------------------------------------------------------------------------

@@ -1,75 +1,91 @@
-"""Masks and surgery apply the same plan: same logits; surgery really shrinks the modules."""
+"""Masks and surgery apply the same plan: same logits; surgery really shrinks the modules. One test per
+behaviour, parameterized over the model families (LLaVA with GQA, MHA and o/MLP biases; Qwen2.5-VL and Qwen2-VL
+with q/k/v biases and mRoPE)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.surgery_checks import assert_mask_equals_surgery, every_other_kv_group, first_layer_plan, half_of_each_group
+from worker.hipp.data.calibration import synthetic_samples
 from worker.hipp.errors import PlanError
 from worker.hipp.models.adapters.base import LayerShape
-from worker.hipp.pruning.masking import apply_masks
-from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.plan import LayerPlan, PruningPlan
 from worker.hipp.pruning.planner import build_plan
 from worker.hipp.pruning.surgery import apply_plan
 
-
-def logits(loaded, batch):
-    with torch.no_grad():
-        return loaded.model(**batch).logits
+FAMILIES = ["tiny_gqa", "tiny_mha", "tiny_bias", "tiny_qwen25", "tiny_qwen2"]
+GQA = ["tiny_gqa", "tiny_qwen25"]  # query heads grouped over fewer KV heads
 
 
-def assert_mask_equals_surgery(loaded, plan, batch):
-    dense = logits(loaded, batch)
-    with apply_masks(loaded.adapter, plan):
-        masked = logits(loaded, batch)
-    assert torch.equal(logits(loaded, batch), dense), "masks must be fully removed on exit"
-    apply_plan(loaded.adapter, plan)
-    sliced = logits(loaded, batch)
-    assert (masked - sliced).abs().max().item() <= 1e-5
-    assert (dense - sliced).abs().max().item() > 1e-3, "the plan must change the model"
-    return sliced
+def make_plan(loaded, sparsity: float, criterion: str) -> PruningPlan:
+    # Eight calibration prompts are plenty for these 2-4-layer models and keep the suite fast.
+    return build_plan(loaded, sparsity, criterion, samples=synthetic_samples(8, seed=1))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha", "tiny_bias"])
+@pytest.mark.parametrize("fixture", FAMILIES)
 @pytest.mark.parametrize("criterion", ["magnitude", "wanda-sp"])
 def test_mask_and_surgery_give_same_logits(request, fixture, criterion, batch_for):
     loaded = request.getfixturevalue(fixture)
-    batch = batch_for(loaded)
-    plan = build_plan(loaded, 0.4, criterion)
-    assert_mask_equals_surgery(loaded, plan, batch)
+    plan = make_plan(loaded, 0.4, criterion)
+    assert_mask_equals_surgery(loaded, plan, batch_for(loaded))
     for layer, lp in zip(loaded.adapter.layers(), plan.layers, strict=True):
         assert layer.num_heads == len(lp.heads)
         assert layer.num_kv_heads == len(lp.kv_heads)
         assert layer.intermediate_size == len(lp.channels)
         assert layer.attention.num_key_value_groups == len(lp.heads) // len(lp.kv_heads)
+        for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj):
+            assert proj.bias is None or proj.bias.shape == (proj.out_features,)
     assert loaded.adapter.total_parameters() == plan.geometry.total_parameters - plan.removed_parameters()
 
 
-def custom_plan(loaded, layer0: LayerPlan) -> PruningPlan:
-    g = geometry_of(loaded.adapter)
-    return PruningPlan(g, [layer0] + [LayerPlan.dense(s) for s in g.layers[1:]])
+@pytest.mark.parametrize("fixture", GQA)
+def test_whole_kv_groups_removed(request, fixture, batch_for):
+    loaded = request.getfixturevalue(fixture)
+    shape: LayerShape = loaded.adapter.layer_shapes()[0]
+    layer0 = every_other_kv_group(shape)
+    assert_mask_equals_surgery(loaded, first_layer_plan(loaded, layer0), batch_for(loaded))
+    layer = loaded.adapter.layer(0)
+    assert (layer.num_heads, layer.num_kv_heads) == (len(layer0.heads), len(layer0.kv_heads))
+    assert layer.attention.num_key_value_groups == shape.group_size
+    assert layer.v_proj.out_features == len(layer0.kv_heads) * layer.head_dim
+    assert layer.v_proj.bias is None or layer.v_proj.bias.shape == (layer.v_proj.out_features,)
 
 
-def test_whole_kv_group_removed(tiny_gqa, batch_for):
-    # 8 query heads over 4 KV heads: drop KV groups 0 and 2 entirely.
-    shape: LayerShape = tiny_gqa.adapter.layer_shapes()[0]
-    plan = custom_plan(tiny_gqa, LayerPlan((2, 3, 6, 7), (1, 3), tuple(range(shape.intermediate_size))))
-    assert_mask_equals_surgery(tiny_gqa, plan, batch_for(tiny_gqa))
-    layer = tiny_gqa.adapter.layer(0)
-    assert (layer.num_heads, layer.num_kv_heads) == (4, 2)
+@pytest.mark.parametrize("fixture", GQA)
+def test_query_heads_pruned_inside_every_kv_group(request, fixture, batch_for):
+    loaded = request.getfixturevalue(fixture)
+    shape: LayerShape = loaded.adapter.layer_shapes()[0]
+    layer0 = half_of_each_group(shape)
+    assert_mask_equals_surgery(loaded, first_layer_plan(loaded, layer0), batch_for(loaded))
+    layer = loaded.adapter.layer(0)
+    assert (layer.num_heads, layer.num_kv_heads) == (shape.num_heads // 2, shape.num_kv_heads)
+    assert layer.attention.num_key_value_groups == shape.group_size // 2
+    assert layer.k_proj.out_features == shape.num_kv_heads * layer.head_dim
+    assert layer.intermediate_size == len(layer0.channels)
 
 
-def test_equal_query_heads_removed_per_group(tiny_gqa, batch_for):
-    # Keep one query head in every KV group (the second of groups 0,1 and the first of groups 2,3).
-    shape = tiny_gqa.adapter.layer_shapes()[0]
-    plan = custom_plan(tiny_gqa, LayerPlan((1, 3, 4, 6), (0, 1, 2, 3), tuple(range(shape.intermediate_size))))
-    assert_mask_equals_surgery(tiny_gqa, plan, batch_for(tiny_gqa))
-    layer = tiny_gqa.adapter.layer(0)
-    assert (layer.num_heads, layer.num_kv_heads, layer.attention.num_key_value_groups) == (4, 4, 1)
+@pytest.mark.parametrize("fixture", GQA)
+def test_unequal_query_heads_per_group_are_refused(request, fixture):
+    loaded = request.getfixturevalue(fixture)
+    shape: LayerShape = loaded.adapter.layer_shapes()[0]
+    # Group 0 keeps all its query heads, group 1 one fewer.
+    heads = tuple(range(2 * shape.group_size - 1))
+    with pytest.raises(PlanError, match="same number of query heads"):
+        first_layer_plan(loaded, LayerPlan(heads, (0, 1), (0, 1))).validate()
+
+
+@pytest.mark.parametrize("fixture", GQA)
+def test_plans_keep_gqa_groups_valid(request, fixture):
+    loaded = request.getfixturevalue(fixture)
+    group = loaded.adapter.layer_shapes()[0].group_size
+    for lp in make_plan(loaded, 0.6, "magnitude").layers:
+        per_group = {sum(1 for h in lp.heads if h // group == g) for g in lp.kv_heads}
+        assert len(per_group) == 1 and lp.kv_heads
 
 
 def test_layer_with_all_mlp_channels_removed(tiny_mha, batch_for):
-    plan = custom_plan(tiny_mha, LayerPlan((0, 5), (0, 5), ()))
+    plan = first_layer_plan(tiny_mha, LayerPlan((0, 5), (0, 5), ()))
     assert_mask_equals_surgery(tiny_mha, plan, batch_for(tiny_mha))
     assert tiny_mha.adapter.layer(0).down_proj.in_features == 0
 
