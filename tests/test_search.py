@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -54,6 +55,14 @@ def test_train_store_and_query_a_policy(tiny_gqa, data, tmp_path):
         assert c.evaluation.objectives.compression == pytest.approx(c.plan.sparsity / 0.8)
     # Each plan was scored in the policy's mode, passed per call: the shared evaluator's own mode is untouched.
     assert setup.evaluator.mode == ScoringMode(s_max=0.6, target_sparsity=None)
+
+    # Plans the policy builds at an MLP-width multiple carry the rounding's cost, as planner plans do.
+    rounded = sample_plans(dataclasses.replace(setup, mlp_multiple=8), stored, [0.1, 0.8, 0.1], samples=1,
+                           target=0.4, seed=0)
+    for c in rounded:
+        assert all(len(lp.channels) % 8 == 0 for lp in c.plan.layers)
+        cost = c.plan.meta["rounding"]
+        assert cost["mlp_multiple"] == 8 and cost["removed"] == c.plan.removed_parameters()
 
 
 def test_cli_policy_train_and_plan(data, tmp_path, capsys):

@@ -34,6 +34,7 @@ from worker.hipp.pruning.criteria import LayerScores
 from worker.hipp.pruning.layer_counts import counts_from_ratios
 from worker.hipp.pruning.plan import PruningPlan, dense_layer_parameters
 from worker.hipp.pruning.planner import select_units
+from worker.hipp.pruning.rounding import rounding_cost
 
 
 @dataclass
@@ -282,7 +283,10 @@ class PruningEnvironment:
         budget = min(max(budget, 0.0), 0.95)
         counts = counts_from_ratios(self.geometry, ratios, budget, self.mlp_multiple)
         layers = [select_units(s, c, sc) for s, c, sc in zip(self.geometry.layers, counts, self.scores, strict=True)]
-        plan = PruningPlan(self.geometry, layers, self.mlp_multiple, dict(meta or {}))
+        meta = dict(meta or {})
+        if self.mlp_multiple > 1:
+            meta["rounding"] = rounding_cost(self.geometry, ratios, budget, counts, self.mlp_multiple).to_dict()
+        plan = PruningPlan(self.geometry, layers, self.mlp_multiple, meta)
         plan.validate()
         return plan
 

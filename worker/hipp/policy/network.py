@@ -13,7 +13,7 @@ allocation. ``log p(plan) = log Beta(u) + log Dirichlet(pi)`` in closed form, as
 terms are also returned apart (:meth:`HippPolicy.log_prob_parts`) so the trainer can clip each head's ratio alone.
 
 Ratios follow as ``r_l = s * P * pi_l / P_l`` (``P`` prunable parameters), projected by water-filling onto
-``[r_min, r_max]`` so the removed parameters still equal the budget exactly; ``allocation.counts_from_ratios``
+``[r_min, r_max]`` so the removed parameters still equal the budget exactly; ``layer_counts.counts_from_ratios``
 then makes them feasible unit counts. The ``flat`` variant (an ablation) samples one Beta ratio per layer.
 """
 
