@@ -28,7 +28,7 @@ from worker.hipp.pruning.baselines.flap import (
     standardize,
     wifv,
 )
-from worker.hipp.pruning.bias_compensation import compensation_bias, fold_bias, mean_replacement
+from worker.hipp.pruning.bias_compensation import BiasCompensation, compensation_bias, fold_bias, mean_replacement
 from worker.hipp.pruning.criteria import LayerScores
 from worker.hipp.pruning.layer_counts import LayerCounts
 from worker.hipp.pruning.plan import ModelGeometry, PruningPlan
@@ -127,7 +127,7 @@ def test_compensation_bias_and_fold_on_a_hand_case():
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_bias", "tiny_qwen25"])
-def test_compensated_pruning_equals_mean_replacement(request, fixture, batch_for):
+def test_compensated_pruning_equals_mean_replacement(request, fixture, batch_for, tmp_path):
     loaded = request.getfixturevalue(fixture)
     batch = batch_for(loaded)
     from worker.hipp.data.calibration import synthetic_samples
@@ -139,7 +139,9 @@ def test_compensated_pruning_equals_mean_replacement(request, fixture, batch_for
         reference = loaded.model(**batch).logits
     with torch.no_grad():
         dense = loaded.model(**batch).logits
-    apply_plan(loaded.adapter, result.plan, result.compensation)
+    result.compensation.save(tmp_path / "means.safetensors")  # the replay path: plan JSON + saved means
+    apply_plan(loaded.adapter, PruningPlan.from_json(result.plan.to_json()),
+               BiasCompensation.load(tmp_path / "means.safetensors"))
     with torch.no_grad():
         pruned = loaded.model(**batch).logits
     assert (pruned - reference).abs().max().item() <= 1e-5

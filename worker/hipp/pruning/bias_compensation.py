@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +38,28 @@ class BiasCompensation:
     """The per-layer means a plan's compensation needs (one :class:`LayerMeans` per decoder layer)."""
 
     layers: tuple[LayerMeans, ...]
+
+    def save(self, path: str | Path) -> None:
+        """Write the means as safetensors (``<layer>.o_proj`` / ``<layer>.down_proj``, float64): with the plan's
+        JSON, a compensated plan replays without re-running calibration."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, means in enumerate(self.layers):
+            tensors[f"{i}.o_proj"] = means.o_proj.double().contiguous()
+            tensors[f"{i}.down_proj"] = means.down_proj.double().contiguous()
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> BiasCompensation:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        count = len(tensors) // 2
+        try:
+            return cls(tuple(LayerMeans(tensors[f"{i}.o_proj"], tensors[f"{i}.down_proj"]) for i in range(count)))
+        except KeyError as exc:
+            raise PlanError(f"{path} is not a bias compensation file: {exc} is missing") from None
 
     def check(self, plan: PruningPlan) -> None:
         """Raise :class:`PlanError` if the means do not have the plan's dense widths."""
