@@ -20,6 +20,7 @@ from worker.hipp.models.adapters.base import LayerShape
 from worker.hipp.pruning.allocators import ALLOCATORS, AllocationContext
 from worker.hipp.pruning.baselines.flap import (
     FLAP,
+    FlapScores,
     build_flap_plan,
     channel_statistics,
     flap_layer_scores,
@@ -67,8 +68,8 @@ def _tiny_geometry() -> ModelGeometry:
 
 
 SCORES = [
-    LayerScores(heads=torch.tensor([2.0, -1.0]), channels=torch.tensor([1.0, 0.5, 0.4, 0.3])),
-    LayerScores(heads=torch.tensor([1.5, 1.2]), channels=torch.tensor([-2.0, -1.5, -1.2, -0.9])),
+    FlapScores(heads=torch.tensor([2.0, -1.0]), channels=torch.tensor([1.0, 0.5, 0.4, 0.3])),
+    FlapScores(heads=torch.tensor([1.5, 1.2]), channels=torch.tensor([-2.0, -1.5, -1.2, -0.9])),
 ]
 
 
@@ -95,6 +96,9 @@ def test_flap_allocator_counts_follow_the_ranking_and_it_is_registered():
     assert ratios == pytest.approx([1 - 44 / 112, 1 - 64 / 112])
     with pytest.raises(OptionError):
         allocator.layer_counts(_tiny_geometry(), 0.5, AllocationContext(), 1)
+    raw = [LayerScores(s.heads, s.channels) for s in SCORES]  # e.g. wanda-sp's: not comparable across layers
+    with pytest.raises(OptionError, match="not another criterion"):
+        allocator.layer_counts(_tiny_geometry(), 0.5, AllocationContext(scores=raw), 1)
 
 
 def test_gqa_heads_are_ranked_as_whole_kv_groups_and_a_layer_keeps_one():

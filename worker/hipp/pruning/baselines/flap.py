@@ -154,15 +154,21 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / std
 
 
-def flap_layer_scores(o_metric: torch.Tensor, down_metric: torch.Tensor, head_dim: int) -> LayerScores:
+@dataclass
+class FlapScores(LayerScores):
+    """A layer's FLAP scores (standardized WIFV): the type :class:`FLAP` insists on, so that another
+    criterion's raw scores are never ranked across layers and unit types by mistake."""
+
+
+def flap_layer_scores(o_metric: torch.Tensor, down_metric: torch.Tensor, head_dim: int) -> FlapScores:
     """One layer's standardized scores from its per-channel WIFV: heads as the repository makes them (square,
     standardize over the layer's o_proj channels, mean over each head's ``head_dim`` block), MLP channels
     standardized over the layer."""
     attention = standardize(o_metric.double() ** 2)
-    return LayerScores(heads=attention.view(-1, head_dim).mean(dim=1), channels=standardize(down_metric))
+    return FlapScores(heads=attention.view(-1, head_dim).mean(dim=1), channels=standardize(down_metric))
 
 
-def flap_scores(loaded: LoadedModel, statistics: Sequence[FlapLayerStatistics]) -> list[LayerScores]:
+def flap_scores(loaded: LoadedModel, statistics: Sequence[FlapLayerStatistics]) -> list[FlapScores]:
     """Every layer's standardized FLAP scores (what :class:`FLAP` ranks)."""
     return [
         flap_layer_scores(wifv(st.o_proj.variance, la.o_proj.weight),
@@ -248,8 +254,9 @@ class FLAP(Allocator):
 
     def _plans(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext,
                mlp_multiple: int) -> list[LayerPlan]:
-        if context.scores is None:
-            raise OptionError("flap-paper allocation needs FLAP's standardized WIFV scores (flap_scores)")
+        if context.scores is None or not all(isinstance(s, FlapScores) for s in context.scores):
+            raise OptionError("flap-paper allocation needs FLAP's standardized WIFV scores (flap_scores), "
+                              "not another criterion's")
         return global_search(geometry, context.scores, sparsity, mlp_multiple)
 
     def layer_counts(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext,
@@ -271,7 +278,7 @@ class FlapResult:
 
     plan: PruningPlan
     compensation: BiasCompensation
-    scores: list[LayerScores]
+    scores: list[FlapScores]
 
 
 def build_flap_plan(
