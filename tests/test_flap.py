@@ -187,6 +187,7 @@ def test_compensated_export_reloads_in_plain_transformers_with_equal_logits(tiny
     layers = json.loads((out / "config.json").read_text())["hipp_layers"]
     assert [spec["o_proj_bias"] for spec in layers] == [len(lp.heads) < 8 for lp in result.plan.layers]
     assert [spec["down_proj_bias"] for spec in layers] == [len(lp.channels) < 128 for lp in result.plan.layers]
+    assert "bias compensation (FLAP)" in (out / "README.md").read_text()
     torch.save(dict(batch), tmp_path / "batch.pt")
     # -I: isolated mode, so only torch + transformers (and the export's own remote code) are used.
     run = subprocess.run([sys.executable, "-I", "-c", RELOAD, str(out)], capture_output=True, text=True,

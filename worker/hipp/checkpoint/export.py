@@ -232,6 +232,9 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
             f"- plan fingerprint: `{plan.fingerprint}`; criterion `{plan.meta.get('criterion')}`, "
             f"allocation `{plan.meta.get('allocation')}`",
             *([f"- {describe_rounding(s['rounding'])}"] if "rounding" in s else []),
+            *(["- bias compensation (FLAP): the removed heads' and channels' calibration means are folded into "
+               "o_proj / down_proj biases (`o_proj_bias` / `down_proj_bias` in `hipp_layers`)"]
+              if plan.meta.get("bias_compensation") else []),
             "", "| layer | query heads | KV heads | MLP width | layer sparsity |", "|---|---|---|---|---|",
         ]
         lines += [
