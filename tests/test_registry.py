@@ -71,9 +71,10 @@ def test_criteria_are_registered_and_built_by_name():
 
 
 def test_allocators_are_registered_and_built_by_name():
+    import worker.hipp.pruning.baselines.flap  # noqa: F401 (registers flap-paper; order-independent)
     from worker.hipp.pruning.allocators import ALLOCATORS, OWLAllocator, RandomAllocator, get_allocator
 
-    assert ALLOCATORS.names() == ["uniform", "owl", "flap", "random", "visual"]
+    assert ALLOCATORS.names() == ["uniform", "owl", "flap", "random", "visual", "flap-paper"]
     owl = get_allocator("owl", seed=9)
     assert isinstance(owl, OWLAllocator) and owl.lam == pytest.approx(0.08)
     random = get_allocator("random", seed=9)

@@ -69,10 +69,13 @@ def _base_classes(model: Any) -> tuple[str, str, str]:
     return base_class, getattr(transformers, base_class).config_class.__name__, base_type
 
 
-def layer_shape_records(adapter: ModelAdapter) -> list[dict[str, int]]:
+def layer_shape_records(adapter: ModelAdapter) -> list[dict[str, int | bool]]:
+    """Per decoder layer: its head counts and MLP width, and whether its o_proj / down_proj carry a bias (a
+    FLAP bias-compensated layer gains one the stock config does not declare; the remote code creates it)."""
     return [
         {"num_attention_heads": layer.num_heads, "num_key_value_heads": layer.num_kv_heads,
-         "intermediate_size": layer.intermediate_size}
+         "intermediate_size": layer.intermediate_size,
+         "o_proj_bias": layer.o_proj.bias is not None, "down_proj_bias": layer.down_proj.bias is not None}
         for layer in adapter.layers()
     ]
 
@@ -229,6 +232,9 @@ def model_card(base_type: str, plan: PruningPlan | None, metrics: dict[str, Any]
             f"- plan fingerprint: `{plan.fingerprint}`; criterion `{plan.meta.get('criterion')}`, "
             f"allocation `{plan.meta.get('allocation')}`",
             *([f"- {describe_rounding(s['rounding'])}"] if "rounding" in s else []),
+            *(["- bias compensation (FLAP): the removed heads' and channels' calibration means are folded into "
+               "o_proj / down_proj biases (`o_proj_bias` / `down_proj_bias` in `hipp_layers`)"]
+              if plan.meta.get("bias_compensation") else []),
             "", "| layer | query heads | KV heads | MLP width | layer sparsity |", "|---|---|---|---|---|",
         ]
         lines += [
@@ -295,6 +301,14 @@ def export_zero_padded(
     for layer, shape, lp in zip(adapter.layers(), plan.geometry.layers, plan.layers, strict=True):
         prefix = _module_prefix(model, layer.layer)
         state.update(_padded_layer_state(layer, shape, lp, prefix))
+    extra = sorted(set(state) - set(dense.state_dict()))
+    if extra:
+        # A FLAP bias-compensated o_proj / down_proj bias the stock config does not declare: refuse rather
+        # than drop the compensation.
+        raise OptionError(
+            f"{extra[0]} (bias compensation) has no place in the stock architecture; export this model in the "
+            "per-layer (remote code) format instead of zero-padded"
+        )
     dense.load_state_dict(state, strict=True, assign=True)
     for name, buffer in model.named_buffers():
         module_name, _, attr = name.rpartition(".")

@@ -2,6 +2,10 @@
 
 Query heads are reordered so that each kept KV head serves a contiguous block of its own kept query heads
 (the layout ``repeat_kv`` assumes). Nothing inside a head is sliced (RoPE pairs its dimensions).
+
+With a :class:`~worker.hipp.pruning.bias_compensation.BiasCompensation` (FLAP), the mean contribution of the
+removed o_proj / down_proj input channels is folded into those linears' biases before they are sliced
+(``bias_compensation.fold_layer``); the export records which layers gained a bias.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import nn
 
 from worker.hipp.errors import PlanError
 from worker.hipp.models.adapters.base import LayerAdapter, LayerShape, ModelAdapter
+from worker.hipp.pruning.bias_compensation import BiasCompensation, LayerMeans, fold_layer
 from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
 
 
@@ -35,7 +40,11 @@ def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torc
     linear.out_features, linear.in_features = weight.shape
 
 
-def prune_layer(layer: LayerAdapter, shape: LayerShape, lp: LayerPlan) -> None:
+def prune_layer(layer: LayerAdapter, shape: LayerShape, lp: LayerPlan, means: LayerMeans | None = None) -> None:
+    """Slice ``layer`` to ``lp``; with ``means``, fold the removed channels' mean contribution into the
+    o_proj / down_proj biases first (it needs the dense columns)."""
+    if means is not None:
+        fold_layer(layer, lp, means)
     d = shape.head_dim
     heads = _rows(lp.head_order(shape), d)
     kv = _rows(lp.kv_heads, d)
@@ -50,12 +59,15 @@ def prune_layer(layer: LayerAdapter, shape: LayerShape, lp: LayerPlan) -> None:
     slice_linear(layer.down_proj, cols=channels)
 
 
-def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> None:
-    """Slice the model behind ``adapter`` to ``plan``, in place. The model must be dense and match the plan."""
+def apply_plan(adapter: ModelAdapter, plan: PruningPlan, compensation: BiasCompensation | None = None) -> None:
+    """Slice the model behind ``adapter`` to ``plan``, in place. The model must be dense and match the plan.
+    ``compensation``: fold the removed channels' calibration means into o_proj / down_proj biases (FLAP)."""
     plan.validate()
+    if compensation is not None:
+        compensation.check(plan)
     current = geometry_of(adapter)
     if current.layers != plan.geometry.layers or current.hidden_size != plan.geometry.hidden_size:
         raise PlanError("the plan was made for a model of another shape (or this model is already pruned)")
-    for layer, shape, lp in zip(adapter.layers(), plan.geometry.layers, plan.layers, strict=True):
+    for i, (layer, shape, lp) in enumerate(zip(adapter.layers(), plan.geometry.layers, plan.layers, strict=True)):
         if lp != LayerPlan.dense(shape):
-            prune_layer(layer, shape, lp)
+            prune_layer(layer, shape, lp, compensation.layers[i] if compensation is not None else None)
