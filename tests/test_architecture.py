@@ -11,7 +11,7 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parent.parent / "worker" / "hipp"
 # Earlier rooms never import later ones.
 ROOMS = ["errors", "registry", "progress", "preference", "models", "data", "sensitivity", "pruning", "checkpoint",
-         "evaluation", "plots", "policy", "recovery", "testbed", "calibration_source"]
+         "evaluation", "plots", "policy", "recovery", "testbed", "calibration_source", "job"]
 
 
 def module_name(path: Path) -> str:

@@ -14,9 +14,11 @@ import os
 from typing import Any
 
 from celery import Celery
+from celery.platforms import set_pdeathsig
 from celery.signals import beat_embedded_init, worker_process_init
 
 from app.config import get_settings
+from app.db import dispose_all
 from app.queue import REAP, RELAY, RUN_JOB, SWEEP, celery_config
 
 settings = get_settings()
@@ -61,8 +63,6 @@ app = celery_app
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
     """A forked child must not share the parent's pooled database connections."""
-    from app.db import dispose_all
-
     dispose_all()
 
 
@@ -74,8 +74,6 @@ def _die_with_the_worker(**_: Any) -> None:
     """The beat of ``worker -B`` is a child process; Celery gives its pool children a parent-death signal but
     not beat, so a kill -9 of the worker left the scheduler running and a restart ran two. Beat now gets
     SIGKILL when the worker dies (and exits at once if the worker died before this ran)."""
-    from celery.platforms import set_pdeathsig
-
     set_pdeathsig("SIGKILL")
     if os.getppid() != _MAIN_PID:
         os._exit(0)

@@ -1,4 +1,5 @@
-"""Celery tasks. Thin: they hand over to worker/pipeline.py (which imports torch lazily, inside the task)."""
+"""Celery tasks. Thin: they hand over to the job pipeline (``worker.pipeline``) and the app's relay, reaper and
+retention sweep."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import logging
 from celery.worker.request import Request
 
 from app.config import get_settings
-from app.queue import REAP, RELAY, RUN_JOB, SWEEP
+from app.db import session_factory
+from app.queue import REAP, RELAY, RUN_JOB, SWEEP, still_queued
+from app.queue import relay_pending as relay
+from app.reaper import reap_stale as reap
+from app.retention import sweep
+from app.storage import get_storage
 from worker.celery_app import celery_app
+from worker.pipeline import run_job as run_pipeline
 
 log = logging.getLogger("hipp.tasks")
 
@@ -24,8 +31,6 @@ class JobRequest(Request):
         # its pool slot released); the per-task Request subclass Celery builds keeps this method.
         if super().revoked():
             return True
-        from app.queue import still_queued
-
         job_id = str(self.args[0]) if self.args else ""
         if job_id and not still_queued(get_settings(), job_id):
             log.info("job %s: nothing to claim (cancelled, finished or running elsewhere); dropped", job_id)
@@ -36,16 +41,11 @@ class JobRequest(Request):
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True, Request=JobRequest)
 def run_job(job_id: str) -> str:
-    from worker.pipeline import run_job as run
-
     settings = get_settings()
-    outcome = run(job_id, settings)
+    outcome = run_pipeline(job_id, settings)  # torch is imported there, in the pool's child, when a stage runs
     log.info("job %s: %s", job_id, outcome)
     if settings.max_waiting_per_tenant > 0:
         # Fair order: a tenant's held-back jobs are published as its earlier ones leave the broker.
-        from app.db import session_factory
-        from app.queue import relay_pending as relay
-
         try:
             relay(settings, session_factory(settings.resolved_database_url), min_age_s=0)
         except Exception as exc:  # beat's relay publishes them later
@@ -56,9 +56,6 @@ def run_job(job_id: str) -> str:
 @celery_app.task(name=RELAY, ignore_result=True)
 def relay_pending() -> int:
     """Publish jobs that were committed but never enqueued (the outbox relay)."""
-    from app.db import session_factory
-    from app.queue import relay_pending as relay
-
     settings = get_settings()
     return relay(settings, session_factory(settings.resolved_database_url))
 
@@ -66,9 +63,6 @@ def relay_pending() -> int:
 @celery_app.task(name=REAP, ignore_result=True)
 def reap_stale() -> dict[str, int]:
     """Re-queue (or fail, after the attempt cap) jobs whose worker stopped heartbeating."""
-    from app.db import session_factory
-    from app.reaper import reap_stale as reap
-
     settings = get_settings()
     return reap(settings, session_factory(settings.resolved_database_url)).as_dict()
 
@@ -76,9 +70,5 @@ def reap_stale() -> dict[str, int]:
 @celery_app.task(name=SWEEP, ignore_result=True)
 def retention_sweep() -> dict[str, int]:
     """Delete stage outputs of finished jobs and artifacts past their retention (app/retention.py)."""
-    from app.db import session_factory
-    from app.retention import sweep
-    from app.storage import get_storage
-
     settings = get_settings()
     return sweep(settings, session_factory(settings.resolved_database_url), get_storage(settings)).as_dict()

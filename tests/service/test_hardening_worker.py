@@ -117,7 +117,9 @@ def test_a_stored_policy_uri_outside_the_folders_is_not_probed(
 ) -> None:
     """A row from before the check (uri /etc): the worker neither looks there nor reports what it found."""
     from worker.hipp.models.loading import load_model
-    from worker.pipeline import JobContext, JobRun, claim, trained_policy
+    from worker.pipeline.context import JobContext
+    from worker.pipeline.run import JobRun, claim
+    from worker.pipeline.stages import trained_policy
 
     job_id = api.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
     job = job_row(hub_settings, job_id)
@@ -141,15 +143,16 @@ def test_a_stored_policy_uri_outside_the_folders_is_not_probed(
 def test_worker_errors_show_no_traceback_or_server_path(
     api, tenant_key: str, hub_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
 ) -> None:
-    import worker.pipeline as pipeline
+    from worker.pipeline import run_job
+    from worker.pipeline.stages import STAGE_FUNCS
 
     def broken_load(ctx: Any) -> Any:
         raise RuntimeError("cannot open /srv/hipp/secret/weights.bin: disk on fire")
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "load", broken_load)
+    monkeypatch.setitem(STAGE_FUNCS, "load", broken_load)
     job_id = api.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
     with caplog.at_level("ERROR", logger="hipp.pipeline"):
-        assert pipeline.run_job(job_id, hub_settings) == "failed"
+        assert run_job(job_id, hub_settings) == "failed"
     job = job_row(hub_settings, job_id)
     assert job.error is not None and "/srv/hipp" not in job.error["message"] and "<server path>" in job.error["message"]
     for e in events_of(hub_settings, job_id):
@@ -162,7 +165,8 @@ def test_worker_errors_show_no_traceback_or_server_path(
 def test_cancel_during_load_then_a_load_failure_ends_cancelled(
     api, tenant_key: str, hub_settings: Settings, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
 ) -> None:
-    import worker.pipeline as pipeline
+    from worker.pipeline import run_job
+    from worker.pipeline.stages import STAGE_FUNCS
 
     settings = hub_settings.model_copy(update={"max_attempts": 3})
     job_id = api.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
@@ -171,8 +175,8 @@ def test_cancel_during_load_then_a_load_failure_ends_cancelled(
         assert api.post(f"/jobs/{job_id}/cancel", headers=auth(tenant_key)).json()["status"] == "cancelling"
         raise RuntimeError("the load failed after the cancel")
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "load", cancelled_then_broken)
-    assert pipeline.run_job(job_id, settings) == "cancelled"
+    monkeypatch.setitem(STAGE_FUNCS, "load", cancelled_then_broken)
+    assert run_job(job_id, settings) == "cancelled"
     job = job_row(settings, job_id)
     assert job.status == JobStatus.cancelled.value and job.attempt == 1
 
@@ -185,7 +189,8 @@ def test_stage_outputs_are_deleted_when_the_job_ends(api, tenant_key: str, hub_s
     from app.models import utcnow
     from app.reaper import reap_stale
     from app.storage import get_storage
-    from worker.pipeline import JobRun, _finish, claim
+    from worker.pipeline.run import JobRun, claim
+    from worker.pipeline.runner import finish
 
     job_id = api.post("/jobs", json=GOOD, headers=auth(tenant_key)).json()["id"]
     storage = get_storage(hub_settings)
@@ -201,6 +206,6 @@ def test_stage_outputs_are_deleted_when_the_job_ends(api, tenant_key: str, hub_s
             s.execute(update(Job).where(Job.id == job.id).values(lease_expires_at=utcnow() - timedelta(seconds=5)))
         assert job.id in reap_stale(hub_settings, factory).failed
     else:
-        assert _finish(run, JobStatus(ending)) == ending
+        assert finish(run, JobStatus(ending)) == ending
     assert not storage.exists(key)
     assert job_row(hub_settings, job_id).stage_outputs == {}

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from worker.hipp.errors import OptionError
 from worker.hipp.models.export_options import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
 
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "float32 on a CPU and still exported as float16)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help="largest safetensors shard of the export, e.g. 5GB or 500MB")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N], or auto (the GPU when there is one)")
     p.add_argument("--zero-padded", action="store_true", help="also write a stock-architecture zero-padded copy")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true")
@@ -41,10 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    # The engine (and torch) load when a command runs, not when `hipp` builds its parser for every command.
     from worker.hipp.calibration_source import choose_calibration
     from worker.hipp.checkpoint.export import export_loaded, export_zero_padded
-    from worker.hipp.errors import OptionError
-    from worker.hipp.models.loading import dtype_name, load_model, resolve_dtype
+    from worker.hipp.job import export_dtype, resolve_device
+    from worker.hipp.models.loading import dtype_name, load_model
     from worker.hipp.progress import TqdmReporter
     from worker.hipp.pruning.criteria import get_criterion
     from worker.hipp.pruning.layer_counts import validate_sparsity
@@ -62,7 +64,7 @@ def run_prune(args: argparse.Namespace) -> int:
     reporter = TqdmReporter(enabled=not args.quiet)
     start = time.perf_counter()
     reporter.stage("load", args.model)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
     if args.plan:
         plan = PruningPlan.load(args.plan)
     else:
@@ -75,8 +77,7 @@ def run_prune(args: argparse.Namespace) -> int:
     apply_plan(loaded.adapter, plan)
     reporter.stage("export", str(out))
     card = {"source_model": args.model}
-    export_dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype)
-    export_loaded(loaded, out, plan=plan, card=card, metrics={"plan": plan.summary()}, dtype=export_dtype,
+    export_loaded(loaded, out, plan=plan, card=card, metrics={"plan": plan.summary()}, dtype=export_dtype(args.dtype),
                   max_shard_size=args.max_shard_size)
     if args.zero_padded:
         export_zero_padded(loaded.model, loaded.processor, loaded.adapter, plan, out / "zero_padded",
@@ -90,7 +91,6 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from worker.hipp.checkpoint.export import PLAN_FILE
-    from worker.hipp.errors import OptionError
     from worker.hipp.pruning.plan import PruningPlan
 
     path = Path(args.path)

@@ -1,0 +1,201 @@
+"""What a pruning run decides, one owner per decision: the entry points that ``hipp prune``, the benchmarks and
+the service's job pipeline (``worker/pipeline/``) share. The pipeline runs them and records what they return.
+
+- :func:`choose_plan`: which plan a preference gets. A trained policy's best non-dominated plan when there is
+  a policy (the one the caller found, else :func:`stored_policy`), else the baseline allocator's (uniform
+  allocation, Wanda-sp importance) at a sparsity that follows the compression weight
+  (:func:`baseline_sparsity`) or the caller's matched target.
+- :func:`measure`, :func:`pruned_metrics`, :func:`evaluate_on_world`: what is measured of a model (parameters,
+  fixed-prompt latency, POPE and ScienceQA-style accuracy) and on which data (the world's test benchmarks);
+  :func:`recover_on_world`: which conversations recovery trains on. Which images a model is calibrated on is
+  :mod:`worker.hipp.calibration_source`'s choice.
+- :func:`resolve_device`, :func:`export_dtype`: what ``auto`` means for the device and the export dtype.
+
+The last room: it may import every other room, and no room imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.evaluation.latency import prompt_latency
+from worker.hipp.evaluation.runner import evaluate
+from worker.hipp.models.decoding import device_name, latency_report
+from worker.hipp.models.export_options import AUTO
+from worker.hipp.models.loading import LoadedModel, resolve_dtype
+from worker.hipp.policy.search import pareto_front, prepare_search, sample_plans, testbed_search_set
+from worker.hipp.policy.store import StoredPolicy, policy_for_model
+from worker.hipp.preference import Preference
+from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.pruning.layer_counts import max_sparsity
+from worker.hipp.pruning.plan import PruningPlan, geometry_of
+from worker.hipp.pruning.planner import build_plan
+from worker.hipp.recovery.conversations import world_conversations
+from worker.hipp.recovery.training import RecoveryConfig, RecoveryResult, recover
+from worker.hipp.testbed.data import write_benchmarks
+
+#: Preference -> sparsity for the baseline allocator: no compression weight -> SPARSITY_MIN, all -> SPARSITY_MAX.
+SPARSITY_MIN, SPARSITY_MAX = 0.05, 0.6
+BASELINE_CRITERION, BASELINE_ALLOCATION = "wanda-sp", "uniform"
+#: Plans sampled from a policy per preference, besides its mean plan.
+POLICY_SAMPLES = 8
+#: Recovery sees each conversation about once in short runs and cycles through these in long ones.
+MAX_RECOVERY_CONVERSATIONS = 512
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU when there is one, else the CPU; any other name as given."""
+    if device != AUTO:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def export_dtype(name: str) -> torch.dtype | None:
+    """The dtype an export is written in; ``None`` for ``auto``: the source checkpoint's own."""
+    return None if name == AUTO else resolve_dtype(name)
+
+
+def parameter_count(loaded: LoadedModel) -> int:
+    return sum(p.numel() for p in loaded.model.parameters())
+
+
+# --- preference -> plan ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanChoice:
+    plan: PruningPlan
+    #: ``policy`` or ``baseline``.
+    source: str
+    #: Which policy made the plan, or why there was none.
+    detail: str
+    #: The policy's non-dominated plans (``chosen``, ``source``, ``plan`` summary, ``metrics``); empty for the
+    #: baseline.
+    considered: list[dict[str, Any]] = field(default_factory=list)
+
+
+def stored_policy(loaded: LoadedModel) -> tuple[StoredPolicy | None, str]:
+    """The newest policy in the store (shipped and user policies) trained for this exact model, and how it was
+    found or why there is none."""
+    stored = policy_for_model(loaded.adapter)
+    if stored is None:
+        return None, "no trained policy for this model"
+    return stored, f"stored policy {stored.id} trained for this model"
+
+
+def baseline_sparsity(preference: Preference, ceiling: float) -> float:
+    """Sparsity for the baseline allocator: linear in the compression weight, capped below the model's
+    ``ceiling`` (utility and robustness weights pull it towards ``SPARSITY_MIN``)."""
+    s = SPARSITY_MIN + (SPARSITY_MAX - SPARSITY_MIN) * preference.compression
+    return round(min(s, 0.95 * ceiling), 4)
+
+
+def baseline_plan(loaded: LoadedModel, preference: Preference, target_sparsity: float | None,
+                  samples: Sequence[CalibrationSample], reporter: Reporter = SILENT) -> PruningPlan:
+    """The baseline allocator's plan at ``target_sparsity`` (matched mode), else at the preference's
+    :func:`baseline_sparsity`."""
+    ceiling = max_sparsity(geometry_of(loaded.adapter))
+    if target_sparsity is not None:
+        sparsity, mode = target_sparsity, "matched (target_sparsity)"
+    else:
+        sparsity, mode = baseline_sparsity(preference, ceiling), "from preference (compression weight)"
+    reporter.log(f"target sparsity {sparsity:.3f} {mode}; the model's ceiling is {ceiling:.3f}")
+    return build_plan(loaded, sparsity, criterion=BASELINE_CRITERION, allocation=BASELINE_ALLOCATION,
+                      samples=samples, reporter=reporter)
+
+
+def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preference, target_sparsity: float | None,
+                 samples: Sequence[CalibrationSample], search_dir: Path, limit: int,
+                 reporter: Reporter = SILENT) -> tuple[PruningPlan, list[dict[str, Any]]]:
+    """The policy's mean plan and :data:`POLICY_SAMPLES` samples for ``preference``, scored on the world's
+    search split (``limit`` questions per split, files under ``search_dir``); the best non-dominated one (by
+    the preference-weighted return) is chosen. Returns it and the non-dominated plans."""
+    evalset = testbed_search_set(search_dir, limit=limit)
+    setup = prepare_search(loaded, evalset, samples, s_max=policy.policy.config.s_max, reporter=reporter)
+    candidates = sample_plans(setup, policy, preference.as_list(), samples=POLICY_SAMPLES, target=target_sparsity,
+                              reporter=reporter)
+    front = pareto_front(candidates) or candidates
+    best = max(front, key=lambda c: c.value)
+    considered = []
+    for c in front:
+        summary = c.summary()
+        metrics = summary.pop("metrics", {})
+        considered.append({"chosen": c is best, "source": "policy", "plan": summary, "metrics": metrics})
+    return best.plan, considered
+
+
+def choose_plan(loaded: LoadedModel, preference: Preference, target_sparsity: float | None,
+                samples: Sequence[CalibrationSample], policy: StoredPolicy | None, found: str, search_dir: Path,
+                limit: int, reporter: Reporter = SILENT) -> PlanChoice:
+    """The plan for ``preference``: ``policy``'s (``found`` says which it is, or why there is none) when there
+    is one, else the baseline allocator's. The plan's ``meta`` records ``source`` and ``source_detail``."""
+    if policy is not None:
+        reporter.log(f"planning with {found}")
+        plan, considered = policy_plans(loaded, policy, preference, target_sparsity, samples, search_dir, limit,
+                                        reporter)
+        choice = PlanChoice(plan, "policy", found, considered)
+    else:
+        plan = baseline_plan(loaded, preference, target_sparsity, samples, reporter)
+        choice = PlanChoice(plan, "baseline", f"{found}; baseline allocator ({BASELINE_ALLOCATION}, "
+                                              f"{BASELINE_CRITERION})")
+    plan.meta.update(source=choice.source, source_detail=choice.detail)
+    return choice
+
+
+# --- measurement ---------------------------------------------------------------------------------------------
+def evaluate_on_world(loaded: LoadedModel, bench_dir: Path, limit: int, reporter: Reporter = SILENT) -> dict[str, Any]:
+    """POPE and ScienceQA-style accuracy on the world's test benchmarks (written under ``bench_dir`` once,
+    ``limit`` questions per split), scored from first-token logits."""
+    if not (bench_dir / "scienceqa").exists():
+        write_benchmarks(bench_dir, pope_images=max(1, -(-limit // 6)), sqa_sizes={"test": limit})
+    return evaluate(loaded.model, loaded.processor, bench_dir / "pope", bench_dir / "scienceqa", limit=limit,
+                    batch_size=16, report=reporter)
+
+
+def measure(loaded: LoadedModel, bench_dir: Path | None, limit: int, reporter: Reporter = SILENT) -> dict[str, Any]:
+    """What is recorded of a dense model: ``parameters``, ``metrics`` (:func:`evaluate_on_world`, unless
+    ``bench_dir`` is None) and fixed-prompt ``latency``."""
+    measured: dict[str, Any] = {"parameters": parameter_count(loaded)}
+    if bench_dir is not None:
+        measured["metrics"] = evaluate_on_world(loaded, bench_dir, limit, reporter)
+    measured["latency"] = prompt_latency(loaded)
+    return measured
+
+
+def pruned_metrics(loaded: LoadedModel, plan: PruningPlan, dense: dict[str, Any]) -> dict[str, Any]:
+    """Parameters, decoder sparsity and FLOPs per token of a pruned model against its :func:`measure`-d dense
+    model, and its latency next to the dense one's (when that was timed)."""
+    summary, pruned = plan.summary(), parameter_count(loaded)
+    metrics: dict[str, Any] = {
+        "parameters": pruned,
+        "dense_parameters": dense["parameters"],
+        "parameter_reduction": round(1 - pruned / dense["parameters"], 6),
+        "decoder_sparsity": summary["sparsity"],
+        "flops_per_token": summary["flops_per_token"],
+        "dense_flops_per_token": summary["dense_flops_per_token"],
+    }
+    if "latency" in dense:
+        metrics["latency"] = latency_report(
+            dense["latency"], prompt_latency(loaded),
+            ideal_speedup=summary["dense_flops_per_token"] / summary["flops_per_token"],
+            device=device_name(loaded.device),
+        )
+    return metrics
+
+
+# --- recovery ------------------------------------------------------------------------------------------------
+def recover_on_world(loaded: LoadedModel, config: RecoveryConfig, teacher: LoadedModel | None = None,
+                     reporter: Reporter = SILENT) -> tuple[RecoveryResult, dict[str, Any]]:
+    """LoRA (or distillation from ``teacher``) recovery on the world's training conversations, merged back into
+    ``loaded``. Returns the outcome and its record for ``metrics.json``."""
+    count = MAX_RECOVERY_CONVERSATIONS
+    if config.steps is not None:
+        count = min(config.steps * config.batch_size, count)
+    outcome = recover(loaded, world_conversations(count, seed=0), config, teacher=teacher, reporter=reporter)
+    record = outcome.record(config, teacher=teacher.reference if teacher else None,
+                            data=f"world training split ({count} conversations)")
+    return outcome, record

@@ -1,0 +1,249 @@
+"""The stages: load -> sensitivity -> plan -> prune -> recover -> evaluate -> upload. Each calls the engine
+entry point that makes its decision (mostly ``worker.hipp.job``), saves its outputs (``outputs``) and writes
+its part of the result; none re-implements the engine. A stage whose engine part is not wanted raises
+``Skipped`` with the reason; results are never faked."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.config import Settings
+from app.errors import ApiError
+from app.modelrefs import check_policy_uri
+from app.models import STAGES, Policy
+from worker.hipp import job as engine
+from worker.hipp.calibration_source import choose_calibration
+from worker.hipp.checkpoint.export import export_loaded
+from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.errors import HippError
+from worker.hipp.models import builtin
+from worker.hipp.models.export_options import AUTO
+from worker.hipp.models.loading import LoadedModel, dtype_name, load_model
+from worker.hipp.policy.store import StoredPolicy, find_policy
+from worker.hipp.pruning.surgery import apply_plan
+from worker.hipp.recovery.training import RecoveryConfig
+from worker.hipp.sensitivity import compute_visual_sensitivity
+from worker.pipeline import outputs
+from worker.pipeline.context import JobContext
+from worker.pipeline.run import Skipped
+
+log = logging.getLogger("hipp.pipeline")
+
+CALIBRATION_SAMPLES = 16  # the API's default for calibration.samples
+
+
+# --- engine calls with the service's rules and the request's options ------------------------------------------
+def load(ctx: JobContext) -> LoadedModel:
+    """The job's model, on the worker's device, in the worker's dtype."""
+    with hub_ids_from_the_hub(ctx.job.model):
+        return load_model(ctx.job.model, dtype=ctx.settings.dtype, device=engine.resolve_device(ctx.settings.device))
+
+
+@contextmanager
+def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
+    """A reference that is neither a built-in name nor an absolute path (the API only lets folders under
+    ``HIPP_MODEL_DIRS`` through, as absolute paths) is a hub id: it is loaded in an empty directory, so an
+    ``org/name`` that happens to be a folder relative to the worker's directory is never read."""
+    if ref in builtin.BUILTINS or ref == "testbed" or Path(ref).is_absolute():
+        yield
+        return
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="hipp-hub-") as empty:
+        os.chdir(empty)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
+def calibration(ctx: JobContext, name: str, default: int) -> list[CalibrationSample]:
+    """The engine's calibration choice for the job's model, ``calibration.<name>`` images; a warning in the
+    result when they are not from the model's own distribution."""
+    choice = choose_calibration(ctx.job.model, int(ctx.option("calibration", name, default)))
+    ctx.result["calibration"] = {"source": choice.source, "warning": choice.warning}
+    return choice.samples
+
+
+def recovery_config(ctx: JobContext) -> RecoveryConfig | None:
+    """None when no recovery was requested (``recovery.steps`` = 0)."""
+    steps = int(ctx.option("recovery", "steps", 0))
+    if steps <= 0:
+        return None
+    return RecoveryConfig(method=ctx.option("recovery", "method", "lora"), steps=steps,
+                          max_seconds=ctx.option("recovery", "max_seconds", None),
+                          learning_rate=ctx.option("recovery", "learning_rate", None),
+                          batch_size=int(ctx.option("recovery", "batch_size", 4)))
+
+
+def export_options(ctx: JobContext) -> dict[str, Any]:
+    """``export_loaded``'s dtype (None: the source checkpoint's) and shard size (``max_shard_size_mb``)."""
+    return {"dtype": engine.export_dtype(ctx.option("export", "dtype", AUTO)),
+            "max_shard_size": int(float(ctx.option("export", "max_shard_size_mb", 5000)) * 1_000_000)}
+
+
+# --- the stages -------------------------------------------------------------------------------------------------
+def stage_load(ctx: JobContext) -> dict[str, Any]:
+    ctx.loaded = load(ctx)
+    ctx.result["device"] = str(ctx.loaded.device)
+    bench = None
+    if ctx.evaluation_enabled:
+        ctx.run.event("evaluating the dense model (baseline for the metrics)")
+        bench = ctx.work_dir / "benchmarks"
+    ctx.result["dense"] = engine.measure(ctx.loaded, bench, ctx.evaluation_limit, ctx.run)
+    return {"parameters": ctx.result["dense"]["parameters"], "adapter": type(ctx.loaded.adapter).__name__,
+            "device": ctx.result["device"]}
+
+
+def stage_sensitivity(ctx: JobContext) -> dict[str, Any]:
+    """Visual sensitivity per decoder layer (attention flow), saved with the job's stage outputs. The
+    baseline allocator does not consume it; a policy computes its own."""
+    samples = calibration(ctx, "sensitivity_samples", 8)
+    result = compute_visual_sensitivity(ctx.loaded, samples, batch_size=4, reporter=ctx.run)
+    outputs.save_json(ctx, "sensitivity", result.to_dict())
+    ctx.result["sensitivity"] = {"direct": result.direct, "increment": result.increment, "samples": result.samples}
+    return {"layers": result.num_layers, "samples": result.samples}
+
+
+def policy_uri_allowed(uri: str, settings: Settings) -> bool:
+    """The API's rule (app/modelrefs.py), checked again for rows registered before it existed."""
+    try:
+        check_policy_uri(uri, settings)
+    except ApiError:
+        return False
+    return True
+
+
+def trained_policy(ctx: JobContext) -> tuple[StoredPolicy | None, str]:
+    """A trained HiPP policy for this model, and how it was found (or why there is none): the tenant's newest
+    policy registered for this model reference (POST /policies; its ``uri`` is a policy directory, id or model
+    fingerprint) first, then the engine's store by the model's fingerprint."""
+    with ctx.run.factory() as s:
+        row = s.scalar(select(Policy).where(Policy.tenant_id == ctx.job.tenant_id, Policy.model == ctx.job.model)
+                       .order_by(Policy.created_at.desc()).limit(1))
+    if row is not None and row.uri and not policy_uri_allowed(row.uri, ctx.settings):
+        log.warning("job %s: registered policy %s has a uri outside HIPP_POLICY_DIRS: %s", ctx.job.id, row.id, row.uri)
+        ctx.run.event(f"registered policy {row.id} cannot be used (its uri is not allowed)", level="warning")
+        row = None
+    if row is not None and row.uri:
+        try:
+            return find_policy(row.uri), f"registered policy {row.id} ({row.name})"
+        except HippError as exc:
+            # The reason can name server paths: it goes to the worker's log, the tenant gets the fact.
+            log.warning("job %s: registered policy %s (%s) cannot be used: %s", ctx.job.id, row.id, row.uri, exc)
+            ctx.run.event(f"registered policy {row.id} cannot be used (no policy at its uri)", level="warning")
+    return engine.stored_policy(ctx.loaded)
+
+
+def stage_plan(ctx: JobContext) -> dict[str, Any]:
+    """The engine's plan for the job's preference (a trained policy's, else the baseline allocator's), saved
+    with the stage outputs; a retry reads it back instead."""
+    saved = outputs.saved_plan(ctx)
+    if saved is not None:
+        ctx.plan, plans = saved
+    else:
+        policy, found = trained_policy(ctx)
+        choice = engine.choose_plan(
+            ctx.loaded, ctx.preference, ctx.job.target_sparsity, calibration(ctx, "samples", CALIBRATION_SAMPLES),
+            policy, found, search_dir=ctx.work_dir / "search", limit=ctx.evaluation_limit, reporter=ctx.run)
+        ctx.plan, plans = choice.plan, choice.considered
+        ctx.plan.meta.update(preference=ctx.job.preference, job_id=str(ctx.job.id))
+        outputs.save_plan(ctx, plans)
+    source = ctx.plan.meta.get("source", "baseline")
+    summary = ctx.plan.summary()
+    summary.pop("layers", None)
+    chosen = {"fingerprint": ctx.plan.fingerprint, **summary, "meta": ctx.plan.meta}
+    ctx.result.update(plan_source=source, plan_source_detail=ctx.plan.meta.get("source_detail", ""),
+                      chosen_plan=chosen)
+    ctx.result["plans"] = plans or [{"chosen": True, "source": source, "plan": chosen, "metrics": {}}]
+    return {"fingerprint": ctx.plan.fingerprint, "sparsity": summary["sparsity"], "source": source}
+
+
+def stage_prune(ctx: JobContext) -> dict[str, Any]:
+    ctx.run.check()
+    apply_plan(ctx.loaded.adapter, ctx.plan)
+    params = engine.parameter_count(ctx.loaded)
+    ctx.result["pruned"] = {"parameters": params}
+    ctx.new_outputs["weights"] = outputs.save_weights(ctx, "prune")
+    return {"parameters": params, "removed": ctx.result["dense"]["parameters"] - params}
+
+
+def stage_recover(ctx: JobContext) -> dict[str, Any]:
+    """LoRA (or distillation from the dense model) recovery, merged back into the pruned model."""
+    config = recovery_config(ctx)
+    if config is None:
+        raise Skipped("no recovery requested (recovery.steps = 0)")
+    teacher = load(ctx) if config.needs_teacher else None
+    outcome, ctx.result["recovery"] = engine.recover_on_world(ctx.loaded, config, teacher, ctx.run)
+    ctx.run.check()  # a cancel that stopped the training early must not record recovered weights
+    ctx.new_outputs["weights"] = outputs.save_weights(ctx, "recover")
+    return {"steps": outcome.steps, "loss_last": ctx.result["recovery"]["loss_last"]}
+
+
+def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
+    ctx.result["metrics"] = engine.pruned_metrics(ctx.loaded, ctx.plan, ctx.result["dense"])
+    if not ctx.evaluation_enabled:
+        raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
+    evaluation = engine.evaluate_on_world(ctx.loaded, ctx.work_dir / "benchmarks", ctx.evaluation_limit, ctx.run)
+    ctx.result["metrics"]["evaluation"] = evaluation
+    if ctx.result["plan_source"] == "baseline":
+        ctx.result["plans"][0]["metrics"] = evaluation
+    return {"evaluation": evaluation}
+
+
+def stage_upload(ctx: JobContext) -> dict[str, Any]:
+    out = ctx.work_dir / "checkpoint"
+    shutil.rmtree(out, ignore_errors=True)
+    card = {"source_model": ctx.job.model, "preference": ctx.job.preference, "job_id": str(ctx.job.id)}
+    metrics = {**ctx.result.get("metrics", {}), "dense": ctx.result.get("dense", {})}
+    if "recovery" in ctx.result:
+        metrics["recovery"] = ctx.result["recovery"]
+    export_loaded(ctx.loaded, out, plan=ctx.plan, metrics=metrics, card=card, **export_options(ctx))
+    ctx.run.check()
+    ctx.rows = outputs.upload_checkpoint(ctx, out)
+    ctx.result["checkpoint"] = {"artifact": "checkpoint.tar", "sha256": ctx.rows[0].sha256,
+                                "size": ctx.rows[0].size, "dtype": dtype_name(ctx.loaded.dtype),
+                                "weight_files": sorted(p.name for p in out.glob("*.safetensors"))}
+    return {"artifacts": [r.name for r in ctx.rows], "bytes": sum(r.size for r in ctx.rows)}
+
+
+STAGE_FUNCS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
+    "load": stage_load,
+    "sensitivity": stage_sensitivity,
+    "plan": stage_plan,
+    "prune": stage_prune,
+    "recover": stage_recover,
+    "evaluate": stage_evaluate,
+    "upload": stage_upload,
+}
+assert tuple(STAGE_FUNCS) == STAGES
+
+
+def restore_load(ctx: JobContext) -> None:
+    ctx.loaded = load(ctx)  # the dense metrics of the first attempt are in the saved result
+
+
+def restore_plan(ctx: JobContext) -> None:
+    stage_plan(ctx)  # reads the saved plan back
+
+
+def restore_prune(ctx: JobContext) -> None:
+    """Re-apply the saved plan to the freshly loaded model, then load the latest saved weights into it."""
+    apply_plan(ctx.loaded.adapter, ctx.plan)
+    outputs.restore_weights(ctx)
+
+
+# What a retry redoes for a stage an earlier attempt finished (in-memory state only; nothing recomputed).
+RESTORE: dict[str, Callable[[JobContext], None]] = {
+    "load": restore_load,
+    "plan": restore_plan,
+    "prune": restore_prune,
+}
