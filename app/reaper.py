@@ -8,7 +8,7 @@ still be the expired one (so a worker that comes back cannot be overtaken twice)
 - ``cancelling`` -> ``cancelled`` (the caller asked to stop; there is nothing to resume);
 - ``running`` with attempts left -> ``queued`` (lease cleared, ``enqueued_at`` NULL), then published like a
   new job (the outbox relay re-sends it if that publish fails); the retry resumes from its last finished
-  stage (worker/pipeline.py);
+  stage (worker/pipeline/);
 - ``running`` at ``max_attempts`` -> ``failed`` with error code ``attempts_exhausted`` (retryable false):
   a job that kills its worker every time (an out-of-memory model) does not loop forever.
 

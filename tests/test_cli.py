@@ -11,12 +11,15 @@ def test_prune_then_inspect(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", "tiny-llava", "--sparsity", "0.3", "--criterion", "magnitude",
                  "--mlp-multiple", "8", "--out", str(out), "--quiet"]) == 0
-    achieved = float(capsys.readouterr().out.split("sparsity ")[1].split()[0])
+    printed = capsys.readouterr().out
+    achieved = float(printed.split("sparsity ")[1].split()[0])
     assert abs(achieved - 0.3) < 0.01
+    assert "MLP widths rounded to multiples of 8:" in printed
     assert main(["inspect", str(out), "--plot", str(tmp_path / "alloc.png")]) == 0
     assert (tmp_path / "alloc.png").stat().st_size > 1000
     text = capsys.readouterr().out
     assert "criterion magnitude" in text and "layer" in text
+    assert "MLP widths rounded to multiples of 8:" in text
     assert len([line for line in text.splitlines() if line.strip()[:1].isdigit()]) == 4
 
 

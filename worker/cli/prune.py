@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--criterion", default="wanda-sp", help="magnitude | wanda-sp | random")
     p.add_argument("--allocation", default="uniform", help="per-layer allocation (uniform, ...)")
     p.add_argument("--plan", help="replay a saved hipp_plan.json instead of building one")
-    p.add_argument("--mlp-multiple", type=int, default=1, help="round MLP widths to this multiple")
+    p.add_argument("--mlp-multiple", type=int,
+                   help="round MLP widths to this multiple (default: the device's, 64 on CUDA, none on a CPU)")
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -52,11 +53,12 @@ def run_prune(args: argparse.Namespace) -> int:
     from worker.hipp.pruning.layer_counts import validate_sparsity
     from worker.hipp.pruning.plan import PruningPlan
     from worker.hipp.pruning.planner import build_plan
+    from worker.hipp.pruning.rounding import default_mlp_multiple, describe
     from worker.hipp.pruning.surgery import apply_plan
 
     validate_sparsity(args.sparsity)
     get_criterion(args.criterion)
-    if args.mlp_multiple < 1:
+    if args.mlp_multiple is not None and args.mlp_multiple < 1:
         raise OptionError("--mlp-multiple must be >= 1")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -64,14 +66,16 @@ def run_prune(args: argparse.Namespace) -> int:
     reporter = TqdmReporter(enabled=not args.quiet)
     start = time.perf_counter()
     reporter.stage("load", args.model)
-    loaded = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    mlp_multiple = args.mlp_multiple if args.mlp_multiple is not None else default_mlp_multiple(device)
     if args.plan:
         plan = PruningPlan.load(args.plan)
     else:
         calibration = choose_calibration(args.model, args.calibration_samples, seed=args.seed)
         if calibration.warning:
             reporter.log(f"warning: {calibration.warning}")
-        plan = build_plan(loaded, args.sparsity, args.criterion, args.allocation, args.mlp_multiple,
+        plan = build_plan(loaded, args.sparsity, args.criterion, args.allocation, mlp_multiple,
                           samples=calibration.samples, seed=args.seed, reporter=reporter)
     reporter.stage("prune", f"slicing to plan {plan.fingerprint}")
     apply_plan(loaded.adapter, plan)
@@ -86,12 +90,15 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"pruned {args.model}: sparsity {s['sparsity']:.4f} of the LM decoder "
           f"({s['model_fraction_removed']:.4f} of the model), plan {plan.fingerprint}, "
           f"{dtype_name(loaded.dtype)}, {time.perf_counter() - start:.1f}s -> {out}")
+    if "rounding" in s:
+        print(describe(s["rounding"]))
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from worker.hipp.checkpoint.export import PLAN_FILE
     from worker.hipp.pruning.plan import PruningPlan
+    from worker.hipp.pruning.rounding import describe
 
     path = Path(args.path)
     if args.fragility:
@@ -115,6 +122,8 @@ def run_inspect(args: argparse.Namespace) -> int:
           f"allocation {plan.meta.get('allocation')}")
     print(f"sparsity {s['sparsity']:.4f} of {s['prunable_parameters']:,} prunable parameters; "
           f"{s['model_fraction_removed']:.4f} of the whole model ({s['total_parameters']:,})")
+    if "rounding" in s:
+        print(describe(s["rounding"]))
     print(f"{'layer':>5} {'heads':>9} {'kv':>7} {'mlp':>13} {'sparsity':>8}")
     for i, (shape, layer) in enumerate(zip(plan.geometry.layers, s["layers"], strict=True)):
         print(f"{i:>5} {layer['heads']:>4}/{shape.num_heads:<4} {layer['kv_heads']:>3}/{shape.num_kv_heads:<3} "

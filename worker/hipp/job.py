@@ -36,6 +36,7 @@ from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.pruning.layer_counts import max_sparsity
 from worker.hipp.pruning.plan import PruningPlan, geometry_of
 from worker.hipp.pruning.planner import build_plan
+from worker.hipp.pruning.rounding import default_mlp_multiple
 from worker.hipp.recovery.conversations import world_conversations
 from worker.hipp.recovery.training import RecoveryConfig, RecoveryResult, recover
 from worker.hipp.testbed.data import write_benchmarks
@@ -78,6 +79,11 @@ class PlanChoice:
     considered: list[dict[str, Any]] = field(default_factory=list)
 
 
+def device_multiple(loaded: LoadedModel) -> int:
+    """The MLP-width multiple plans for this model's device are rounded to (``pruning.rounding``)."""
+    return default_mlp_multiple(str(loaded.device))
+
+
 def stored_policy(loaded: LoadedModel) -> tuple[StoredPolicy | None, str]:
     """The newest policy in the store (shipped and user policies) trained for this exact model, and how it was
     found or why there is none."""
@@ -105,7 +111,7 @@ def baseline_plan(loaded: LoadedModel, preference: Preference, target_sparsity: 
         sparsity, mode = baseline_sparsity(preference, ceiling), "from preference (compression weight)"
     reporter.log(f"target sparsity {sparsity:.3f} {mode}; the model's ceiling is {ceiling:.3f}")
     return build_plan(loaded, sparsity, criterion=BASELINE_CRITERION, allocation=BASELINE_ALLOCATION,
-                      samples=samples, reporter=reporter)
+                      mlp_multiple=device_multiple(loaded), samples=samples, reporter=reporter)
 
 
 def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preference, target_sparsity: float | None,
@@ -115,7 +121,8 @@ def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preferen
     search split (``limit`` questions per split, files under ``search_dir``); the best non-dominated one (by
     the preference-weighted return) is chosen. Returns it and the non-dominated plans."""
     evalset = testbed_search_set(search_dir, limit=limit)
-    setup = prepare_search(loaded, evalset, samples, s_max=policy.policy.config.s_max, reporter=reporter)
+    setup = prepare_search(loaded, evalset, samples, s_max=policy.policy.config.s_max,
+                           mlp_multiple=device_multiple(loaded), reporter=reporter)
     candidates = sample_plans(setup, policy, preference.as_list(), samples=POLICY_SAMPLES, target=target_sparsity,
                               reporter=reporter)
     front = pareto_front(candidates) or candidates
