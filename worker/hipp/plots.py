@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worker.hipp import preference
+
 if TYPE_CHECKING:
     from worker.hipp.policy.search import Candidate
     from worker.hipp.pruning.plan import PruningPlan
@@ -83,7 +85,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path) -> Path:
         ax1.plot(steps, [h["return"] for h in history], label="mean return")
         ax1.set_xlabel("GRPO step")
         ax1.legend()
-        for key in ("utility", "robustness", "compression"):
+        for key in preference.KEYS:
             ax2.plot(steps, [h[key] for h in history], label=key)
         ax2.set_xlabel("GRPO step")
         ax2.legend()
