@@ -21,9 +21,15 @@ from worker.hipp.data.calibration import (
 from worker.hipp.models.adapters.base import LayerShape
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.pruning.allocators import ALLOCATORS, AllocationContext, allocation_ratios, outlier_ratios
+from worker.hipp.pruning.allocators import (
+    ALLOCATORS,
+    AllocationContext,
+    allocate,
+    get_allocator,
+    outlier_ratios,
+)
 from worker.hipp.pruning.criteria import LayerScores, get_criterion
-from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios, validate_sparsity
+from worker.hipp.pruning.layer_counts import LayerCounts, validate_sparsity
 from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
 from worker.hipp.pruning.rounding import rounding_cost
 
@@ -145,10 +151,11 @@ def build_plan(
     if context is None:
         context = allocation_context(loaded, allocation, scoring, samples, seed, reporter)
     reporter.stage("plan", f"{allocation} allocation")
-    ratios = allocation_ratios(geometry, sparsity, allocation, context)
-    counts = counts_from_ratios(geometry, ratios, sparsity, mlp_multiple)
+    built = get_allocator(allocation, context.seed)
+    counts = allocate(geometry, sparsity, built, mlp_multiple, context)
     meta: dict[str, object] = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
                                "requested_sparsity": sparsity, "seed": seed}
     if mlp_multiple > 1:
+        ratios = built.layer_ratios(geometry, sparsity, context)
         meta["rounding"] = rounding_cost(geometry, ratios, sparsity, counts, mlp_multiple).to_dict()
     return plan_from_counts(loaded, counts, scoring.scores, mlp_multiple, meta)
