@@ -68,6 +68,9 @@ class Allocator:
     # Signals the caller must put in the context, beyond unit scores (see ``planner.allocation_context``).
     needs_outlier_ratios: ClassVar[bool] = False
     needs_sensitivity: ClassVar[bool] = False
+    # True: the planner scores and selects layer by layer, each layer on calibration activations recomputed
+    # through the layers already pruned (Wanda-sp as FLAP's code runs it); counts still come from this object.
+    sequential: ClassVar[bool] = False
 
     @classmethod
     def for_run(cls, seed: int) -> Allocator:

@@ -21,6 +21,7 @@ from worker.hipp.data.calibration import (
 from worker.hipp.models.adapters.base import LayerShape
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.pruning import baselines  # noqa: F401  (registers the faithful baselines' allocators)
 from worker.hipp.pruning.allocators import (
     ALLOCATORS,
     AllocationContext,
@@ -30,7 +31,8 @@ from worker.hipp.pruning.allocators import (
 )
 from worker.hipp.pruning.criteria import LayerScores, get_criterion
 from worker.hipp.pruning.layer_counts import LayerCounts, validate_sparsity
-from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.masking import PlanMasks
+from worker.hipp.pruning.plan import LayerPlan, ModelGeometry, PruningPlan, geometry_of
 from worker.hipp.pruning.rounding import rounding_cost
 
 
@@ -96,6 +98,38 @@ def plan_from_counts(
     return plan
 
 
+def select_sequentially(
+    loaded: LoadedModel,
+    geometry: ModelGeometry,
+    counts: Sequence[LayerCounts],
+    criterion: str,
+    samples: Sequence[CalibrationSample],
+    seed: int = 0,
+    reporter: Reporter = SILENT,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+) -> tuple[list[LayerPlan], list[LayerScores]]:
+    """Layer by layer: calibrate with the layers before ``i`` already pruned (masks), score layer ``i``, keep
+    its best units; as FLAP's repository runs Wanda-sp. Returns the layer plans and the scores they used.
+
+    One calibration pass per layer (the whole model runs; only layer ``i``'s statistics are used): ``L`` times
+    the cost of one-shot scoring."""
+    crit = get_criterion(criterion, seed=seed)
+    layers = [LayerPlan.dense(shape) for shape in geometry.layers]
+    scores: list[LayerScores] = []
+    adapters = loaded.adapter.layers()
+    reporter.stage("score", f"{criterion} importance, layer by layer through the pruned layers")
+    for i, shape in enumerate(reporter.track(list(geometry.layers), message="layers")):
+        activations = None
+        if crit.needs_activations:
+            with PlanMasks(loaded.adapter, PruningPlan(geometry, list(layers))):
+                activations = collect_activations(loaded, samples, batch_size, max_length)
+        layer_scores = crit.score_layer(adapters[i], activations[i] if activations else None)
+        scores.append(layer_scores)
+        layers[i] = select_units(shape, counts[i], layer_scores)
+    return layers, scores
+
+
 def owl_outlier_ratios(loaded: LoadedModel, activations: Sequence[LayerActivations]) -> list[float]:
     """Wanda element scores of each layer's head and MLP consumers -> OWL outlier ratio per layer."""
     per_layer = []
@@ -158,4 +192,10 @@ def build_plan(
     if mlp_multiple > 1:
         ratios = built.layer_ratios(geometry, sparsity, context)
         meta["rounding"] = rounding_cost(geometry, ratios, sparsity, counts, mlp_multiple).to_dict()
+    if built.sequential:
+        layers, _ = select_sequentially(loaded, geometry, counts, criterion, samples, seed, reporter)
+        meta["sequential"] = True
+        plan = PruningPlan(geometry, layers, mlp_multiple=mlp_multiple, meta=meta)
+        plan.validate()
+        return plan
     return plan_from_counts(loaded, counts, scoring.scores, mlp_multiple, meta)
