@@ -151,3 +151,30 @@ def test_hyperparameter_candidates():
     lams = [a.lam for _, a in owl_lambda_candidates(9)]
     assert len(lams) == 9 and lams[0] == pytest.approx(0.02) and lams[-1] == pytest.approx(0.2)
     assert [label for label, _ in llm_pruner_candidates(9, 6)] == [f"{n} protected" for n in range(6)]
+
+
+# --- the bench's monotonicity flag -------------------------------------------------------------------------
+
+def test_bench_flags_a_pope_rise_beyond_two_standard_errors():
+    from bench.baselines import monotonicity_flags, pope_se
+
+    # Three splits with SE 0.03 each: the mean's SE is sqrt(3 * 0.0009) / 3 = 0.01732.
+    assert pope_se({"pope": {s: {"balanced_accuracy_se": 0.03} for s in "abc"}}) == pytest.approx(0.0173205)
+
+    def cell(name: str, s: float, pope: float) -> dict:  # type: ignore[type-arg]
+        return {"baseline": name, "requested": s, "pope_bacc": pope, "pope_se": 0.01}
+
+    # 2 SE of a difference of two cells with SE 0.01: 2 * sqrt(2) * 0.01 = 0.0283.
+    rows = [cell("a", 0.3, 0.70), cell("a", 0.2, 0.90), cell("a", 0.4, 0.75),  # +0.05 from 30 to 40%: flagged
+            cell("b", 0.2, 0.90), cell("b", 0.3, 0.92), cell("b", 0.4, 0.80)]  # +0.02: within noise
+    flags = monotonicity_flags(rows)
+    assert list(flags) == ["a"] and flags["a"][0].startswith("30->40%: +0.050")
+
+
+def test_build_plan_takes_an_allocator_with_its_settings(tiny):
+    from worker.hipp.pruning.planner import build_plan
+
+    loaded, samples = tiny
+    plan = build_plan(loaded, 0.3, "wanda-sp", LLMPrunerAllocator(first=1, last=0), samples=samples)
+    assert plan.meta["allocation"] == "llm-pruner" and plan.meta["allocator"] == {"first": 1, "last": 0}
+    assert plan.layer_sparsities()[0] == 0.0

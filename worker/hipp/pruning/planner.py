@@ -25,6 +25,7 @@ from worker.hipp.pruning import baselines  # noqa: F401  (registers the faithful
 from worker.hipp.pruning.allocators import (
     ALLOCATORS,
     AllocationContext,
+    Allocator,
     allocate,
     get_allocator,
     outlier_ratios,
@@ -140,16 +141,28 @@ def owl_outlier_ratios(loaded: LoadedModel, activations: Sequence[LayerActivatio
     return outlier_ratios(per_layer)
 
 
+def allocator_class(allocation: str | Allocator) -> type[Allocator]:
+    """The class of ``allocation`` (a registered name or an allocator): what it needs is declared there."""
+    return ALLOCATORS.get(allocation) if isinstance(allocation, str) else type(allocation)
+
+
+def allocation_name(allocation: str | Allocator) -> str:
+    """The registered name of ``allocation`` (an allocator's class may be registered under several names)."""
+    if isinstance(allocation, str):
+        return allocation
+    return next((n for n in ALLOCATORS.names() if ALLOCATORS.get(n) is type(allocation)), type(allocation).__name__)
+
+
 def allocation_context(
     loaded: LoadedModel,
-    allocation: str,
+    allocation: str | Allocator,
     scoring: ScoringResult,
     samples: Sequence[CalibrationSample],
     seed: int = 0,
     reporter: Reporter = SILENT,
 ) -> AllocationContext:
     """The signals ``allocation`` needs, computed from the scoring pass (and attention flow for ``visual``)."""
-    allocator = ALLOCATORS.get(allocation)  # the class: what it needs is declared there
+    allocator = allocator_class(allocation)
     context = AllocationContext(scores=scoring.scores, seed=seed)
     if allocator.needs_outlier_ratios:
         assert scoring.activations is not None, f"score_model(with_activations=True) is needed for {allocation}"
@@ -166,7 +179,7 @@ def build_plan(
     loaded: LoadedModel,
     sparsity: float,
     criterion: str = "wanda-sp",
-    allocation: str = "uniform",
+    allocation: str | Allocator = "uniform",
     mlp_multiple: int = 1,
     samples: Sequence[CalibrationSample] | None = None,
     seed: int = 0,
@@ -174,9 +187,10 @@ def build_plan(
     scoring: ScoringResult | None = None,
     context: AllocationContext | None = None,
 ) -> PruningPlan:
-    """A plan that removes ``sparsity`` of the prunable LM-decoder parameters."""
+    """A plan that removes ``sparsity`` of the prunable LM-decoder parameters with ``allocation`` (a registered
+    name, built for ``seed``, or an allocator with its own settings, recorded in ``meta["allocator"]``)."""
     validate_sparsity(sparsity)
-    allocator = ALLOCATORS.get(allocation)  # the class: what it needs is declared there
+    allocator = allocator_class(allocation)
     geometry = geometry_of(loaded.adapter)
     samples = samples if samples is not None else synthetic_samples(32, seed=seed)
     if scoring is None:
@@ -184,11 +198,14 @@ def build_plan(
                               with_activations=allocator.needs_outlier_ratios)
     if context is None:
         context = allocation_context(loaded, allocation, scoring, samples, seed, reporter)
-    reporter.stage("plan", f"{allocation} allocation")
-    built = get_allocator(allocation, context.seed)
+    name = allocation_name(allocation)
+    reporter.stage("plan", f"{name} allocation")
+    built = get_allocator(allocation, context.seed) if isinstance(allocation, str) else allocation
     counts = allocate(geometry, sparsity, built, mlp_multiple, context)
-    meta: dict[str, object] = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
+    meta: dict[str, object] = {"model": loaded.reference, "criterion": criterion, "allocation": name,
                                "requested_sparsity": sparsity, "seed": seed}
+    if not isinstance(allocation, str):
+        meta["allocator"] = dict(vars(allocation))
     if mlp_multiple > 1:
         ratios = built.layer_ratios(geometry, sparsity, context)
         meta["rounding"] = rounding_cost(geometry, ratios, sparsity, counts, mlp_multiple).to_dict()
