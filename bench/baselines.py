@@ -187,6 +187,7 @@ def run_equal_budget(loaded: LoadedModel, test: PlanEvaluator, search: PlanEvalu
             result = test.evaluate(selection.plan, prescreen=False)
             rows.append(row(name, s, selection.plan, result, save_plan(selection.plan, name, s, plans_dir),
                             selected=selection.label, search_evaluations=selection.evaluations,
+                            infeasible_candidates=list(selection.infeasible),
                             search_scores=[[label, round(v, 4)] for label, v in selection.scores]))
     return rows
 

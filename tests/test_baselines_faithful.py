@@ -178,3 +178,22 @@ def test_build_plan_takes_an_allocator_with_its_settings(tiny):
     plan = build_plan(loaded, 0.3, "wanda-sp", LLMPrunerAllocator(first=1, last=0), samples=samples)
     assert plan.meta["allocation"] == "llm-pruner" and plan.meta["allocator"] == {"first": 1, "last": 0}
     assert plan.layer_sparsities()[0] == 0.0
+
+
+def test_best_of_k_skips_candidates_that_cannot_reach_the_sparsity():
+    calls: list[str] = []
+
+    def build(allocator):  # type: ignore[no-untyped-def]
+        allocator.layer_ratios(geometry(MHA, 6), 0.5, AllocationContext())  # 5 of 6 protected: 3.0 of one layer
+        return PruningPlan(TINY, [LayerPlan.dense(s) for s in TINY.layers], meta={"p": allocator.first + allocator.last})
+
+    def score(plan):  # type: ignore[no-untyped-def]
+        calls.append(plan.meta["p"])
+        return float(plan.meta["p"])
+
+    selection = best_of_k(llm_pruner_candidates(9, 6), build, score)
+    # Protected 0-2 leave 0.5 * 6 / (6 - n) < 1 of the rest; 3, 4 and 5 protected cannot reach 50%.
+    assert selection.evaluations == 3 and selection.infeasible == ("3 protected", "4 protected", "5 protected")
+    assert selection.label == "2 protected"
+    with pytest.raises(OptionError):
+        best_of_k(llm_pruner_candidates(9, 6)[3:], build, score)

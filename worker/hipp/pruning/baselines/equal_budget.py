@@ -11,9 +11,10 @@ nothing from ``evaluation``. Candidate families:
 - :func:`owl_lambda_candidates`: OWL (``owl-paper``) over ``K`` values of lambda evenly spaced in
   ``[0.02, 0.20]`` (the paper's sweep spans 0.02-0.2).
 - :func:`llm_pruner_candidates`: LLM-Pruner's convention over ``K`` protected-layer counts ``0 .. K - 1``
-  (capped below the depth), split two at the start for one at the end.
+  (capped below the depth), split two at the start for one at the end; counts that leave too few layers to
+  reach the sparsity are skipped unscored, so such a selection spends fewer than ``K`` evaluations.
 
-Imports ``allocators``, ``plan`` and the other baselines.
+Imports ``errors``, ``allocators``, ``plan`` and the other baselines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from worker.hipp.errors import OptionError
 from worker.hipp.pruning.allocators import Allocator, RandomAllocator
 from worker.hipp.pruning.baselines.llm_pruner import LLMPrunerAllocator
 from worker.hipp.pruning.baselines.owl import OWLPaperAllocator
@@ -31,12 +33,14 @@ OWL_LAMBDA_RANGE = (0.02, 0.20)
 
 @dataclass(frozen=True)
 class Selection:
-    """The chosen candidate and every candidate's label and search score, in the order they were scored."""
+    """The chosen candidate, every scored candidate's label and search score in the order they were scored,
+    and the candidates that cannot reach the sparsity (not built, not scored)."""
 
     label: str
     plan: PruningPlan
     score: float
     scores: tuple[tuple[str, float], ...]
+    infeasible: tuple[str, ...] = ()
 
     @property
     def evaluations(self) -> int:
@@ -48,19 +52,30 @@ def best_of_k(
     build: Callable[[Allocator], PruningPlan],
     score: Callable[[PruningPlan], float],
 ) -> Selection:
-    """Build every candidate's plan, score each once, keep the highest (first one on ties)."""
+    """Build every candidate's plan, score each once, keep the highest (first one on ties). A candidate that
+    cannot reach the sparsity (``build`` raises ``OptionError``, e.g. too many protected layers) is skipped
+    unscored; when none can, the error of the last one is raised."""
     if not candidates:
         raise ValueError("best_of_k needs at least one candidate")
     best: tuple[str, PruningPlan, float] | None = None
     scored: list[tuple[str, float]] = []
+    infeasible: list[str] = []
+    error: OptionError | None = None
     for label, allocator in candidates:
-        plan = build(allocator)
+        try:
+            plan = build(allocator)
+        except OptionError as e:
+            infeasible.append(label)
+            error = e
+            continue
         value = float(score(plan))
         scored.append((label, value))
         if best is None or value > best[2]:
             best = (label, plan, value)
-    assert best is not None
-    return Selection(best[0], best[1], best[2], tuple(scored))
+    if best is None:
+        assert error is not None
+        raise error
+    return Selection(best[0], best[1], best[2], tuple(scored), tuple(infeasible))
 
 
 def random_candidates(k: int, seed: int = 0) -> list[tuple[str, Allocator]]:
