@@ -125,7 +125,12 @@ class UniformAllocator(Allocator):
 
 @ALLOCATORS.register("owl")
 class OWLAllocator(Allocator):
-    """``lam``: the largest distance of a layer's ratio from the global sparsity."""
+    """OWL-style: ``lam`` is the largest distance of a layer's ratio from the global sparsity.
+
+    Gaps to OWL (Yin et al. 2024; the faithful one is ``owl-paper``, ``baselines.owl``): the ratios are min-max
+    spread over ``[s - lam, s + lam]`` instead of mean-centred (so they do not average ``s`` before the budget
+    correction), outliers are counted on ``o_proj``/``down_proj`` only, and each layer's ratio is split between
+    heads and channels by the closest-attention-option rule."""
 
     needs_outlier_ratios = True
 
@@ -142,6 +147,11 @@ class OWLAllocator(Allocator):
 
 @ALLOCATORS.register("flap")
 class FLAPAllocator(Allocator):
+    """FLAP-style. Gaps to FLAP (An et al. 2024): Wanda-sp scores instead of the fluctuation metric (WIFV: input
+    variance times squared weight-column norm), standardization over the whole model, no bias compensation, and
+    each layer's removed share is re-split between heads and channels by the closest-attention-option rule
+    instead of by the global ranking itself."""
+
     def layer_ratios(self, geometry: ModelGeometry, sparsity: float, context: AllocationContext) -> list[float]:
         if context.scores is None:
             raise OptionError("flap allocation needs unit importance scores")
