@@ -185,7 +185,8 @@ def test_best_of_k_skips_candidates_that_cannot_reach_the_sparsity():
 
     def build(allocator):  # type: ignore[no-untyped-def]
         allocator.layer_ratios(geometry(MHA, 6), 0.5, AllocationContext())  # 5 of 6 protected: 3.0 of one layer
-        return PruningPlan(TINY, [LayerPlan.dense(s) for s in TINY.layers], meta={"p": allocator.first + allocator.last})
+        protected = allocator.first + allocator.last
+        return PruningPlan(TINY, [LayerPlan.dense(s) for s in TINY.layers], meta={"p": protected})
 
     def score(plan):  # type: ignore[no-untyped-def]
         calls.append(plan.meta["p"])
