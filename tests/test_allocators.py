@@ -81,3 +81,21 @@ def test_allocators_are_configured_in_their_constructors(tiny_gqa):
     assert allocate(g, 0.3, RandomAllocator(seed=4)) != allocate(g, 0.3, RandomAllocator(seed=5))
     capped = RandomAllocator(seed=4, max_ratio=0.35).layer_ratios(g, 0.3, AllocationContext())
     assert max(capped) <= 0.35
+
+
+def test_allocate_uses_the_allocators_own_split():
+    from tests.test_rounding import TINY as g
+    from worker.hipp.pruning.allocators import Allocator, UniformAllocator, allocate
+    from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios
+
+    # Default: ratios through the closest-attention-option rule, as before.
+    assert allocate(g, 0.3, UniformAllocator()) == counts_from_ratios(g, [0.3] * g.num_layers, 0.3)
+
+    class Dense(Allocator):
+        def layer_counts(self, geometry, sparsity, context, mlp_multiple):
+            return [LayerCounts(s.num_kv_heads, s.group_size, s.intermediate_size) for s in geometry.layers]
+
+    assert allocate(g, 0.3, Dense())[0].channels == g.layers[0].intermediate_size
+    assert Dense().layer_ratios(g, 0.3, AllocationContext()) == [0.0] * g.num_layers
+    with pytest.raises(TypeError):
+        type("Nothing", (Allocator,), {})

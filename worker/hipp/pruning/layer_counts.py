@@ -8,7 +8,7 @@ decided later by a criterion (see ``planner.select_units``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from worker.hipp.errors import OptionError, PlanError
@@ -89,24 +89,27 @@ def counts_from_ratios(
         for shape, r in zip(geometry.layers, ratios, strict=True)
     ]
     target = sparsity * sum(dense_layer_parameters(s, hidden) for s in geometry.layers)
-    return _correct_mlp_widths(geometry, counts, ratios, target, mlp_multiple)
+    return correct_mlp_widths(geometry, counts, ratios, target, mlp_multiple)
 
 
-def _correct_mlp_widths(
+def correct_mlp_widths(
     geometry: ModelGeometry,
-    counts: list[LayerCounts],
+    counts: Sequence[LayerCounts],
     ratios: Sequence[float],
     target: float,
     mlp_multiple: int,
+    frozen: Collection[int] = (),
 ) -> list[LayerCounts]:
     """Move MLP widths one step at a time, in the layers that are furthest from their ratio, until the
-    removed total is within half a step of ``target``."""
+    removed total is within half a step of ``target``; layers in ``frozen`` are never moved."""
     hidden = geometry.hidden_size
     counts = list(counts)
     while True:
         error = target - removed_parameters(geometry, counts)  # > 0: must remove more
         candidates = []
         for i, (shape, c) in enumerate(zip(geometry.layers, counts, strict=True)):
+            if i in frozen:
+                continue
             step = _step(c.channels, shape.intermediate_size, mlp_multiple, remove=error > 0)
             if step == 0:
                 continue

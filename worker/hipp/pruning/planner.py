@@ -21,10 +21,19 @@ from worker.hipp.data.calibration import (
 from worker.hipp.models.adapters.base import LayerShape
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
-from worker.hipp.pruning.allocators import ALLOCATORS, AllocationContext, allocation_ratios, outlier_ratios
+from worker.hipp.pruning import baselines  # noqa: F401  (registers the faithful baselines' allocators)
+from worker.hipp.pruning.allocators import (
+    ALLOCATORS,
+    AllocationContext,
+    Allocator,
+    allocate,
+    get_allocator,
+    outlier_ratios,
+)
 from worker.hipp.pruning.criteria import LayerScores, get_criterion
-from worker.hipp.pruning.layer_counts import LayerCounts, counts_from_ratios, validate_sparsity
-from worker.hipp.pruning.plan import LayerPlan, PruningPlan, geometry_of
+from worker.hipp.pruning.layer_counts import LayerCounts, validate_sparsity
+from worker.hipp.pruning.masking import PlanMasks
+from worker.hipp.pruning.plan import LayerPlan, ModelGeometry, PruningPlan, geometry_of
 from worker.hipp.pruning.rounding import rounding_cost
 
 
@@ -90,6 +99,38 @@ def plan_from_counts(
     return plan
 
 
+def select_sequentially(
+    loaded: LoadedModel,
+    geometry: ModelGeometry,
+    counts: Sequence[LayerCounts],
+    criterion: str,
+    samples: Sequence[CalibrationSample],
+    seed: int = 0,
+    reporter: Reporter = SILENT,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+) -> tuple[list[LayerPlan], list[LayerScores]]:
+    """Layer by layer: calibrate with the layers before ``i`` already pruned (masks), score layer ``i``, keep
+    its best units; as FLAP's repository runs Wanda-sp. Returns the layer plans and the scores they used.
+
+    One calibration pass per layer (the whole model runs; only layer ``i``'s statistics are used): ``L`` times
+    the cost of one-shot scoring."""
+    crit = get_criterion(criterion, seed=seed)
+    layers = [LayerPlan.dense(shape) for shape in geometry.layers]
+    scores: list[LayerScores] = []
+    adapters = loaded.adapter.layers()
+    reporter.stage("score", f"{criterion} importance, layer by layer through the pruned layers")
+    for i, shape in enumerate(reporter.track(list(geometry.layers), message="layers")):
+        activations = None
+        if crit.needs_activations:
+            with PlanMasks(loaded.adapter, PruningPlan(geometry, list(layers))):
+                activations = collect_activations(loaded, samples, batch_size, max_length)
+        layer_scores = crit.score_layer(adapters[i], activations[i] if activations else None)
+        scores.append(layer_scores)
+        layers[i] = select_units(shape, counts[i], layer_scores)
+    return layers, scores
+
+
 def owl_outlier_ratios(loaded: LoadedModel, activations: Sequence[LayerActivations]) -> list[float]:
     """Wanda element scores of each layer's head and MLP consumers -> OWL outlier ratio per layer."""
     per_layer = []
@@ -100,16 +141,28 @@ def owl_outlier_ratios(loaded: LoadedModel, activations: Sequence[LayerActivatio
     return outlier_ratios(per_layer)
 
 
+def allocator_class(allocation: str | Allocator) -> type[Allocator]:
+    """The class of ``allocation`` (a registered name or an allocator): what it needs is declared there."""
+    return ALLOCATORS.get(allocation) if isinstance(allocation, str) else type(allocation)
+
+
+def allocation_name(allocation: str | Allocator) -> str:
+    """The registered name of ``allocation`` (an allocator's class may be registered under several names)."""
+    if isinstance(allocation, str):
+        return allocation
+    return next((n for n in ALLOCATORS.names() if ALLOCATORS.get(n) is type(allocation)), type(allocation).__name__)
+
+
 def allocation_context(
     loaded: LoadedModel,
-    allocation: str,
+    allocation: str | Allocator,
     scoring: ScoringResult,
     samples: Sequence[CalibrationSample],
     seed: int = 0,
     reporter: Reporter = SILENT,
 ) -> AllocationContext:
     """The signals ``allocation`` needs, computed from the scoring pass (and attention flow for ``visual``)."""
-    allocator = ALLOCATORS.get(allocation)  # the class: what it needs is declared there
+    allocator = allocator_class(allocation)
     context = AllocationContext(scores=scoring.scores, seed=seed)
     if allocator.needs_outlier_ratios:
         assert scoring.activations is not None, f"score_model(with_activations=True) is needed for {allocation}"
@@ -126,7 +179,7 @@ def build_plan(
     loaded: LoadedModel,
     sparsity: float,
     criterion: str = "wanda-sp",
-    allocation: str = "uniform",
+    allocation: str | Allocator = "uniform",
     mlp_multiple: int = 1,
     samples: Sequence[CalibrationSample] | None = None,
     seed: int = 0,
@@ -134,9 +187,10 @@ def build_plan(
     scoring: ScoringResult | None = None,
     context: AllocationContext | None = None,
 ) -> PruningPlan:
-    """A plan that removes ``sparsity`` of the prunable LM-decoder parameters."""
+    """A plan that removes ``sparsity`` of the prunable LM-decoder parameters with ``allocation`` (a registered
+    name, built for ``seed``, or an allocator with its own settings, recorded in ``meta["allocator"]``)."""
     validate_sparsity(sparsity)
-    allocator = ALLOCATORS.get(allocation)  # the class: what it needs is declared there
+    allocator = allocator_class(allocation)
     geometry = geometry_of(loaded.adapter)
     samples = samples if samples is not None else synthetic_samples(32, seed=seed)
     if scoring is None:
@@ -144,11 +198,21 @@ def build_plan(
                               with_activations=allocator.needs_outlier_ratios)
     if context is None:
         context = allocation_context(loaded, allocation, scoring, samples, seed, reporter)
-    reporter.stage("plan", f"{allocation} allocation")
-    ratios = allocation_ratios(geometry, sparsity, allocation, context)
-    counts = counts_from_ratios(geometry, ratios, sparsity, mlp_multiple)
-    meta: dict[str, object] = {"model": loaded.reference, "criterion": criterion, "allocation": allocation,
+    name = allocation_name(allocation)
+    reporter.stage("plan", f"{name} allocation")
+    built = get_allocator(allocation, context.seed) if isinstance(allocation, str) else allocation
+    counts = allocate(geometry, sparsity, built, mlp_multiple, context)
+    meta: dict[str, object] = {"model": loaded.reference, "criterion": criterion, "allocation": name,
                                "requested_sparsity": sparsity, "seed": seed}
+    if not isinstance(allocation, str):
+        meta["allocator"] = dict(vars(allocation))
     if mlp_multiple > 1:
+        ratios = built.layer_ratios(geometry, sparsity, context)
         meta["rounding"] = rounding_cost(geometry, ratios, sparsity, counts, mlp_multiple).to_dict()
+    if built.sequential:
+        layers, _ = select_sequentially(loaded, geometry, counts, criterion, samples, seed, reporter)
+        meta["sequential"] = True
+        plan = PruningPlan(geometry, layers, mlp_multiple=mlp_multiple, meta=meta)
+        plan.validate()
+        return plan
     return plan_from_counts(loaded, counts, scoring.scores, mlp_multiple, meta)
