@@ -11,7 +11,7 @@ its standard error, and a monotonicity flag. Methods:
   best of the LLM-Pruner protected-layer counts 0..K-1 (fewer on shallow models), chosen on the SEARCH set
   (``policy.search.testbed_search_set``: POPE validation images, ScienceQA val; never the test files) by the mean
   of the evaluator's utility (SQA / dense) and robustness (POPE, normalized) objectives. K is the number of plans
-  HiPP's plan selection evaluates: ``worker.pipeline.POLICY_SAMPLES`` sampled plans plus the mean plan (9).
+  HiPP's plan selection evaluates: ``worker.hipp.job.POLICY_SAMPLES`` sampled plans plus the mean plan (9).
 
 Every plan is saved as replayable JSON under ``bench/results/plans/baselines/`` (``hipp prune --plan``).
 A method is flagged when its mean POPE balanced accuracy rises from one sparsity to the next by more than two
@@ -39,6 +39,7 @@ from worker.hipp.data.calibration import CalibrationSample
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.baseline_grid import ALL_BASELINES, metrics_row
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluation, PlanEvaluator
+from worker.hipp.job import POLICY_SAMPLES
 from worker.hipp.models.loading import LoadedModel, load_model
 from worker.hipp.progress import SILENT, Reporter, TqdmReporter
 from worker.hipp.pruning.allocators import ALLOCATORS, AllocationContext, Allocator
@@ -51,7 +52,6 @@ from worker.hipp.pruning.baselines.equal_budget import (
 from worker.hipp.pruning.plan import PruningPlan, geometry_of
 from worker.hipp.pruning.planner import ScoringResult, allocation_context, build_plan, score_model
 from worker.hipp.testbed.data import write_benchmarks
-from worker.pipeline import POLICY_SAMPLES
 
 CACHE = Path.home() / ".cache" / "hipp" / "bench"
 PLANS = RESULTS / "plans" / "baselines"

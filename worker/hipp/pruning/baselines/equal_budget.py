@@ -1,7 +1,7 @@
 """Equal selection budget: a baseline gets as many plan evaluations as HiPP's plan selection spends.
 
 HiPP's matched plan is the best of ``K`` plans scored on the search set (the policy's mean plan plus
-``worker.pipeline.POLICY_SAMPLES`` = 8 samples, so ``K = 9``; ``bench.hipp_vs_baselines`` picks the same way with
+``worker.hipp.job.POLICY_SAMPLES`` = 8 samples, so ``K = 9``; ``bench.hipp_vs_baselines`` picks the same way with
 ``--samples 8``). A one-plan baseline is at a disadvantage, so :func:`best_of_k` builds ``K`` candidate plans
 and keeps the one the caller's scorer rates highest, calling the scorer exactly ``K`` times. The scorer is the
 caller's (in the benchmarks: the plan evaluator on the search set, never the test set), so this module needs
