@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument("--stage2-lr", type=float, default=None)
     train.add_argument("--sqa-share", type=float, default=None, help="share of ScienceQA questions in stage 2")
     train.add_argument("--images", type=int, default=None, help="training images per pool (POPE and SQA)")
+    train.add_argument("--text-layers", type=int, default=None, help="decoder depth (default: the testbed's 6)")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=run_train)
 
@@ -73,6 +74,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.stage2_lr is not None:
         cfg.stage2_lr = args.stage2_lr
     cfg.resume = args.resume
+    if args.text_layers is not None:
+        cfg.text_layers = args.text_layers
     if args.sqa_share is not None:
         cfg.sqa_share = args.sqa_share
     if args.images is not None:

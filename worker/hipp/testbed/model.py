@@ -18,7 +18,7 @@ TEXT_HEADS = 8
 TEXT_KV_HEADS = 4
 
 
-def build_config(vocab: dict[str, int]) -> LlavaConfig:
+def build_config(vocab: dict[str, int], text_layers: int = TEXT_LAYERS) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=VISION_WIDTH,
         intermediate_size=4 * VISION_WIDTH,
@@ -33,7 +33,7 @@ def build_config(vocab: dict[str, int]) -> LlavaConfig:
         vocab_size=len(vocab),
         hidden_size=TEXT_WIDTH,
         intermediate_size=3 * TEXT_WIDTH,
-        num_hidden_layers=TEXT_LAYERS,
+        num_hidden_layers=text_layers,
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_KV_HEADS,
         max_position_embeddings=512,
@@ -55,5 +55,5 @@ def build_config(vocab: dict[str, int]) -> LlavaConfig:
     )
 
 
-def build_model(vocab: dict[str, int]) -> LlavaForConditionalGeneration:
-    return LlavaForConditionalGeneration(build_config(vocab))
+def build_model(vocab: dict[str, int], text_layers: int = TEXT_LAYERS) -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration(build_config(vocab, text_layers))

@@ -29,7 +29,7 @@ from worker.hipp.evaluation.tasks.pope import ObjectStats
 from worker.hipp.evaluation.tasks.scienceqa import OPTIONS, SqaProblem
 from worker.hipp.progress import SILENT, Reporter
 from worker.hipp.recovery.schedule import warmup_cosine
-from worker.hipp.testbed.model import TEXT_WIDTH, VISION_WIDTH, build_model
+from worker.hipp.testbed.model import TEXT_LAYERS, TEXT_WIDTH, VISION_WIDTH, build_model
 from worker.hipp.testbed.tokenizer import (
     BOS,
     EOS,
@@ -64,7 +64,8 @@ class TrainConfig:
     aux_weight: float = 0.3
     align_weight: float = 0.5
     probe_weight: float = 1.0
-    probe_layer: int = 2  # hidden state after this many decoder layers
+    text_layers: int = TEXT_LAYERS  # decoder depth (the family's deeper testbed uses 12)
+    probe_layer: int | None = None  # hidden state after this many decoder layers (None: a third of the depth)
     sqa_share: float = 0.5
     # Relative sampling weights of the ScienceQA kinds in stage 2: count and side need more practice than
     # presence (their answers go through the option list, not just the named object).
@@ -72,7 +73,7 @@ class TrainConfig:
         default_factory=lambda: {"presence": 1.0, "count": 1.5, "side": 1.5}
     )
     option_weight: float = 1.0
-    option_layer: int = 4  # hidden state after this many decoder layers
+    option_layer: int | None = None  # hidden state after this many decoder layers (None: two thirds of the depth)
     warmup: int = 100
     eval_every: int = 300
     # Wall-clock budgets: when set, a stage runs until its budget is spent and its schedule follows elapsed
@@ -85,6 +86,13 @@ class TrainConfig:
     resume: str | None = None  # a saved model to continue stage 2 from (stage 1 is then skipped)
     threads: int = 1  # one thread degrades gracefully when other jobs share the two cores
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def probe_layers(cfg: TrainConfig) -> tuple[int, int]:
+    """Decoder depths of the name-token and option-correctness probes: the same relative depth at any size."""
+    name = cfg.probe_layer if cfg.probe_layer is not None else cfg.text_layers // 3
+    option = cfg.option_layer if cfg.option_layer is not None else (2 * cfg.text_layers) // 3
+    return name, option
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -591,8 +599,9 @@ def train_stage2(
     vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     vision_ids = {id(p) for p in vision_params}
     align = Alignment(model, [enc.words(name)[0] for name in CATEGORY_NAMES])
-    probe = NameProbe(TEXT_WIDTH, name_token_table(enc, len(enc.tok)), cfg.probe_layer)
-    options = OptionProbe(TEXT_WIDTH, cfg.option_layer)
+    probe_layer, option_layer = probe_layers(cfg)
+    probe = NameProbe(TEXT_WIDTH, name_token_table(enc, len(enc.tok)), probe_layer)
+    options = OptionProbe(TEXT_WIDTH, option_layer)
     sampler = SqaSampler(pool, cfg.sqa_kind_weights)
     other = [p for p in model.parameters() if id(p) not in vision_ids] + [align.scale, align.bias]
     other += list(probe.parameters()) + list(options.parameters())
@@ -678,6 +687,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, report: Reporter = SILENT) ->
     """Run both stages and export to ``out``; checkpoints and the log go to ``work``."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    cfg.probe_layer, cfg.option_layer = probe_layers(cfg)  # the card and the log name the resolved depths
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log = work / "train_log.jsonl"
@@ -695,7 +705,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, report: Reporter = SILENT) ->
     if cfg.resume:
         model = LlavaForConditionalGeneration.from_pretrained(cfg.resume).float()
     else:
-        model = build_model(dict(processor.tokenizer.get_vocab()))
+        model = build_model(dict(processor.tokenizer.get_vocab()), cfg.text_layers)
     heads = AuxHeads(VISION_WIDTH)
     _log(log, {"data_minutes": round((time.time() - t0) / 60, 2), "params": model.num_parameters()}, report)
     stage1_steps = 0 if cfg.resume else train_stage1(model, heads, pool, cfg, log, report)
@@ -720,7 +730,7 @@ def time_steps(cfg: TrainConfig, steps: int = 5) -> dict[str, float]:
     pool = build_pool(scenes + [s for s, _ in sqa], [None] * len(scenes) + [p for _, p in sqa], SILENT)
     processor = build_processor()
     enc = Encoder(processor.tokenizer)
-    model = build_model(dict(processor.tokenizer.get_vocab()))
+    model = build_model(dict(processor.tokenizer.get_vocab()), cfg.text_layers)
     heads = AuxHeads(VISION_WIDTH)
     stats = ObjectStats.from_scenes(scenes)
     result: dict[str, float] = {}
