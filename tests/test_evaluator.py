@@ -123,3 +123,29 @@ def test_decoder_only_scoring_matches_the_full_model(tiny_gqa, evalset):
         assert evaluator.dense_metrics["pope"][split] == full.metrics.to_dict()
     full_sqa = evaluate_sqa(tiny_gqa.model, tiny_gqa.processor, evalset.sqa, batch_size=16)
     assert evaluator.dense_metrics["scienceqa"] == full_sqa.metrics.to_dict()
+
+
+def test_a_bias_compensated_plan_scores_what_the_compensated_sliced_model_scores(evalset):
+    import copy
+
+    from worker.hipp.calibration_source import default_samples
+    from worker.hipp.models.loading import load_model
+    from worker.hipp.pruning.baselines.flap import build_flap_plan
+    from worker.hipp.pruning.surgery import apply_plan
+
+    loaded = load_model("testbed")
+    flap = build_flap_plan(loaded, 0.5, default_samples("testbed", 16), batch_size=8)
+    evaluator = PlanEvaluator(loaded, evalset, batch_size=16)
+    compensated = evaluator.evaluate(flap.plan, prescreen=False, compensation=flap.compensation)
+    zeroed = evaluator.evaluate(flap.plan, prescreen=False)
+    assert not zeroed.cached, "compensated and zeroed metrics are cached apart"
+    assert compensated.fingerprint != zeroed.fingerprint
+
+    sliced = copy.deepcopy(loaded)
+    apply_plan(sliced.adapter, flap.plan, flap.compensation)
+    assert PlanEvaluator(sliced, evalset, batch_size=16).dense_metrics == compensated.metrics
+    # The check is not vacuous: on these questions compensation changes what the pruned model answers.
+    assert compensated.metrics != zeroed.metrics
+    plain = copy.deepcopy(loaded)
+    apply_plan(plain.adapter, flap.plan)
+    assert PlanEvaluator(plain, evalset, batch_size=16).dense_metrics == zeroed.metrics

@@ -130,3 +130,19 @@ def test_the_bench_writes_its_table_and_the_command(tmp_path, monkeypatch, capsy
     assert "load_average_before" in data and data["pick"] in (1, 64)
     assert "| 230m | 1 | 64 | 1408 |" in (tmp_path / "rounding.md").read_text()
     assert "reproduce with: python -m bench.rounding" in capsys.readouterr().out
+
+
+def test_allocators_with_their_own_split_are_charged_against_their_own_unrounded_choice(tiny_gqa):
+    from worker.hipp.data.calibration import synthetic_samples
+    from worker.hipp.pruning.baselines.flap import build_flap_plan
+
+    samples = synthetic_samples(4, seed=2)
+    rounded = build_plan(tiny_gqa, 0.4, "wanda-sp", "wanda-sp", samples=samples, mlp_multiple=8, seed=1)
+    unrounded = build_plan(tiny_gqa, 0.4, "wanda-sp", "wanda-sp", samples=samples, mlp_multiple=1, seed=1)
+    assert rounded.meta["rounding"]["unrounded_removed"] == unrounded.removed_parameters()
+    assert rounded.meta["rounding"]["removed"] == rounded.removed_parameters()
+    flap8 = build_flap_plan(tiny_gqa, 0.4, samples, mlp_multiple=8, batch_size=2).plan
+    flap1 = build_flap_plan(tiny_gqa, 0.4, samples, mlp_multiple=1, batch_size=2).plan
+    assert flap8.meta["rounding"]["unrounded_removed"] == flap1.removed_parameters()
+    assert flap8.meta["rounding"]["removed"] == flap8.removed_parameters()
+    assert "rounding" not in flap1.meta

@@ -11,6 +11,11 @@ fingerprint. Objectives are normalized against the dense model:
   given per call; the evaluator's own mode is the default)
 - S = the SynFlow stability proxy (plans failing its pre-screen are not evaluated and get ``PRESCREEN_RETURN``)
 
+A plan that comes with a :class:`~worker.hipp.pruning.bias_compensation.BiasCompensation` (FLAP) is scored with
+the removed o_proj / down_proj input channels replaced by their calibration means instead of zeroed: the
+function the compensated, sliced model computes (``mean_replacement``; tests/test_flap.py checks it against
+surgery). Its metrics are cached under the plan's fingerprint plus a compensation tag.
+
 The evaluator holds no state that callers change: its prepared inputs, dense metrics and cache depend only on
 the model and the evaluation set.
 """
@@ -44,11 +49,13 @@ from worker.hipp.evaluation.tasks.pope import PopeQuestion
 from worker.hipp.evaluation.tasks.scienceqa import SqaProblem
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
+from worker.hipp.pruning.bias_compensation import BiasCompensation, mean_replacement
 from worker.hipp.pruning.masking import apply_masks
 from worker.hipp.pruning.plan import PruningPlan, geometry_of
 from worker.hipp.pruning.stability import StabilityProxy
 
 PRESCREEN_RETURN = -1.0
+COMPENSATED = "bias-compensation"  # cache-key tag of plans scored with FLAP's bias compensation
 
 
 @dataclass
@@ -217,20 +224,28 @@ class PlanEvaluator:
             rows.append(head(hidden).float().cpu())
         return torch.cat(rows) if rows else torch.zeros(0, 0)
 
-    def _metrics(self, plan: PruningPlan | None) -> dict[str, Any]:
+    def _metrics(self, plan: PruningPlan | None, compensation: BiasCompensation | None = None) -> dict[str, Any]:
+        if plan is not None and compensation is not None:
+            compensation.check(plan)
+            with mean_replacement(self.loaded.adapter, plan, compensation):
+                return self._scores()
         masks = apply_masks(self.loaded.adapter, plan) if plan is not None else None
         try:
-            result: dict[str, Any] = {"pope": {}}
-            for split, batches in self._pope_batches.items():
-                predictions = pope_predictions(self._last_logits(batches), self._pope_ids)
-                labels = [q.label for q in self.evalset.pope[split]]
-                result["pope"][split] = pope.compute_metrics(predictions, labels).to_dict()
-            if self._sqa_batches:
-                picks = sqa_predictions(self._last_logits(self._sqa_batches), self._sqa_ids, self.evalset.sqa)
-                result["scienceqa"] = scienceqa.compute_metrics(picks, self.evalset.sqa).to_dict()
+            return self._scores()
         finally:
             if masks is not None:
                 masks.remove()
+
+    def _scores(self) -> dict[str, Any]:
+        """Task metrics of the model as it computes now (masks or mean replacement already in place)."""
+        result: dict[str, Any] = {"pope": {}}
+        for split, batches in self._pope_batches.items():
+            predictions = pope_predictions(self._last_logits(batches), self._pope_ids)
+            labels = [q.label for q in self.evalset.pope[split]]
+            result["pope"][split] = pope.compute_metrics(predictions, labels).to_dict()
+        if self._sqa_batches:
+            picks = sqa_predictions(self._last_logits(self._sqa_batches), self._sqa_ids, self.evalset.sqa)
+            result["scienceqa"] = scienceqa.compute_metrics(picks, self.evalset.sqa).to_dict()
         return result
 
     # --- objectives ------------------------------------------------------------------------------------
@@ -257,12 +272,14 @@ class PlanEvaluator:
         """A pre-screened plan's objectives: ``PRESCREEN_RETURN`` for the unmeasured ones."""
         return Objectives(PRESCREEN_RETURN, PRESCREEN_RETURN, sparsity / mode.s_max, stability)
 
-    def evaluate(self, plan: PruningPlan, prescreen: bool = True, mode: ScoringMode | None = None) -> PlanEvaluation:
+    def evaluate(self, plan: PruningPlan, prescreen: bool = True, mode: ScoringMode | None = None,
+                 compensation: BiasCompensation | None = None) -> PlanEvaluation:
         """Objectives and metrics of ``plan`` (metrics cached by fingerprint), compression scored in ``mode``
         (default: the evaluator's). With ``prescreen``, plans failing the stability pre-screen are not
-        evaluated (search); reports evaluate every plan."""
+        evaluated (search); reports evaluate every plan. With ``compensation`` the plan is scored as the
+        bias-compensated pruned model computes (see the module doc)."""
         mode = mode or self.mode
-        key = plan.fingerprint
+        key = plan.fingerprint if compensation is None else f"{plan.fingerprint}+{COMPENSATED}"
         if key in self._cache and not (self._cache[key].prescreened and not prescreen):
             hit = self._cache[key]
             # Objectives depend on the call's mode (s_max, target); the metrics do not.
@@ -277,7 +294,7 @@ class PlanEvaluator:
                                         self.prescreened_objectives(plan.sparsity, report.score, mode), {}, 0.0,
                                         prescreened=True, rho=report.rho)
         else:
-            metrics = self._metrics(plan)
+            metrics = self._metrics(plan, compensation)
             seconds = time.perf_counter() - start
             self.evaluations += 1
             self.seconds += seconds

@@ -34,7 +34,7 @@ from worker.hipp.pruning.criteria import LayerScores, get_criterion
 from worker.hipp.pruning.layer_counts import LayerCounts, validate_sparsity
 from worker.hipp.pruning.masking import PlanMasks
 from worker.hipp.pruning.plan import LayerPlan, ModelGeometry, PruningPlan, geometry_of
-from worker.hipp.pruning.rounding import rounding_cost
+from worker.hipp.pruning.rounding import rounding_cost_against
 
 
 def select_units(shape: LayerShape, counts: LayerCounts, scores: LayerScores) -> LayerPlan:
@@ -207,8 +207,8 @@ def build_plan(
     if not isinstance(allocation, str):
         meta["allocator"] = dict(vars(allocation))
     if mlp_multiple > 1:
-        ratios = built.layer_ratios(geometry, sparsity, context)
-        meta["rounding"] = rounding_cost(geometry, ratios, sparsity, counts, mlp_multiple).to_dict()
+        unrounded = allocate(geometry, sparsity, built, 1, context)  # the allocator's own split, unrounded
+        meta["rounding"] = rounding_cost_against(geometry, sparsity, counts, unrounded, mlp_multiple).to_dict()
     if built.sequential:
         layers, _ = select_sequentially(loaded, geometry, counts, criterion, samples, seed, reporter)
         meta["sequential"] = True

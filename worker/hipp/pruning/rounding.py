@@ -88,8 +88,19 @@ def rounding_cost(
     geometry: ModelGeometry, ratios: Sequence[float], sparsity: float, counts: Sequence[LayerCounts],
     mlp_multiple: int,
 ) -> RoundingCost:
-    """The cost of ``counts`` (``ratios`` made feasible at ``mlp_multiple``) against the same ratios at 1."""
-    unrounded = counts_from_ratios(geometry, ratios, sparsity, 1)
+    """The cost of ``counts`` (``ratios`` made feasible at ``mlp_multiple``) against the same ratios at 1, for
+    allocators whose split is the closest-option rule (the policy, the "-style" allocators)."""
+    return rounding_cost_against(geometry, sparsity, counts, counts_from_ratios(geometry, ratios, sparsity, 1),
+                                 mlp_multiple)
+
+
+def rounding_cost_against(
+    geometry: ModelGeometry, sparsity: float, counts: Sequence[LayerCounts], unrounded: Sequence[LayerCounts],
+    mlp_multiple: int,
+) -> RoundingCost:
+    """The cost of ``counts`` at ``mlp_multiple`` against ``unrounded``: what the same allocator chooses at
+    multiple 1. Allocators that choose their own head/MLP split (Wanda-sp, FLAP) are compared with their own
+    unrounded choice, not with the closest-option rule."""
     prunable = sum(dense_layer_parameters(s, geometry.hidden_size) for s in geometry.layers)
     kept, kept_unrounded = kept_parameters(geometry, counts), kept_parameters(geometry, unrounded)
     return RoundingCost(

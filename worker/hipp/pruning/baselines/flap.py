@@ -51,6 +51,7 @@ from worker.hipp.pruning.plan import (
     geometry_of,
     mlp_parameters,
 )
+from worker.hipp.pruning.rounding import rounding_cost_against
 from worker.hipp.pruning.surgery import apply_plan
 
 # --- statistics -----------------------------------------------------------------------------------------
@@ -304,6 +305,10 @@ def build_flap_plan(
         "model": loaded.reference, "criterion": "wifv", "allocation": "flap-paper", "requested_sparsity": sparsity,
         "seed": seed, "bias_compensation": True, "calibration_tokens": statistics[0].o_proj.tokens,
     }
+    if mlp_multiple > 1:  # against FLAP's own unrounded ranking, not the closest-option rule
+        unrounded = counts_of(global_search(geometry, scores, sparsity, 1))
+        meta["rounding"] = rounding_cost_against(geometry, sparsity, counts_of(layers), unrounded,
+                                                 mlp_multiple).to_dict()
     plan = PruningPlan(geometry, layers, mlp_multiple=mlp_multiple, meta=meta)
     plan.validate()
     compensation = BiasCompensation(tuple(LayerMeans(st.o_proj.mean, st.down_proj.mean) for st in statistics))
