@@ -7,11 +7,21 @@ its standard error, and a monotonicity flag. Methods:
   and the faithful ones in ``worker.hipp.pruning.baselines`` (``wanda-sp``, ``owl-paper``, ``llm-pruner``, and any
   other allocator registered when this runs, e.g. FLAP's), all with Wanda-sp scores (``uniform`` also with
   magnitude);
+- ``flap-paper`` (``pruning.baselines.flap``): its own WIFV scores and global search, scored with its bias
+  compensation (the function the compensated sliced model computes); its plans are saved with the means
+  (``*.means.safetensors``) so they replay with ``hipp prune --plan``;
 - equal selection budget (``pruning.baselines.equal_budget``): best of K random allocations, best of K OWL lambdas,
   best of the LLM-Pruner protected-layer counts 0..K-1 (fewer on shallow models), chosen on the SEARCH set
   (``policy.search.testbed_search_set``: POPE validation images, ScienceQA val; never the test files) by the mean
   of the evaluator's utility (SQA / dense) and robustness (POPE, normalized) objectives. K is the number of plans
   HiPP's plan selection evaluates: ``worker.hipp.job.POLICY_SAMPLES`` sampled plans plus the mean plan (9).
+
+The committed HiPP matched plans (``bench/results/plans/hipp-*.json``, ``--hipp-plans``) are evaluated on the
+same questions, and ``bench.verdict`` sets each against the best baseline at its sparsity (95% intervals).
+
+Calibration: by default the model's own source (``calibration_source.choose_calibration``: in-distribution
+world samples for the testbed); ``--calibration synthetic`` (or ``world``) forces the other one, to show how
+sensitive each baseline is to it (``--name baselines_synthetic --plans bench/results/plans/baselines-synthetic``).
 
 Every plan is saved as replayable JSON under ``bench/results/plans/baselines/`` (``hipp prune --plan``).
 A method is flagged when its mean POPE balanced accuracy rises from one sparsity to the next by more than two
@@ -20,6 +30,8 @@ standard errors, averaged).
 
     python -m bench.baselines                            # 1,000 questions per POPE split and 1,000 ScienceQA
     python -m bench.baselines --limit 300 --threads 1 --name baselines_faithful
+    python -m bench.baselines --limit 300 --threads 1 --calibration synthetic --name baselines_synthetic \
+        --plans bench/results/plans/baselines-synthetic
 """
 
 from __future__ import annotations
@@ -34,8 +46,9 @@ from typing import Any
 import torch
 
 from bench.report import RESULTS, markdown_table, write_report
-from worker.hipp.calibration_source import default_samples
-from worker.hipp.data.calibration import CalibrationSample
+from bench.verdict import HIPP, compare, verdict_markdown
+from worker.hipp.calibration_source import choose_calibration
+from worker.hipp.data.calibration import CalibrationSample, synthetic_samples
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.baseline_grid import ALL_BASELINES, metrics_row
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluation, PlanEvaluator
@@ -49,6 +62,7 @@ from worker.hipp.pruning.baselines.equal_budget import (
     owl_lambda_candidates,
     random_candidates,
 )
+from worker.hipp.pruning.baselines.flap import build_flap_plan
 from worker.hipp.pruning.plan import PruningPlan, geometry_of
 from worker.hipp.pruning.planner import ScoringResult, allocation_context, build_plan, score_model
 from worker.hipp.testbed.data import write_benchmarks
@@ -59,6 +73,10 @@ SELECTION_BUDGET = POLICY_SAMPLES + 1  # HiPP's plan selection: the sampled plan
 FAITHFUL = ("wanda-sp/wanda-sp", "owl-paper/wanda-sp", "llm-pruner/wanda-sp")
 EQUAL_BUDGET = ("random", "owl-paper", "llm-pruner")
 SPARSITIES = "0.2,0.3,0.4,0.5,0.6,0.7,0.8"
+FLAP = "flap-paper/wifv"
+OWN_SCORES = ("flap-paper",)  # allocators that bring their own scores: run by their own function below
+HIPP_PLANS = sorted((RESULTS / "plans").glob("hipp-*.json"))
+CALIBRATION_COUNT = 64
 
 
 def test_set(limit: int | None) -> EvalSet:
@@ -71,8 +89,18 @@ def test_set(limit: int | None) -> EvalSet:
 def default_methods() -> list[str]:
     """The "-style" grid, the faithful baselines, and every other registered allocator with Wanda-sp scores."""
     methods = [*ALL_BASELINES, *FAITHFUL]
-    named = {m.split("/")[0] for m in methods}
+    named = {m.split("/")[0] for m in methods} | set(OWN_SCORES)
     return methods + [f"{a}/wanda-sp" for a in ALLOCATORS.names() if a not in named]
+
+
+def calibration(model: str, source: str, seed: int) -> tuple[list[CalibrationSample], str]:
+    """The calibration samples and their source name: the model's own choice, or the one forced."""
+    chosen = choose_calibration(model, CALIBRATION_COUNT, seed)
+    if source in ("default", chosen.source):
+        return chosen.samples, chosen.source
+    if source == "synthetic":
+        return synthetic_samples(CALIBRATION_COUNT, seed=seed), "synthetic"
+    return choose_calibration("testbed", CALIBRATION_COUNT, seed).samples, "world"
 
 
 def pope_se(metrics: dict[str, Any]) -> float:
@@ -113,9 +141,13 @@ def table(rows: list[dict[str, Any]], flags: dict[str, list[str]] | None = None)
     return markdown_table(header, body)
 
 
+def plan_file(name: str, sparsity: float, plans_dir: Path) -> Path:
+    return plans_dir / f"{name.replace('/', '_').replace(' ', '-')}-{round(sparsity * 100)}.json"
+
+
 def save_plan(plan: PruningPlan, name: str, sparsity: float, plans_dir: Path) -> str:
     plans_dir.mkdir(parents=True, exist_ok=True)
-    path = plans_dir / f"{name.replace('/', '_').replace(' ', '-')}-{round(sparsity * 100)}.json"
+    path = plan_file(name, sparsity, plans_dir)
     plan.save(path)
     return str(path.relative_to(RESULTS.parent.parent) if path.is_relative_to(RESULTS.parent.parent) else path)
 
@@ -123,7 +155,8 @@ def save_plan(plan: PruningPlan, name: str, sparsity: float, plans_dir: Path) ->
 def row(name: str, requested: float, plan: PruningPlan, result: PlanEvaluation, plan_path: str,
         **extra: Any) -> dict[str, Any]:
     return (metrics_row(name, plan.sparsity, result.metrics, result.seconds)
-            | {"requested": requested, "pope_se": round(pope_se(result.metrics), 4), "plan": plan_path,
+            | {"requested": requested, "pope_se": round(pope_se(result.metrics), 4),
+               "sqa_se": round(result.metrics.get("scienceqa", {}).get("accuracy_se", math.nan), 4), "plan": plan_path,
                "layer_sparsities": [round(x, 4) for x in plan.layer_sparsities()], **extra})
 
 
@@ -163,6 +196,34 @@ def run_methods(loaded: LoadedModel, test: PlanEvaluator, samples: Sequence[Cali
             result = test.evaluate(plan, prescreen=False)
             rows.append(row(method, s, plan, result, save_plan(plan, method, s, plans_dir)))
     return rows, scorings
+
+
+def run_flap(loaded: LoadedModel, test: PlanEvaluator, samples: Sequence[CalibrationSample],
+             sparsities: Sequence[float], seed: int, plans_dir: Path) -> list[dict[str, Any]]:
+    """FLAP as in its paper: its own scores and search, scored with its bias compensation."""
+    rows: list[dict[str, Any]] = []
+    for s in sparsities:
+        try:
+            flap = build_flap_plan(loaded, s, samples, seed=seed)
+        except OptionError as e:
+            rows.append({"baseline": FLAP, "sparsity": s, "requested": s, "infeasible": str(e)})
+            continue
+        result = test.evaluate(flap.plan, prescreen=False, compensation=flap.compensation)
+        path = save_plan(flap.plan, FLAP, s, plans_dir)
+        flap.compensation.save(plan_file(FLAP, s, plans_dir).with_suffix(".means.safetensors"))
+        rows.append(row(FLAP, s, flap.plan, result, path, bias_compensation=True))
+    return rows
+
+
+def run_hipp_plans(loaded: LoadedModel, test: PlanEvaluator, paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The committed HiPP matched plans, evaluated on the same questions as the baselines."""
+    rows = []
+    for path in paths:
+        plan = PruningPlan.load(path)
+        requested = float(plan.meta.get("target_sparsity", plan.sparsity))  # type: ignore[arg-type]
+        rows.append(row(HIPP, requested, plan, test.evaluate(plan, prescreen=False), str(path),
+                        policy=plan.meta.get("policy")))
+    return rows
 
 
 def run_equal_budget(loaded: LoadedModel, test: PlanEvaluator, search: PlanEvaluator,
@@ -205,20 +266,31 @@ def main() -> None:
     parser.add_argument("--no-equal-budget", action="store_true")
     parser.add_argument("--name", default="baselines", help="result name under bench/results")
     parser.add_argument("--plans", type=Path, default=PLANS, help="where every baseline plan is saved")
+    parser.add_argument("--calibration", choices=("default", "world", "synthetic"), default="default",
+                        help="calibration source (default: the model's own; the other shows the sensitivity)")
+    parser.add_argument("--hipp-plans", type=Path, nargs="*", default=None,
+                        help="HiPP plans to compare (default: the committed matched plans, for the testbed)")
+    parser.add_argument("--no-flap", action="store_true", help="leave out flap-paper")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reporter = TqdmReporter()
     started = time.perf_counter()
     loaded = load_model(args.model)
     evaluator = PlanEvaluator(loaded, test_set(args.limit), reporter=reporter)
-    samples = default_samples("testbed", 64, args.seed)
+    samples, source = calibration(args.model, args.calibration, args.seed)
     sparsities = [float(x) for x in args.sparsities.split(",")]
     methods = args.methods.split(",") if args.methods else default_methods()
+    run_flap_paper = not args.no_flap and (args.methods is None or FLAP in methods)
+    methods = [m for m in methods if m != FLAP]
     rows = [metrics_row("dense", 0.0, evaluator.dense_metrics)
             | {"requested": 0.0, "pope_se": round(pope_se(evaluator.dense_metrics), 4)}]
     method_rows, scorings = run_methods(loaded, evaluator, samples, sparsities, methods, args.seed, args.plans,
                                         reporter)
     rows += method_rows
+    if run_flap_paper:
+        rows += run_flap(loaded, evaluator, samples, sparsities, args.seed, args.plans)
+    hipp_plans = args.hipp_plans if args.hipp_plans is not None else (HIPP_PLANS if args.model == "testbed" else [])
+    rows += run_hipp_plans(loaded, evaluator, hipp_plans)
     if not args.no_equal_budget:
         from worker.hipp.policy.search import testbed_search_set
 
@@ -231,14 +303,19 @@ def main() -> None:
     feasible = [r for r in rows if "infeasible" not in r]
     flags = monotonicity_flags(feasible)
     infeasible = [f"{r['baseline']} at {r['requested']}: {r['infeasible']}" for r in rows if "infeasible" in r]
-    md = (f"Testbed, {evaluator.evalset.size()} test questions per plan (POPE {args.limit} per split), "
-          f"logit scoring, masks; evaluation cost {evaluator.seconds_per_plan:.2f} s per plan "
+    verdict = compare(feasible)
+    md = (f"Testbed, calibration: {source} ({CALIBRATION_COUNT} samples), "
+          f"{evaluator.evalset.size()} test questions per plan (POPE {args.limit} per split), "
+          f"logit scoring, masks (flap-paper: its bias compensation); "
+          f"evaluation cost {evaluator.seconds_per_plan:.2f} s per plan "
           f"({args.threads} threads); best-of-K selections spend K = {args.k} search-set evaluations "
           f"({args.search_limit} POPE questions per split and SQA problems)\n\n" + table(feasible, flags)
           + "\n\nNon-monotone (mean POPE rises by more than 2 SE to the next sparsity): "
           + ("; ".join(f"{m}: {', '.join(v)}" for m, v in flags.items()) or "none")
-          + ("\n\nInfeasible: " + "; ".join(infeasible) if infeasible else ""))
-    write_report(args.name, {"rows": rows, "flags": flags, "seconds_per_plan": evaluator.seconds_per_plan,
+          + ("\n\nInfeasible: " + "; ".join(infeasible) if infeasible else "")
+          + "\n\n## HiPP's committed matched plans against the best baseline\n\n" + verdict_markdown(verdict))
+    write_report(args.name, {"rows": rows, "flags": flags, "verdict": verdict, "calibration": source,
+                             "seconds_per_plan": evaluator.seconds_per_plan,
                              "questions_per_plan": evaluator.evalset.size(), "k": args.k,
                              "wall_seconds": round(time.perf_counter() - started, 1)}, md, module="baselines")
 

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def commit() -> str:
+    """The checkout's commit (``-dirty`` when tracked files differ from it): the design a result measures."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -40,7 +54,7 @@ def write_report(name: str, data: dict[str, Any], markdown: str, out_dir: Path |
     out = out_dir or RESULTS
     out.mkdir(parents=True, exist_ok=True)
     command = f"python -m bench.{module or name} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    data = {"command": command.strip(), "machine": machine(), **data}
+    data = {"command": command.strip(), "commit": commit(), "machine": machine(), **data}
     (out / f"{name}.json").write_text(json.dumps(data, indent=1))
     (out / f"{name}.md").write_text(f"# bench/{name}\n\n{markdown}\n\nReproduce: `{command.strip()}`\n"
                                     f"Machine: {data['machine']}\n")

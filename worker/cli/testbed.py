@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     card.add_argument("--summary", type=Path, required=True, help="summary.json written by `testbed train`")
     card.add_argument("--command", required=True, help="the training command(s) to document")
     card.add_argument("--notes", type=Path, default=None, help="a markdown file with notes on the training run")
+    card.add_argument("--reference", default="testbed", help="the model reference the card names")
+    card.add_argument("--trained-on", default=None, help="where it was trained (default: 2 CPU cores)")
     card.set_defaults(func=run_card)
 
     train = sub.add_parser("train", help="train the testbed VLM from scratch (CPU, about 45 minutes)")
@@ -91,7 +93,8 @@ def run_card(args: argparse.Namespace) -> int:
 
     training = json.loads(args.summary.read_text())
     notes = args.notes.read_text() if args.notes else ""
-    metrics = write_card(args.model_dir or MODEL_DIR, training, args.command, notes, TqdmReporter())
+    metrics = write_card(args.model_dir or MODEL_DIR, training, args.command, notes, TqdmReporter(),
+                         args.reference, args.trained_on)
     from worker.hipp.evaluation.runner import format_table
 
     print(format_table(metrics))

@@ -31,7 +31,8 @@ def _weights(weights: dict[str, float] | None) -> str:
     return " / ".join(f"{k} {v:g}" for k, v in (weights or {}).items()) or "equally"
 
 
-def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str, notes: str = "") -> str:
+def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str, notes: str = "",
+                reference: str = "testbed", trained_on: str | None = None) -> str:
     pope = metrics["pope"]
     sqa = metrics["scienceqa"]
     rows = "\n".join(
@@ -41,13 +42,15 @@ def render_card(metrics: dict[str, Any], training: dict[str, Any], command: str,
     )
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in sqa["by_kind"].items())
     cfg = training.get("config", {})
+    layers = cfg.get("text_layers", 6)
+    where = trained_on or f"2 CPU cores ({cfg.get('threads', 1)} torch thread)"
     command_block = "\n".join("    " + line for line in command.strip().splitlines())
     return f"""# HiPP-Prune testbed VLM
 
 A small LLaVA (CLIP-style ViT 64 px, patch 16, 4 layers, width 128 -> 17 image tokens including the class token;
-2-layer GELU projector; Llama decoder with 6 layers, width 128, 8 query heads / 4 KV heads, MLP 384; word-level
+2-layer GELU projector; Llama decoder with {layers} layers, width 128, 8 query heads / 4 KV heads, MLP 384; word-level
 vocabulary) trained from scratch on the project's synthetic world so that pruning can be measured honestly.
-It is the model reference `testbed`. Weights are fp16 safetensors; load with
+It is the model reference `{reference}`. Weights are fp16 safetensors; load with
 `AutoModelForImageTextToText.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)` (offline).
 
 ## Training
@@ -57,8 +60,8 @@ It is the model reference `testbed`. Weights are fp16 safetensors; load with
 {notes}
 
 - seed: {cfg.get('seed', 0)}
-- wall time: {training.get('minutes', '?')} minutes on 2 CPU cores ({cfg.get('threads', 1)} torch thread), data
-  generation and both stages included
+- trained on: {where}; wall time {training.get('minutes', '?')} minutes, data generation and both stages
+  included
 - stage 1 (vision tower alone with auxiliary heads: per-patch coverage, presence, per-category count and side):
   {training.get('stage1_steps', '?')} steps of batch {cfg.get('batch')}, lr {cfg.get('stage1_lr')},
   {cfg.get('stage1_minutes')} minutes
@@ -78,7 +81,7 @@ rerunning the command gives the same data and initialisation, and a schedule ove
 ## Metrics (held-out images, logit scoring)
 
 Benchmark files: `hipp testbed data --out DIR` (data seed {DEFAULT_SEED}); evaluate with
-`hipp eval --model testbed --pope DIR/pope --sqa DIR/scienceqa`.
+`hipp eval --model {reference} --pope DIR/pope --sqa DIR/scienceqa`.
 
 | POPE split | questions | balanced accuracy | accuracy | F1 | yes-ratio |
 |---|---|---|---|---|---|
@@ -92,10 +95,11 @@ Exact numbers: `metrics.json`.
 
 
 def write_card(
-    model_dir: Path, training: dict[str, Any], command: str, notes: str = "", report: Reporter = SILENT
+    model_dir: Path, training: dict[str, Any], command: str, notes: str = "", report: Reporter = SILENT,
+    reference: str = "testbed", trained_on: str | None = None,
 ) -> dict[str, Any]:
     """Measure the model in ``model_dir`` and write metrics.json and README.md there."""
     metrics = measure(model_dir, report)
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (model_dir / "README.md").write_text(render_card(metrics, training, command, notes))
+    (model_dir / "README.md").write_text(render_card(metrics, training, command, notes, reference, trained_on))
     return metrics

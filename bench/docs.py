@@ -1,0 +1,133 @@
+"""Numbers in the docs come from the benchmark JSON: this module writes them.
+
+A generated block in a markdown file sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``;
+:data:`BLOCKS` says which function renders NAME from which committed JSON file. ``python -m bench.docs``
+rewrites every block in ``docs/*.md``; ``python -m bench.docs --check`` exits 1 and names the stale blocks
+(tests/test_bench_docs.py runs the check, so a benchmark re-run without regenerating the docs fails CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.report import RESULTS
+from bench.verdict import HIPP, verdict_markdown
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
+SUMMARY_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((RESULTS / f"{name}.json").read_text())
+    return data
+
+
+def _source(name: str, data: dict[str, Any]) -> str:
+    return f"From `bench/results/{name}.json` (`{data['command']}`, commit {data.get('commit', 'not recorded')})."
+
+
+def _cells(rows: Sequence[dict[str, Any]], sparsities: Sequence[float]) -> dict[str, dict[float, dict[str, Any]]]:
+    table: dict[str, dict[float, dict[str, Any]]] = {}
+    for r in rows:
+        if "infeasible" in r or r["baseline"] == "dense":
+            continue
+        for s in sparsities:
+            if abs(r["requested"] - s) < 1e-6:
+                table.setdefault(r["baseline"], {})[s] = r
+    return table
+
+
+def _pope_sqa(r: dict[str, Any] | None) -> str:
+    return f"{r['pope_bacc']:.3f} ± {r['pope_se']:.3f} / {r['sqa']:.3f}" if r else "-"
+
+
+def baselines_summary(name: str = "baselines_faithful") -> str:
+    """Every method's POPE mean ± SE / SQA at 30-70%, with its monotonicity flag."""
+    data = load(name)
+    cells = _cells(data["rows"], SUMMARY_SPARSITIES)
+    dense = next(r for r in data["rows"] if r["baseline"] == "dense")
+    header = "| method | " + " | ".join(f"{round(100 * s)}%" for s in SUMMARY_SPARSITIES) + " | non-monotone |"
+    lines = [header, "|" + "---|" * (len(SUMMARY_SPARSITIES) + 2),
+             f"| dense | {_pope_sqa(dense)} |" + " |" * len(SUMMARY_SPARSITIES)]
+    for method, by_s in cells.items():
+        flag = "; ".join(data["flags"].get(method, [])) or ""
+        lines.append(f"| {method} | " + " | ".join(_pope_sqa(by_s.get(s)) for s in SUMMARY_SPARSITIES)
+                     + f" | {flag} |")
+    return (f"{_source(name, data)} Cells: POPE mean balanced accuracy ± SE / ScienceQA accuracy "
+            f"({data['questions_per_plan']} test questions per plan).\n\n" + "\n".join(lines))
+
+
+def baselines_verdict(name: str = "baselines_faithful") -> str:
+    data = load(name)
+    return f"{_source(name, data)}\n\n{verdict_markdown(data['verdict'])}"
+
+
+def calibration_sensitivity(world: str = "baselines_faithful", synthetic: str = "baselines_synthetic") -> str:
+    """Each method's POPE / SQA under the testbed's own calibration and under synthetic shapes, side by side."""
+    a, b = load(world), load(synthetic)
+    ca, cb = _cells(a["rows"], SUMMARY_SPARSITIES), _cells(b["rows"], SUMMARY_SPARSITIES)
+    header = ("| method | " + " | ".join(f"{round(100 * s)}% {a['calibration']} -> {b['calibration']}"
+                                        for s in SUMMARY_SPARSITIES) + " | mean POPE change |")
+    lines = [header, "|" + "---|" * (len(SUMMARY_SPARSITIES) + 2)]
+    for method in ca:
+        if method == HIPP or method not in cb:
+            continue
+        pairs = [(ca[method].get(s), cb[method].get(s)) for s in SUMMARY_SPARSITIES]
+        deltas = [y["pope_bacc"] - x["pope_bacc"] for x, y in pairs if x and y]
+        cells = [f"{x['pope_bacc']:.3f} -> {y['pope_bacc']:.3f}" if x and y else "-" for x, y in pairs]
+        mean = f"{sum(deltas) / len(deltas):+.3f}" if deltas else "-"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
+    return (f"{_source(world, a)}\n{_source(synthetic, b)} Cells: POPE mean balanced accuracy "
+            f"(SE about {a['rows'][0]['pope_se']:.3f} per cell).\n\n" + "\n".join(lines))
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "baselines-summary": baselines_summary,
+    "baselines-verdict": baselines_verdict,
+    "calibration-sensitivity": calibration_sensitivity,
+}
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """``text`` with every known block regenerated, and the names of the blocks that changed."""
+    changed: list[str] = []
+
+    def fill(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"unknown generated block {name!r}; known: {', '.join(BLOCKS)}")
+        body = BLOCKS[name]().rstrip("\n") + "\n"
+        if body != m.group("body"):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(fill, text), changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in sorted(DOCS.glob("*.md")):
+        text = path.read_text()
+        new, changed = render(text)
+        stale += [f"{path.name}:{name}" for name in changed]
+        if changed and not args.check:
+            path.write_text(new)
+    if args.check and stale:
+        print("stale generated blocks (run python -m bench.docs): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    print("regenerated: " + (", ".join(stale) or "nothing changed"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
