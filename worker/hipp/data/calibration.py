@@ -3,13 +3,14 @@
 Calibration prompts are image + question pairs turned into model inputs with the family's prompt format.
 Statistics are collected with forward pre-hooks on the consumers of the prunable units (``o_proj`` for
 heads, ``down_proj`` for MLP channels), counting only real (non-padding) tokens; batch size and sequence
-length are capped so calibration never runs out of memory.
+length are capped so calibration never runs out of memory. :func:`stream_consumer_inputs` is the one driver
+of those hooks: a criterion's statistics (squared norms here, FLAP's means and variances) are a sink it feeds.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,46 @@ class LayerActivations:
         return self.down_proj_sq.sqrt()
 
 
+#: Receives (layer index, ``"o_proj"`` or ``"down_proj"``, the consumer's input rows of real tokens ``[n, width]``).
+ConsumerSink = Callable[[int, str, torch.Tensor], None]
+CONSUMERS = ("o_proj", "down_proj")
+
+
+@torch.no_grad()
+def stream_consumer_inputs(
+    loaded: LoadedModel,
+    samples: Sequence[CalibrationSample],
+    sink: ConsumerSink,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+    reporter: Reporter = SILENT,
+) -> int:
+    """Run ``samples`` through the model and hand ``sink`` the inputs of every layer's o_proj and down_proj,
+    padding tokens dropped. Returns the number of real tokens seen."""
+    token_mask: dict[str, torch.Tensor] = {}
+
+    def hook(layer: int, name: str):  # type: ignore[no-untyped-def]
+        def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            sink(layer, name, x.reshape(-1, x.shape[-1])[token_mask["mask"].reshape(-1)])
+
+        return record
+
+    handles = [getattr(la, name).register_forward_pre_hook(hook(i, name))
+               for i, la in enumerate(loaded.adapter.layers()) for name in CONSUMERS]
+    tokens = 0
+    try:
+        batches = list(iter_batches(loaded, samples, batch_size, max_length))
+        for batch in reporter.track(batches, message="calibration batches"):
+            token_mask["mask"] = batch["attention_mask"].bool()
+            loaded.model(**batch)
+            tokens += int(batch["attention_mask"].sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens
+
+
 @torch.no_grad()
 def collect_activations(
     loaded: LoadedModel,
@@ -121,28 +162,12 @@ def collect_activations(
         )
         for la in layers
     ]
-    token_mask: dict[str, torch.Tensor] = {}
 
-    def accumulate(target: torch.Tensor, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).double()
-        mask = token_mask["mask"].reshape(-1)
-        target += (flat[mask] ** 2).sum(0).cpu()
+    def accumulate(layer: int, name: str, rows: torch.Tensor) -> None:
+        target = stats[layer].o_proj_sq if name == "o_proj" else stats[layer].down_proj_sq
+        target += (rows.double() ** 2).sum(0).cpu()
 
-    handles = []
-    for la, st in zip(layers, stats, strict=True):
-        handles.append(la.o_proj.register_forward_pre_hook(
-            lambda _m, args, st=st: accumulate(st.o_proj_sq, args[0])))
-        handles.append(la.down_proj.register_forward_pre_hook(
-            lambda _m, args, st=st: accumulate(st.down_proj_sq, args[0])))
-    try:
-        batches = list(iter_batches(loaded, samples, batch_size, max_length))
-        for batch in reporter.track(batches, message="calibration batches"):
-            token_mask["mask"] = batch["attention_mask"].bool()
-            loaded.model(**batch)
-            n = int(batch["attention_mask"].sum())
-            for st in stats:
-                st.tokens += n
-    finally:
-        for h in handles:
-            h.remove()
+    tokens = stream_consumer_inputs(loaded, samples, accumulate, batch_size, max_length, reporter)
+    for st in stats:
+        st.tokens = tokens
     return stats

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from worker.hipp.data.calibration import CalibrationSample, iter_batches, synthetic_samples
+from worker.hipp.data.calibration import CalibrationSample, stream_consumer_inputs, synthetic_samples
 from worker.hipp.errors import OptionError
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.progress import SILENT, Reporter
@@ -111,30 +111,11 @@ def collect_flap_statistics(
 ) -> list[FlapLayerStatistics]:
     """Mean and variance of every o_proj / down_proj input channel of the dense model over the real
     (non-padding) tokens of ``samples``."""
-    layers = loaded.adapter.layers()
-    moments = [(_Moments(la.o_proj.in_features), _Moments(la.down_proj.in_features)) for la in layers]
-    mask: dict[str, torch.Tensor] = {}
-
-    def hook(target: _Moments):  # type: ignore[no-untyped-def]
-        def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            target.add(x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)])
-
-        return record
-
-    handles = []
-    for la, (o, down) in zip(layers, moments, strict=True):
-        handles.append(la.o_proj.register_forward_pre_hook(hook(o)))
-        handles.append(la.down_proj.register_forward_pre_hook(hook(down)))
-    try:
-        batches = list(iter_batches(loaded, samples, batch_size, max_length))
-        for batch in reporter.track(batches, message="calibration batches"):
-            mask["tokens"] = batch["attention_mask"].bool()
-            loaded.model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [FlapLayerStatistics(o.statistics(), down.statistics()) for o, down in moments]
+    moments = [{"o_proj": _Moments(la.o_proj.in_features), "down_proj": _Moments(la.down_proj.in_features)}
+               for la in loaded.adapter.layers()]
+    stream_consumer_inputs(loaded, samples, lambda layer, name, rows: moments[layer][name].add(rows),
+                           batch_size, max_length, reporter)
+    return [FlapLayerStatistics(m["o_proj"].statistics(), m["down_proj"].statistics()) for m in moments]
 
 
 # --- scores -----------------------------------------------------------------------------------------------
