@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import event
 
 from app.config import Settings
+from bench.load_servers import alive
 from tests.service.conftest import auth, free_port
 
 CLI = [sys.executable, "-m", "worker.cli"]
@@ -122,17 +123,6 @@ def _serve(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str, s
     return server, url, key, home
 
 
-def _alive(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _celery(proc: psutil.Process) -> list[psutil.Process]:
     out = []
     for child in proc.children(recursive=True):
@@ -166,9 +156,9 @@ def test_serve_stops_its_worker_and_beat(tmp_path: Path, sig: signal.Signals, ex
         server.send_signal(sig)
         assert server.wait(timeout=60) == 0
         deadline = time.monotonic() + 5  # init may take a moment to reap what the worker left
-        while _alive(children) and time.monotonic() < deadline:
+        while alive(children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(children), f"outlived hipp serve: {_alive(children)}"
+        assert not alive(children), f"outlived hipp serve: {alive(children)}"
     finally:
         if server.poll() is None:
             server.kill()
