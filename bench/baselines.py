@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from bench.protocol import DEV_SEED, claim
 from bench.report import RESULTS, markdown_table, write_report
 from bench.verdict import HIPP, compare, verdict_markdown
 from worker.hipp.calibration_source import choose_calibration
@@ -79,10 +80,11 @@ HIPP_PLANS = sorted((RESULTS / "plans").glob("hipp-*.json"))
 CALIBRATION_COUNT = 64
 
 
-def test_set(limit: int | None) -> EvalSet:
-    root = CACHE / "testbed-test"
+def test_set(limit: int | None, world_seed: int = DEV_SEED) -> EvalSet:
+    """The testbed's test files of ``world_seed`` (the development seed's unless a report seed is given)."""
+    root = CACHE / ("testbed-test" if world_seed == DEV_SEED else f"testbed-test-{world_seed}")
     if not (root / "scienceqa" / "problems.json").is_file():
-        write_benchmarks(root)
+        write_benchmarks(root, seed=world_seed)
     return EvalSet.from_dirs(root / "pope", root / "scienceqa", sqa_split="test", limit=limit)
 
 
@@ -271,12 +273,17 @@ def main() -> None:
     parser.add_argument("--hipp-plans", type=Path, nargs="*", default=None,
                         help="HiPP plans to compare (default: the committed matched plans, for the testbed)")
     parser.add_argument("--no-flap", action="store_true", help="leave out flap-paper")
+    parser.add_argument("--world-seed", type=int, default=DEV_SEED,
+                        help="test files of this world seed; a seed other than the development one is a frozen-"
+                             "protocol report, recorded in bench/results/protocol.json (bench.protocol)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.world_seed != DEV_SEED:
+        claim(args.world_seed, args.name)
     reporter = TqdmReporter()
     started = time.perf_counter()
     loaded = load_model(args.model)
-    evaluator = PlanEvaluator(loaded, test_set(args.limit), reporter=reporter)
+    evaluator = PlanEvaluator(loaded, test_set(args.limit, args.world_seed), reporter=reporter)
     samples, source = calibration(args.model, args.calibration, args.seed)
     sparsities = [float(x) for x in args.sparsities.split(",")]
     methods = args.methods.split(",") if args.methods else default_methods()
@@ -304,7 +311,7 @@ def main() -> None:
     flags = monotonicity_flags(feasible)
     infeasible = [f"{r['baseline']} at {r['requested']}: {r['infeasible']}" for r in rows if "infeasible" in r]
     verdict = compare(feasible)
-    md = (f"Testbed, calibration: {source} ({CALIBRATION_COUNT} samples), "
+    md = (f"Testbed, world seed {args.world_seed}, calibration: {source} ({CALIBRATION_COUNT} samples), "
           f"{evaluator.evalset.size()} test questions per plan (POPE {args.limit} per split), "
           f"logit scoring, masks (flap-paper: its bias compensation); "
           f"evaluation cost {evaluator.seconds_per_plan:.2f} s per plan "
@@ -315,6 +322,7 @@ def main() -> None:
           + ("\n\nInfeasible: " + "; ".join(infeasible) if infeasible else "")
           + "\n\n## HiPP's committed matched plans against the best baseline\n\n" + verdict_markdown(verdict))
     write_report(args.name, {"rows": rows, "flags": flags, "verdict": verdict, "calibration": source,
+                             "world_seed": args.world_seed,
                              "seconds_per_plan": evaluator.seconds_per_plan,
                              "questions_per_plan": evaluator.evalset.size(), "k": args.k,
                              "wall_seconds": round(time.perf_counter() - started, 1)}, md, module="baselines")

@@ -140,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     reporter = TqdmReporter()
     loaded = load_model(args.model)
-    samples = default_samples("testbed", 64, args.seed)
+    samples = default_samples(args.model, 64, args.seed)
     search = testbed_search_set(CACHE / "testbed-search", limit=args.search_limit)
     setup = prepare_search(loaded, search, samples, s_max=S_MAX, reporter=reporter)
     matched = [float(x) for x in args.sparsities.split(",")]
