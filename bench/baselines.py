@@ -52,6 +52,7 @@ from worker.hipp.calibration_source import choose_calibration
 from worker.hipp.data.calibration import CalibrationSample, synthetic_samples
 from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.baseline_grid import ALL_BASELINES, metrics_row
+from worker.hipp.evaluation.intervals import has_outcomes, interval, outcomes_of, pope_mean, sqa_accuracy
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluation, PlanEvaluator
 from worker.hipp.job import POLICY_SAMPLES
 from worker.hipp.models.loading import LoadedModel, load_model
@@ -157,9 +158,18 @@ def save_plan(plan: PruningPlan, name: str, sparsity: float, plans_dir: Path) ->
 def row(name: str, requested: float, plan: PruningPlan, result: PlanEvaluation, plan_path: str,
         **extra: Any) -> dict[str, Any]:
     return (metrics_row(name, plan.sparsity, result.metrics, result.seconds)
+            | intervals_of(result.metrics)
             | {"requested": requested, "pope_se": round(pope_se(result.metrics), 4),
                "sqa_se": round(result.metrics.get("scienceqa", {}).get("accuracy_se", math.nan), 4), "plan": plan_path,
                "layer_sparsities": [round(x, 4) for x in plan.layer_sparsities()], **extra})
+
+
+def intervals_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """95% bootstrap intervals of POPE mean and SQA, and the per-question outcomes (for paired comparisons)."""
+    if not has_outcomes(metrics):
+        return {}
+    return {"pope_ci": interval(metrics, pope_mean), "sqa_ci": interval(metrics, sqa_accuracy),
+            "outcomes": outcomes_of(metrics)}
 
 
 def selection_score(evaluator: PlanEvaluator, plan: PruningPlan) -> float:
@@ -289,7 +299,7 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else default_methods()
     run_flap_paper = not args.no_flap and (args.methods is None or FLAP in methods)
     methods = [m for m in methods if m != FLAP]
-    rows = [metrics_row("dense", 0.0, evaluator.dense_metrics)
+    rows = [metrics_row("dense", 0.0, evaluator.dense_metrics) | intervals_of(evaluator.dense_metrics)
             | {"requested": 0.0, "pope_se": round(pope_se(evaluator.dense_metrics), 4)}]
     method_rows, scorings = run_methods(loaded, evaluator, samples, sparsities, methods, args.seed, args.plans,
                                         reporter)

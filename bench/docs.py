@@ -45,7 +45,13 @@ def _cells(rows: Sequence[dict[str, Any]], sparsities: Sequence[float]) -> dict[
 
 
 def _pope_sqa(r: dict[str, Any] | None) -> str:
-    return f"{r['pope_bacc']:.3f} ± {r['pope_se']:.3f} / {r['sqa']:.3f}" if r else "-"
+    """``POPE [95%] / SQA [95%]`` (bootstrap intervals; ``± SE`` for rows measured before they were kept)."""
+    if not r:
+        return "-"
+    if "pope_ci" in r:
+        (pl, ph), (sl, sh) = r["pope_ci"], r["sqa_ci"]
+        return f"{r['pope_bacc']:.3f} [{pl:.3f}, {ph:.3f}] / {r['sqa']:.3f} [{sl:.3f}, {sh:.3f}]"
+    return f"{r['pope_bacc']:.3f} ± {r['pope_se']:.3f} / {r['sqa']:.3f}"
 
 
 def baselines_summary(name: str = "baselines_faithful") -> str:
@@ -60,7 +66,7 @@ def baselines_summary(name: str = "baselines_faithful") -> str:
         flag = "; ".join(data["flags"].get(method, [])) or ""
         lines.append(f"| {method} | " + " | ".join(_pope_sqa(by_s.get(s)) for s in SUMMARY_SPARSITIES)
                      + f" | {flag} |")
-    return (f"{_source(name, data)} Cells: POPE mean balanced accuracy ± SE / ScienceQA accuracy "
+    return (f"{_source(name, data)} Cells: POPE mean balanced accuracy / ScienceQA accuracy with 95% intervals "
             f"({data['questions_per_plan']} test questions per plan).\n\n" + "\n".join(lines))
 
 

@@ -3,10 +3,11 @@
 ``bench.baselines`` evaluates the committed HiPP plans (``bench/results/plans/hipp-*.json``) on the same test
 questions as every baseline; this module compares them. For each sparsity the best baseline by POPE mean
 balanced accuracy (equal-budget selections and FLAP included) is set against HiPP, with 95% intervals of the
-differences. The intervals treat the two cells' errors as independent (each cell's standard error from its
-question counts, in quadrature), which is conservative: both plans answer the same questions, so a paired
-interval would be narrower. ``docs/method.md`` quotes :func:`verdict_markdown` of the committed JSON
-(``python -m bench.docs`` rewrites the block; a test checks it is current).
+differences: paired bootstrap over the questions both plans answered (``evaluation.intervals``) when the rows
+carry their per-question outcomes; otherwise the two cells' standard errors in quadrature, a normal
+approximation that treats them as independent (conservative: it ignores that the questions are shared).
+``docs/method.md`` quotes :func:`verdict_markdown` of the committed JSON (``python -m bench.docs`` rewrites
+the block; a test checks it is current).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+from worker.hipp.evaluation.intervals import paired_difference, pope_mean, sqa_accuracy
 
 HIPP = "HiPP (committed matched plan)"
 Z95 = 1.96
@@ -23,9 +26,20 @@ def sqa_se(row: dict[str, Any]) -> float:
     return float(row.get("sqa_se", math.nan))
 
 
-def _difference(a: float, se_a: float, b: float, se_b: float) -> dict[str, float]:
+def _difference(a: float, se_a: float, b: float, se_b: float) -> dict[str, Any]:
     d, se = a - b, math.hypot(se_a, se_b)
-    return {"difference": round(d, 4), "low": round(d - Z95 * se, 4), "high": round(d + Z95 * se, 4)}
+    return {"difference": round(d, 4), "low": round(d - Z95 * se, 4), "high": round(d + Z95 * se, 4),
+            "method": "normal"}
+
+
+def difference(a: dict[str, Any], b: dict[str, Any], task: str) -> dict[str, Any]:
+    """``a - b`` on ``task`` (``pope`` or ``sqa``) with its 95% interval, paired when both carry outcomes."""
+    value, se = ("pope_bacc", "pope_se") if task == "pope" else ("sqa", "sqa_se")
+    if "outcomes" in a and "outcomes" in b:
+        statistic = pope_mean if task == "pope" else sqa_accuracy
+        low, high = paired_difference(a["outcomes"], b["outcomes"], statistic)
+        return {"difference": round(a[value] - b[value], 4), "low": low, "high": high, "method": "paired bootstrap"}
+    return _difference(a[value], float(a.get(se, math.nan)), b[value], float(b.get(se, math.nan)))
 
 
 def compare(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,22 +52,30 @@ def compare(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         best = max(same, key=lambda r: r["pope_bacc"])
         best_sqa = max(same, key=lambda r: r["sqa"])
-        pope = _difference(hipp["pope_bacc"], hipp["pope_se"], best["pope_bacc"], best["pope_se"])
-        sqa = _difference(hipp["sqa"], sqa_se(hipp), best["sqa"], sqa_se(best))
-        sqa_vs_best_sqa = _difference(hipp["sqa"], sqa_se(hipp), best_sqa["sqa"], sqa_se(best_sqa))
+        pope = difference(hipp, best, "pope")
+        sqa = difference(hipp, best, "sqa")
+        sqa_vs_best_sqa = difference(hipp, best_sqa, "sqa")
         verdict.append({
             "requested": hipp["requested"], "hipp": _cell(hipp), "best_on_pope": _cell(best),
             "best_on_sqa": _cell(best_sqa), "pope": pope, "sqa": sqa, "sqa_vs_best_on_sqa": sqa_vs_best_sqa,
             "baselines_compared": len(same),
-            "baselines_within_interval": sum(1 for r in same if _difference(
-                hipp["pope_bacc"], hipp["pope_se"], r["pope_bacc"], r["pope_se"])["low"] <= 0),
+            "baselines_within_interval": sum(1 for r in same if difference(hipp, r, "pope")["low"] <= 0),
         })
     return verdict
 
 
 def _cell(row: dict[str, Any]) -> dict[str, Any]:
     return {"plan": row["baseline"], "sparsity": row["sparsity"], "pope": row["pope_bacc"],
-            "pope_se": row["pope_se"], "sqa": row["sqa"], "sqa_se": sqa_se(row)}
+            "pope_se": row["pope_se"], "pope_ci": row.get("pope_ci"), "sqa": row["sqa"], "sqa_se": sqa_se(row),
+            "sqa_ci": row.get("sqa_ci")}
+
+
+def _value(cell: dict[str, Any], task: str) -> str:
+    """``0.941 [0.930, 0.952]`` with the bootstrap interval, else ``0.941 ± 0.006`` with the standard error."""
+    ci = cell.get(f"{task}_ci")
+    if ci:
+        return f"{cell[task]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{cell[task]:.3f} ± {cell[f'{task}_se']:.3f}"
 
 
 def _points(d: dict[str, float]) -> str:
@@ -64,15 +86,15 @@ def verdict_markdown(verdict: Sequence[dict[str, Any]]) -> str:
     """The table and one line of conclusion per sparsity, from :func:`compare`'s output."""
     if not verdict:
         return "No committed HiPP plan was evaluated in this run."
-    header = ("| sparsity | HiPP POPE / SQA | best baseline on POPE (POPE / SQA) | POPE diff, points [95%] "
+    header = ("| sparsity | HiPP POPE / SQA [95%] | best baseline on POPE (POPE / SQA) | POPE diff, points [95%] "
               "| SQA diff, points [95%] | best baseline on SQA | SQA diff vs it [95%] |\n|---|---|---|---|---|---|---|")
     lines = [header]
     for v in verdict:
         h, b, q = v["hipp"], v["best_on_pope"], v["best_on_sqa"]
         lines.append(
-            f"| {round(100 * v['requested'])}% | {h['pope']:.3f} ± {h['pope_se']:.3f} / {h['sqa']:.3f} "
-            f"| {b['plan']} {b['pope']:.3f} ± {b['pope_se']:.3f} / {b['sqa']:.3f} | {_points(v['pope'])} "
-            f"| {_points(v['sqa'])} | {q['plan']} {q['sqa']:.3f} | {_points(v['sqa_vs_best_on_sqa'])} |")
+            f"| {round(100 * v['requested'])}% | {_value(h, 'pope')} / {_value(h, 'sqa')} "
+            f"| {b['plan']} {_value(b, 'pope')} / {_value(b, 'sqa')} | {_points(v['pope'])} "
+            f"| {_points(v['sqa'])} | {q['plan']} {_value(q, 'sqa')} | {_points(v['sqa_vs_best_on_sqa'])} |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {conclusion(v)}" for v in verdict)
 
 

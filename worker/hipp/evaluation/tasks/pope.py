@@ -18,6 +18,7 @@ from pathlib import Path
 
 from worker.hipp.data.world import CATEGORY_NAMES, Scene, render
 from worker.hipp.errors import HippError
+from worker.hipp.evaluation.intervals import pack_bits
 
 SPLITS = ("random", "popular", "adversarial")
 QUESTIONS_PER_LABEL = 3  # POPE asks about 3 present and 3 absent objects per image
@@ -277,6 +278,9 @@ class PopeMetrics:
     fp: int
     tn: int
     fn: int
+    #: Per question, packed (``evaluation.intervals``): the label is "yes" / the answer is "yes".
+    label_bits: str = ""
+    yes_bits: str = ""
 
     @property
     def n(self) -> int:
@@ -322,7 +326,7 @@ class PopeMetrics:
             var += self.specificity * (1 - self.specificity) / neg
         return math.sqrt(var) / 2
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "n": self.n,
             "accuracy": self.accuracy,
@@ -336,6 +340,7 @@ class PopeMetrics:
             "fp": self.fp,
             "tn": self.tn,
             "fn": self.fn,
+            **({"per_question": {"label": self.label_bits, "yes": self.yes_bits}} if self.label_bits else {}),
         }
 
 
@@ -349,4 +354,5 @@ def compute_metrics(predictions: Sequence[str], labels: Sequence[str]) -> PopeMe
             tp, fn = (tp + 1, fn) if pred == "yes" else (tp, fn + 1)
         else:
             fp, tn = (fp + 1, tn) if pred == "yes" else (fp, tn + 1)
-    return PopeMetrics(tp, fp, tn, fn)
+    return PopeMetrics(tp, fp, tn, fn, pack_bits([label == "yes" for label in labels]),
+                       pack_bits([pred == "yes" for pred in predictions]))

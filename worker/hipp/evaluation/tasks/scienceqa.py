@@ -18,6 +18,7 @@ from pathlib import Path
 
 from worker.hipp.data.world import BY_NAME, CATEGORY_NAMES, IMAGE_SIZE, Scene, render, sample_scene
 from worker.hipp.errors import HippError
+from worker.hipp.evaluation.intervals import pack_bits
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 
 OPTIONS = ("A", "B", "C", "D", "E")
@@ -232,6 +233,8 @@ class SqaMetrics:
     correct: int
     n: int
     by_kind: dict[str, tuple[int, int]]
+    #: Per problem, packed (``evaluation.intervals``): answered correctly.
+    correct_bits: str = ""
 
     @property
     def accuracy(self) -> float:
@@ -247,6 +250,7 @@ class SqaMetrics:
             "accuracy": self.accuracy,
             "accuracy_se": self.accuracy_se,
             "by_kind": {k: c / t if t else 0.0 for k, (c, t) in sorted(self.by_kind.items())},
+            **({"per_question": {"correct": self.correct_bits}} if self.correct_bits else {}),
         }
 
 
@@ -255,10 +259,8 @@ def compute_metrics(predicted: Sequence[int], problems: Sequence[SqaProblem]) ->
     if len(predicted) != len(problems):
         raise ValueError("predictions and problems differ in length")
     by_kind: dict[str, tuple[int, int]] = {}
-    correct = 0
-    for pred, problem in zip(predicted, problems, strict=True):
-        hit = int(pred == problem.answer)
-        correct += hit
+    hits = [pred == problem.answer for pred, problem in zip(predicted, problems, strict=True)]
+    for hit, problem in zip(hits, problems, strict=True):
         c, t = by_kind.get(problem.kind, (0, 0))
-        by_kind[problem.kind] = (c + hit, t + 1)
-    return SqaMetrics(correct, len(problems), by_kind)
+        by_kind[problem.kind] = (c + int(hit), t + 1)
+    return SqaMetrics(sum(hits), len(problems), by_kind, pack_bits(hits))
