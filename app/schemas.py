@@ -237,7 +237,8 @@ class EventOut(BaseModel):
 
 class ArtifactOut(BaseModel):
     id: uuid.UUID
-    kind: str
+    kind: str = Field(description="checkpoint (checkpoint.tar), hipp_plan, metrics, plans (hipp_plans.json: every "
+                      "plan considered, in full), front (front.png), allocation (allocation.png)")
     name: str
     size: int
     sha256: str
