@@ -67,6 +67,9 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 STAGES = ("load", "sensitivity", "plan", "prune", "recover", "evaluate", "upload")
+#: The artifact that keeps every plan a job considered, in full, in the order of ``GET /jobs/{id}/plans``: what
+#: a later job's ``plan: {job, index}`` replays.
+PLANS_ARTIFACT = "hipp_plans.json"
 
 
 class Tenant(Base):

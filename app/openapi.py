@@ -35,10 +35,12 @@ DESCRIPTIONS = {
     401: "`missing_api_key` or `invalid_api_key` (no key, a wrong or a revoked one)",
     403: "`bad_signature` or `url_expired` (signed download URL)",
     404: "`not_found`: no such resource, or it belongs to another tenant",
-    409: "Conflict: `job_finished` (cancel), `job_active` (delete), `idempotency_key_reused`",
+    409: "Conflict: `job_finished` (cancel), `job_active` (delete), `idempotency_key_reused`,"
+    " `plan_job_not_succeeded` (a `plan` from a job that has not succeeded)",
     413: "`body_too_large`: the body is larger than `HIPP_MAX_BODY_BYTES` (also when sent chunked)",
     415: "`unsupported_media_type`: the body is not sent as `Content-Type: application/json`",
-    422: "`invalid_request` (names the field and what to fix), `unknown_model`, `invalid_policy_uri`",
+    422: "`invalid_request` (names the field and what to fix), `unknown_model`, `invalid_policy_uri`,"
+    " `invalid_plan_reference` (a `plan` whose job, index or model does not fit)",
     429: "`quota_exceeded` (active jobs per tenant) or `rate_limited` (requests per tenant); see `Retry-After`",
     503: "`database_unavailable` / `server_busy` (retry after `Retry-After`), `not_ready` (readiness)",
 }

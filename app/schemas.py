@@ -137,16 +137,34 @@ class ExportOptions(Strict):
     )
 
 
+class PlanReference(Strict):
+    """One plan of an earlier job's front, replayed as it is (no sensitivity, no plan search)."""
+
+    job: uuid.UUID = Field(strict=False, description="A succeeded job of this tenant, on the same model reference")
+    index: int = Field(ge=0, le=10_000, description="Position in that job's GET /jobs/{id}/plans list (0-based)")
+
+
 class JobCreate(Strict):
     model: str = Field(
         min_length=1,
         max_length=500,
         description="Built-in name (tiny-llava, testbed), allowed path or hub id",
     )
-    preference: Preference
+    preference: Preference | None = Field(
+        default=None,
+        description="Trade-off that chooses the plan; required unless `plan` is given (then it is only "
+        "recorded, and defaults to the preference of the job the plan comes from)",
+    )
     target_sparsity: float | None = Field(
         default=None, ge=0.0, lt=0.95,
-        description="Matched mode: prune to this fraction of prunable params (0: export unpruned, a format check)",
+        description="Matched mode: prune to this fraction of prunable params (0: export unpruned, a format check);"
+        " not with `plan` (the plan fixes the sparsity)",
+    )
+    plan: PlanReference | None = Field(
+        default=None,
+        description="Materialize plan `index` of an earlier job's front instead of searching: the sensitivity and "
+        "plan stages are skipped and `preference` / `target_sparsity` choose nothing. The earlier job must be "
+        "this tenant's, succeeded, on the same `model`",
     )
     recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
@@ -161,6 +179,14 @@ class JobCreate(Strict):
         if not v:
             raise ValueError("model must not be blank")
         return v
+
+    @model_validator(mode="after")
+    def _plan_or_preference(self) -> JobCreate:
+        if self.plan is None and self.preference is None:
+            raise ValueError("preference: required (e.g. {\"utility\": 1}) unless plan {job, index} is given")
+        if self.plan is not None and self.target_sparsity is not None:
+            raise ValueError("target_sparsity: not used with plan (the replayed plan fixes the sparsity); drop one")
+        return self
 
 
 class JobError(BaseModel):
@@ -211,7 +237,8 @@ class EventOut(BaseModel):
 
 class ArtifactOut(BaseModel):
     id: uuid.UUID
-    kind: str
+    kind: str = Field(description="checkpoint (checkpoint.tar), hipp_plan, metrics, plans (hipp_plans.json: every "
+                      "plan considered, in full), front (front.png), allocation (allocation.png)")
     name: str
     size: int
     sha256: str

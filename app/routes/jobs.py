@@ -189,7 +189,8 @@ def download_artifact(
 
 @router.get("/{job_id}/plans", response_model=list[PlanOut])
 def list_plans(job_id: uuid.UUID, session: ReadSessionDep, who: CurrentTenant) -> list[PlanOut]:
-    """The plans the job considered (the non-dominated set), the chosen one flagged. Empty until planned."""
+    """The plans the job considered (the non-dominated set), the chosen one flagged. Empty until planned. A
+    plan's position in this list is the ``index`` a later job's ``plan: {job, index}`` replays."""
     job = service.get_job(session, who, job_id)
     plans = (job.result or {}).get("plans") or []
     return [PlanOut.model_validate(p) for p in plans]

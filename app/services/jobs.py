@@ -1,4 +1,5 @@
-"""Job operations behind the routes: create (idempotent), read, list with a cursor, cancel, events, artifacts.
+"""Job operations behind the routes: create (idempotent; a ``plan`` reference to an earlier job checked here),
+read, list with a cursor, cancel, events, artifacts.
 
 Every query is scoped to the caller's tenant; another tenant's job is indistinguishable from a missing one.
 """
@@ -12,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,13 +24,18 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import ApiError, not_found
 from app.modelrefs import check_model_ref
-from app.models import Artifact, Event, Job, JobStatus, utcnow
+from app.models import PLANS_ARTIFACT, TERMINAL, Artifact, Event, Job, JobStatus, utcnow
 from app.schemas import JobCreate
 from app.security import Principal
 
+FINISHED_STATES = {s.value for s in TERMINAL}
+
 
 def request_hash(body: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    data = body.model_dump(mode="json")
+    if data.get("plan") is None:  # requests from before plan replay existed keep their hash
+        data.pop("plan", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def create_job(
@@ -49,27 +56,85 @@ def create_job(
         existing = _by_idempotency_key(session, who, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
+    source = replayed_plan(session, who, body, model)  # after the replay: its plan's job may be gone by now
     with locks.hold(session, who):
-        return _insert(session, settings, who, body, model, digest, idempotency_key)
+        return _insert(session, settings, who, body, model, source, digest, idempotency_key)
+
+
+def replayed_plan(session: Session, who: Principal, body: JobCreate, model: str) -> PlanSource | None:
+    """The earlier job and plan that ``body.plan`` names, checked: the tenant's own job (another tenant's is
+    answered as a missing one), succeeded, with its plans kept, ``index`` among them, on the same model."""
+    ref = body.plan
+    if ref is None:
+        return None
+    source = session.scalar(select(Job).where(Job.id == ref.job, Job.tenant_id == who.tenant_id))
+    if source is None:
+        raise _bad_plan(f"plan.job: job {ref.job} does not exist (or belongs to another tenant); name one of your "
+                        "succeeded jobs (GET /jobs?status=succeeded)", ref.job)
+    if source.status != JobStatus.succeeded.value:
+        wait = "wait until it has succeeded" if source.status not in FINISHED_STATES else "use a succeeded job"
+        raise ApiError(
+            409, "plan_job_not_succeeded",
+            f"plan.job: job {source.id} is {source.status}, only a succeeded job's plans can be replayed; {wait}",
+            detail={"job": str(source.id), "status": source.status},
+        )
+    plans = (source.result or {}).get("plans") or []
+    kept = session.scalar(select(Artifact).where(Artifact.job_id == source.id, Artifact.name == PLANS_ARTIFACT))
+    if kept is None:
+        raise _bad_plan(f"plan.job: job {source.id} has no stored plans (it ran before plans were kept, or its "
+                        "artifacts expired); submit a job that searches again (preference without plan)", ref.job)
+    if ref.index >= len(plans):
+        raise _bad_plan(f"plan.index: job {source.id} considered {len(plans)} plan(s), so index must be 0 to "
+                        f"{len(plans) - 1} (see GET /jobs/{source.id}/plans)", ref.job)
+    if source.model != model:
+        raise _bad_plan(f"model: plan {ref.index} of job {source.id} is for model {source.model!r}, not {model!r}; "
+                        "a plan fits one model's geometry, so submit the same model", ref.job)
+    fingerprint = str((plans[ref.index].get("plan") or {}).get("fingerprint", ""))
+    return PlanSource(source, ref.index, fingerprint)
+
+
+def _bad_plan(message: str, job: uuid.UUID) -> ApiError:
+    return ApiError(422, "invalid_plan_reference", message, detail={"job": str(job)})
+
+
+@dataclass(frozen=True)
+class PlanSource:
+    """A checked ``plan`` reference: the job whose front holds it, its index there, its fingerprint."""
+
+    job: Job
+    index: int
+    fingerprint: str
+
+    def option(self) -> dict[str, Any]:
+        """What the worker reads (``options["plan"]``)."""
+        return {"job": str(self.job.id), "index": self.index, "fingerprint": self.fingerprint}
 
 
 def _insert(
-    session: Session, settings: Settings, who: Principal, body: JobCreate, model: str, digest: str,
-    idempotency_key: str | None,
+    session: Session, settings: Settings, who: Principal, body: JobCreate, model: str, source: PlanSource | None,
+    digest: str, idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     check_quota(session, settings, who)
+    options: dict[str, Any] = {
+        "recovery": body.recovery.model_dump(),
+        "evaluation": body.evaluation.model_dump(),
+        "calibration": body.calibration.model_dump(),
+        "export": body.export.model_dump(),
+    }
+    if source is not None:
+        options["plan"] = source.option()
+    if body.preference is not None:
+        preference = body.preference.model_dump()
+    else:  # a replayed plan records the preference it was chosen for (the schema requires one of the two)
+        assert source is not None
+        preference = dict(source.job.preference)
     job = Job(
         id=uuid.uuid4(),
         tenant_id=who.tenant_id,
         model=model,
-        preference=body.preference.model_dump(),
+        preference=preference,
         target_sparsity=body.target_sparsity,
-        options={
-            "recovery": body.recovery.model_dump(),
-            "evaluation": body.evaluation.model_dump(),
-            "calibration": body.calibration.model_dump(),
-            "export": body.export.model_dump(),
-        },
+        options=options,
         meta=body.metadata,
         status=JobStatus.queued.value,
         max_attempts=settings.max_attempts,

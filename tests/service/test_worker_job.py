@@ -137,7 +137,8 @@ def test_full_job_through_a_worker_process(worker, wclient, tenant_key, tmp_path
     assert len(plans) == 1 and plans[0]["chosen"]
 
     arts = {a["name"]: a for a in wclient.get(f"/jobs/{job_id}/artifacts", headers=auth(tenant_key)).json()}
-    assert set(arts) == {"checkpoint.tar", "hipp_plan.json", "metrics.json"}
+    assert set(arts) == {"checkpoint.tar", "hipp_plan.json", "metrics.json", "hipp_plans.json", "front.png",
+                         "allocation.png"}
     ckpt = arts["checkpoint.tar"]
     download = httpx.get(ckpt["url"])
     assert download.status_code == 200
@@ -211,6 +212,11 @@ def test_a_registered_policy_plans_the_job(worker, wclient, tenant_key, tmp_path
     assert len(chosen) == 1 and all(p["source"] == "policy" for p in plans)
     assert chosen[0]["plan"]["fingerprint"] == result["chosen_plan"]["fingerprint"]
     assert {"utility", "robustness", "compression"} <= set(chosen[0]["plan"])
+    # every plan of the front is kept in full, in the listed order, so a later job can replay any of them
+    arts = {a["name"]: a for a in wclient.get(f"/jobs/{job_id}/artifacts", headers=auth(tenant_key)).json()}
+    kept = httpx.get(arts["hipp_plans.json"]["url"]).json()
+    assert [p["fingerprint"] for p in kept["plans"]] == [p["plan"]["fingerprint"] for p in plans]
+    assert plans[kept["chosen"]]["chosen"]
 
 
 def test_cancel_a_running_job_stops_it(worker, wclient, tenant_key) -> None:  # type: ignore[no-untyped-def]

@@ -191,6 +191,15 @@ def parse_preference(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_plan_reference(text: str) -> dict[str, Any]:
+    """``JOB_ID:INDEX`` as the API's ``plan`` object (the server checks that the job and the index exist)."""
+    job, sep, index = text.rpartition(":")
+    if not sep or not job or not index.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected JOB_ID:INDEX, e.g. 3f2c...:0 (an index of the job's plans)")
+    return {"job": job, "index": int(index)}
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     jobs = sub.add_parser("jobs", help="submit and follow pruning jobs on a HiPP-Prune service")
     jobs.add_argument("--url", default=os.environ.get("HIPP_API_URL", "http://127.0.0.1:8000"))
@@ -201,9 +210,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--model", required=True)
     p.add_argument(
         "--preference",
-        required=True,
         type=parse_preference,
-        help="utility=0.5,robustness=0.3,compression=0.2 (normalized by the server)",
+        help="utility=0.5,robustness=0.3,compression=0.2 (normalized by the server); required without --from-plan",
+    )
+    p.add_argument(
+        "--from-plan",
+        type=parse_plan_reference,
+        metavar="JOB:INDEX",
+        help="materialize plan INDEX of an earlier job's front (hipp jobs status JOB: result.plans) without "
+        "searching again; same --model as that job",
     )
     p.add_argument("--target-sparsity", type=float)
     p.add_argument("--recovery-steps", type=int, default=0)
@@ -264,16 +279,24 @@ def _print(obj: Any) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.preference is None and args.from_plan is None:
+        print("hipp: error: give --preference (or --from-plan JOB:INDEX to replay an earlier job's plan)",
+              file=sys.stderr)
+        return 2
+
     def go() -> int:
         c = _client(args)
-        body = {
+        body: dict[str, Any] = {
             "model": args.model,
-            "preference": args.preference,
             "target_sparsity": args.target_sparsity,
             "recovery": {"steps": args.recovery_steps},
             "evaluation": {"enabled": not args.no_eval, "max_samples": args.eval_samples},
             "metadata": args.metadata,
         }
+        if args.preference is not None:
+            body["preference"] = args.preference
+        if args.from_plan is not None:
+            body["plan"] = args.from_plan
         job = c.submit(body, args.idempotency_key)
         print(job["id"])
         if not args.wait:

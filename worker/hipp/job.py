@@ -4,7 +4,10 @@ the service's job pipeline (``worker/pipeline/``) share. The pipeline runs them 
 - :func:`choose_plan`: which plan a preference gets. A trained policy's best non-dominated plan when there is
   a policy (the one the caller found, else :func:`stored_policy`), else the baseline allocator's (uniform
   allocation, Wanda-sp importance) at a sparsity that follows the compression weight
-  (:func:`baseline_sparsity`) or the caller's matched target.
+  (:func:`baseline_sparsity`) or the caller's matched target. :func:`replay_plan`: a plan an earlier run
+  considered, taken as it is (no search), if it fits the model.
+- :func:`plot_plans`: the two pictures every job keeps of its plans: the plans considered in (sparsity,
+  utility, robustness) space with the chosen one marked, and the chosen plan's per-layer allocation.
 - :func:`measure`, :func:`pruned_metrics`, :func:`evaluate_on_world`: what is measured of a model (parameters,
   fixed-prompt latency, POPE and ScienceQA-style accuracy) and on which data (the world's test benchmarks);
   :func:`recover_on_world`: which conversations recovery trains on. Which images a model is calibrated on is
@@ -24,11 +27,14 @@ from typing import Any
 import torch
 
 from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.errors import PlanError
 from worker.hipp.evaluation.latency import prompt_latency
+from worker.hipp.evaluation.plan_evaluator import PlanEvaluator
 from worker.hipp.evaluation.runner import evaluate
 from worker.hipp.models.decoding import device_name, latency_report
 from worker.hipp.models.export_options import AUTO
 from worker.hipp.models.loading import LoadedModel, resolve_dtype
+from worker.hipp.plots import PlanPoint, plot_layer_units, plot_plan_points
 from worker.hipp.policy.search import pareto_front, prepare_search, sample_plans, testbed_search_set
 from worker.hipp.policy.store import StoredPolicy, policy_for_model
 from worker.hipp.preference import Preference
@@ -77,6 +83,9 @@ class PlanChoice:
     #: The policy's non-dominated plans (``chosen``, ``source``, ``plan`` summary, ``metrics``); empty for the
     #: baseline.
     considered: list[dict[str, Any]] = field(default_factory=list)
+    #: Every plan considered, in full, in the order of ``considered`` (just ``plan`` when that is empty), so a
+    #: later run can replay any of them.
+    plans: list[PruningPlan] = field(default_factory=list)
 
 
 def device_multiple(loaded: LoadedModel) -> int:
@@ -116,10 +125,11 @@ def baseline_plan(loaded: LoadedModel, preference: Preference, target_sparsity: 
 
 def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preference, target_sparsity: float | None,
                  samples: Sequence[CalibrationSample], search_dir: Path, limit: int,
-                 reporter: Reporter = SILENT) -> tuple[PruningPlan, list[dict[str, Any]]]:
+                 reporter: Reporter = SILENT) -> tuple[PruningPlan, list[dict[str, Any]], list[PruningPlan]]:
     """The policy's mean plan and :data:`POLICY_SAMPLES` samples for ``preference``, scored on the world's
     search split (``limit`` questions per split, files under ``search_dir``); the best non-dominated one (by
-    the preference-weighted return) is chosen. Returns it and the non-dominated plans."""
+    the preference-weighted return) is chosen. Returns it, the non-dominated plans' summaries and the same
+    plans in full."""
     evalset = testbed_search_set(search_dir, limit=limit)
     setup = prepare_search(loaded, evalset, samples, s_max=policy.policy.config.s_max,
                            mlp_multiple=device_multiple(loaded), reporter=reporter)
@@ -132,7 +142,7 @@ def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preferen
         summary = c.summary()
         metrics = summary.pop("metrics", {})
         considered.append({"chosen": c is best, "source": "policy", "plan": summary, "metrics": metrics})
-    return best.plan, considered
+    return best.plan, considered, [c.plan for c in front]
 
 
 def choose_plan(loaded: LoadedModel, preference: Preference, target_sparsity: float | None,
@@ -142,15 +152,47 @@ def choose_plan(loaded: LoadedModel, preference: Preference, target_sparsity: fl
     is one, else the baseline allocator's. The plan's ``meta`` records ``source`` and ``source_detail``."""
     if policy is not None:
         reporter.log(f"planning with {found}")
-        plan, considered = policy_plans(loaded, policy, preference, target_sparsity, samples, search_dir, limit,
-                                        reporter)
-        choice = PlanChoice(plan, "policy", found, considered)
+        plan, considered, plans = policy_plans(loaded, policy, preference, target_sparsity, samples, search_dir,
+                                               limit, reporter)
+        choice = PlanChoice(plan, "policy", found, considered, plans)
     else:
         plan = baseline_plan(loaded, preference, target_sparsity, samples, reporter)
         choice = PlanChoice(plan, "baseline", f"{found}; baseline allocator ({BASELINE_ALLOCATION}, "
-                                              f"{BASELINE_CRITERION})")
+                                              f"{BASELINE_CRITERION})", plans=[plan])
     plan.meta.update(source=choice.source, source_detail=choice.detail)
     return choice
+
+
+def replay_plan(loaded: LoadedModel, plan: PruningPlan, detail: str, fingerprint: str = "") -> PlanChoice:
+    """``plan`` (one an earlier run considered; ``detail`` says which) as this run's plan, without searching:
+    it must be for ``loaded``'s geometry and, when ``fingerprint`` is given, still be the plan it names. Its
+    ``meta`` keeps how it was first made (``replayed_source``) and records ``source`` = ``replay``."""
+    if plan.geometry != geometry_of(loaded.adapter):
+        raise PlanError(f"{detail} is for another model geometry than {loaded.reference}; replay it on the model "
+                        "it was made for")
+    if fingerprint and plan.fingerprint != fingerprint:
+        raise PlanError(f"{detail} has fingerprint {plan.fingerprint}, not {fingerprint} as when the job was "
+                        "submitted; submit the job again")
+    plan.meta["replayed_source"] = {k: plan.meta[k] for k in ("source", "source_detail") if k in plan.meta}
+    plan.meta.update(source="replay", source_detail=detail)
+    return PlanChoice(plan, "replay", detail, plans=[plan])
+
+
+def plot_plans(plan: PruningPlan, considered: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
+    """``front.png`` (each considered plan's sparsity against its utility, ScienceQA accuracy, and its
+    robustness, POPE balanced accuracy, from its recorded ``metrics``; the chosen one marked) and
+    ``allocation.png`` (the chosen plan's kept and removed heads and MLP channels per layer) in ``folder``."""
+    points = [PlanPoint(float(c["plan"]["sparsity"]), *accuracies(c.get("metrics") or {}), chosen=bool(c["chosen"]))
+              for c in considered]
+    return {"front": plot_plan_points(points, folder / "front.png", title=f"plans considered ({len(points)})"),
+            "allocation": plot_layer_units(plan, folder / "allocation.png", title=f"chosen plan {plan.fingerprint}")}
+
+
+def accuracies(metrics: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(ScienceQA accuracy, mean POPE balanced accuracy) of a plan's recorded metrics; None when not measured."""
+    sqa = metrics.get("scienceqa", {}).get("accuracy")
+    pope = PlanEvaluator.pope_balanced_accuracy(metrics) if metrics.get("pope") else None
+    return (float(sqa) if sqa is not None else None), pope
 
 
 # --- measurement ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Every plot the engine draws, in one place: per-layer allocation of a plan, visual sensitivity, the GRPO
-learning curve, the front of sampled plans, the baselines' accuracy curves and the per-layer fragility bars.
+"""Every plot the engine draws, in one place: per-layer allocation of a plan (fractions, or kept and removed
+units), visual sensitivity, the GRPO learning curve, the front of sampled plans, the plans a job considered,
+the baselines' accuracy curves and the per-layer fragility bars.
 
 Each function writes one PNG and returns its path. matplotlib is imported on use with the file-only Agg
 backend (workers and CI have no display); the engine's other modules never import it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,65 @@ def plot_allocation(plan: PruningPlan, path: Path, title: str = "") -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_title(title or f"plan {plan.fingerprint}")
         ax.legend(fontsize=7)
+    return path
+
+
+def plot_layer_units(plan: PruningPlan, path: Path, title: str = "") -> Path:
+    """Per decoder layer, stacked bars of kept and removed query heads (left) and MLP channels (right)."""
+    layers = list(range(plan.geometry.num_layers))
+    shapes = plan.geometry.layers
+    kept_heads = [len(lp.heads) for lp in plan.layers]
+    kept_mlp = [len(lp.channels) for lp in plan.layers]
+    panels = (("query heads", kept_heads, [s.num_heads for s in shapes]),
+              ("MLP channels", kept_mlp, [s.intermediate_size for s in shapes]))
+    with _figure(path, ncols=2, figsize=(max(9.0, 0.5 * len(layers)), 3.8)) as (fig, axes):
+        for ax, (unit, kept, total) in zip(axes, panels, strict=True):
+            removed = [t - k for t, k in zip(total, kept, strict=True)]
+            ax.bar(layers, kept, color="tab:blue", label=f"kept ({sum(kept)})")
+            ax.bar(layers, removed, bottom=kept, color="tab:red", alpha=0.5, label=f"removed ({sum(removed)})")
+            ax.set_xticks(layers)
+            ax.set_xlabel("decoder layer")
+            ax.set_ylabel(unit)
+            ax.legend(fontsize=7)
+        fig.suptitle(title or f"plan {plan.fingerprint}: sparsity {plan.sparsity:.3f}", fontsize=9)
+    return path
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """One plan considered by a run: its sparsity, its measured accuracies (None: not measured), chosen or not."""
+
+    sparsity: float
+    utility: float | None
+    robustness: float | None
+    chosen: bool = False
+
+
+def plot_plan_points(points: Sequence[PlanPoint], path: Path, title: str = "") -> Path:
+    """Sparsity against utility (ScienceQA accuracy) and against robustness (POPE balanced accuracy) of the
+    plans a run considered, the chosen one a star. A plan without measurements is a dashed line at its
+    sparsity (evaluation was off)."""
+    with _figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
+        for ax, (name, label) in zip(axes, (("utility", "ScienceQA accuracy (utility)"),
+                                           ("robustness", "POPE balanced accuracy (robustness)")), strict=True):
+            measured = [p for p in points if getattr(p, name) is not None]
+            others = [p for p in measured if not p.chosen]
+            if others:
+                ax.scatter([p.sparsity for p in others], [getattr(p, name) for p in others], c="tab:gray",
+                           label="considered")
+            for p in measured:
+                if p.chosen:
+                    ax.scatter([p.sparsity], [getattr(p, name)], marker="*", s=220, c="tab:red", label="chosen")
+            for p in points:
+                if getattr(p, name) is None:
+                    ax.axvline(p.sparsity, color="tab:red" if p.chosen else "tab:gray", ls="--",
+                               label="chosen (not evaluated)" if p.chosen else None)
+            ax.set_xlabel("decoder sparsity (compression)")
+            ax.set_ylabel(label)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.05)
+            ax.legend(fontsize=7)
+        fig.suptitle(title or "plans considered", fontsize=9)
     return path
 
 

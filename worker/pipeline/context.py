@@ -32,6 +32,8 @@ class JobContext:
     loaded: LoadedModel = field(init=False)
     #: Set by the plan stage (or its restore on a retry).
     plan: PruningPlan = field(init=False)
+    #: Every plan considered, in full, in the order of ``result["plans"]`` (set with ``plan``).
+    considered_plans: list[PruningPlan] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     new_outputs: dict[str, Any] = field(default_factory=dict)  # recorded when the current stage completes
     rows: list[Artifact] = field(default_factory=list)  # artifact rows, written when the current stage completes
@@ -43,6 +45,11 @@ class JobContext:
     @property
     def preference(self) -> Preference:
         return Preference.from_mapping(self.job.preference)
+
+    @property
+    def plan_reference(self) -> dict[str, Any] | None:
+        """``{job, index, fingerprint}`` of the earlier job's plan to replay (checked by the API), or None."""
+        return self.job.options.get("plan")
 
     @property
     def evaluation_enabled(self) -> bool:

@@ -105,7 +105,10 @@ def stage_load(ctx: JobContext) -> dict[str, Any]:
 
 def stage_sensitivity(ctx: JobContext) -> dict[str, Any]:
     """Visual sensitivity per decoder layer (attention flow), saved with the job's stage outputs. The
-    baseline allocator does not consume it; a policy computes its own."""
+    baseline allocator does not consume it; a policy computes its own; a replayed plan needs no search."""
+    ref = ctx.plan_reference
+    if ref is not None:
+        raise Skipped(f"plan {ref['index']} of job {ref['job']} is replayed: no plan search to inform")
     samples = calibration(ctx, "sensitivity_samples", 8)
     result = compute_visual_sensitivity(ctx.loaded, samples, batch_size=4, reporter=ctx.run)
     outputs.save_json(ctx, "sensitivity", result.to_dict())
@@ -143,18 +146,30 @@ def trained_policy(ctx: JobContext) -> tuple[StoredPolicy | None, str]:
     return engine.stored_policy(ctx.loaded)
 
 
+def choose_plan(ctx: JobContext) -> engine.PlanChoice:
+    """The plan an earlier job considered when the request names one (``plan: {job, index}``), else the
+    engine's plan for the job's preference (a trained policy's, else the baseline allocator's)."""
+    ref = ctx.plan_reference
+    if ref is not None:
+        detail = f"plan {ref['index']} of job {ref['job']}"
+        choice = engine.replay_plan(ctx.loaded, outputs.kept_plan(ctx, ref["job"], int(ref["index"])), detail,
+                                    fingerprint=ref.get("fingerprint", ""))
+        ctx.run.event(f"replayed {detail} (no search)", data=dict(ref))
+        return choice
+    policy, found = trained_policy(ctx)
+    return engine.choose_plan(
+        ctx.loaded, ctx.preference, ctx.job.target_sparsity, calibration(ctx, "samples", CALIBRATION_SAMPLES),
+        policy, found, search_dir=ctx.work_dir / "search", limit=ctx.evaluation_limit, reporter=ctx.run)
+
+
 def stage_plan(ctx: JobContext) -> dict[str, Any]:
-    """The engine's plan for the job's preference (a trained policy's, else the baseline allocator's), saved
-    with the stage outputs; a retry reads it back instead."""
+    """The job's plan (:func:`choose_plan`), saved with the stage outputs; a retry reads it back instead."""
     saved = outputs.saved_plan(ctx)
     if saved is not None:
-        ctx.plan, plans = saved
+        ctx.plan, plans, ctx.considered_plans = saved
     else:
-        policy, found = trained_policy(ctx)
-        choice = engine.choose_plan(
-            ctx.loaded, ctx.preference, ctx.job.target_sparsity, calibration(ctx, "samples", CALIBRATION_SAMPLES),
-            policy, found, search_dir=ctx.work_dir / "search", limit=ctx.evaluation_limit, reporter=ctx.run)
-        ctx.plan, plans = choice.plan, choice.considered
+        choice = choose_plan(ctx)
+        ctx.plan, plans, ctx.considered_plans = choice.plan, choice.considered, choice.plans
         ctx.plan.meta.update(preference=ctx.job.preference, job_id=str(ctx.job.id))
         outputs.save_plan(ctx, plans)
     source = ctx.plan.meta.get("source", "baseline")
@@ -163,6 +178,8 @@ def stage_plan(ctx: JobContext) -> dict[str, Any]:
     chosen = {"fingerprint": ctx.plan.fingerprint, **summary, "meta": ctx.plan.meta}
     ctx.result.update(plan_source=source, plan_source_detail=ctx.plan.meta.get("source_detail", ""),
                       chosen_plan=chosen)
+    if ctx.plan_reference is not None:
+        ctx.result["replayed_from"] = {**ctx.plan_reference, "fingerprint": ctx.plan.fingerprint}
     ctx.result["plans"] = plans or [{"chosen": True, "source": source, "plan": chosen, "metrics": {}}]
     return {"fingerprint": ctx.plan.fingerprint, "sparsity": summary["sparsity"], "source": source}
 
@@ -194,7 +211,7 @@ def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
         raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
     evaluation = engine.evaluate_on_world(ctx.loaded, ctx.work_dir / "benchmarks", ctx.evaluation_limit, ctx.run)
     ctx.result["metrics"]["evaluation"] = evaluation
-    if ctx.result["plan_source"] == "baseline":
+    if ctx.result["plan_source"] in ("baseline", "replay"):  # its one plan is the one evaluated
         ctx.result["plans"][0]["metrics"] = evaluation
     return {"evaluation": evaluation}
 
@@ -207,8 +224,9 @@ def stage_upload(ctx: JobContext) -> dict[str, Any]:
     if "recovery" in ctx.result:
         metrics["recovery"] = ctx.result["recovery"]
     export_loaded(ctx.loaded, out, plan=ctx.plan, metrics=metrics, card=card, **export_options(ctx))
+    plots = engine.plot_plans(ctx.plan, ctx.result["plans"], ctx.work_dir / "plots")
     ctx.run.check()
-    ctx.rows = outputs.upload_checkpoint(ctx, out)
+    ctx.rows = outputs.upload_checkpoint(ctx, out, plots)
     ctx.result["checkpoint"] = {"artifact": "checkpoint.tar", "sha256": ctx.rows[0].sha256,
                                 "size": ctx.rows[0].size, "dtype": dtype_name(ctx.loaded.dtype),
                                 "weight_files": sorted(p.name for p in out.glob("*.safetensors"))}
