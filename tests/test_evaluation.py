@@ -24,6 +24,7 @@ from worker.hipp.evaluation.runner import (
     evaluate_pope_split,
     evaluate_sqa,
     format_table,
+    intervals,
     pope_predictions,
     sqa_predictions,
     subset,
@@ -185,6 +186,12 @@ def test_sqa_logit_scoring_only_considers_the_problem_choices(tmp_path, processo
     assert res.metrics.correct == 2
     table = format_table({"scienceqa": res.metrics.to_dict()})
     assert "accuracy 0.667" in table
+    # Every result carries its per-question outcomes, so intervals can be drawn from it.
+    result = {"scienceqa": res.metrics.to_dict()}
+    result["intervals"] = intervals(result)
+    low, high = result["intervals"]["scienceqa_accuracy"]
+    assert 0.0 <= low <= 2 / 3 <= high <= 1.0 and high - low > 0.3  # three problems: a wide interval
+    assert "95% interval (bootstrap over questions) of scienceqa accuracy" in format_table(result)
 
 
 def test_sqa_generation_that_does_not_parse_is_wrong(tmp_path, processor):

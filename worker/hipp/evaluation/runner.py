@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from worker.hipp.errors import OptionError
+from worker.hipp.evaluation.intervals import interval, pope_mean, sqa_accuracy
 from worker.hipp.evaluation.tasks import pope, scienceqa
 from worker.hipp.evaluation.tasks.pope import PopeMetrics, PopeQuestion
 from worker.hipp.evaluation.tasks.scienceqa import SqaMetrics, SqaProblem
@@ -303,7 +304,18 @@ def evaluate(
         report.stage("scienceqa", f"{len(problems)} problems")
         sqa_res = evaluate_sqa(model, processor, problems, mode, batch_size, load, report)
         result["scienceqa"] = sqa_res.metrics.to_dict()
+    result["intervals"] = intervals(result)
     return result
+
+
+def intervals(result: dict[str, Any]) -> dict[str, list[float]]:
+    """95% bootstrap intervals over questions of the POPE mean balanced accuracy and ScienceQA accuracy."""
+    out: dict[str, list[float]] = {}
+    if result.get("pope"):
+        out["pope_mean_balanced_accuracy"] = list(interval(result, pope_mean))
+    if "scienceqa" in result:
+        out["scienceqa_accuracy"] = list(interval(result, sqa_accuracy))
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -321,4 +333,6 @@ def format_table(result: dict[str, Any]) -> str:
         m = result["scienceqa"]
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in m["by_kind"].items())
         lines.append(f"ScienceQA-IMG  n={m['n']}  accuracy {m['accuracy']:.3f} (+/- {m['accuracy_se']:.3f})  {kinds}")
+    for name, (low, high) in result.get("intervals", {}).items():
+        lines.append(f"95% interval (bootstrap over questions) of {name.replace('_', ' ')}: [{low:.3f}, {high:.3f}]")
     return "\n".join(lines)
