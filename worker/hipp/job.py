@@ -35,7 +35,7 @@ from worker.hipp.models.decoding import device_name, latency_report
 from worker.hipp.models.export_options import AUTO
 from worker.hipp.models.loading import LoadedModel, resolve_dtype
 from worker.hipp.plots import PlanPoint, plot_layer_units, plot_plan_points
-from worker.hipp.policy.search import pareto_front, prepare_search, sample_plans, testbed_search_set
+from worker.hipp.policy.search import choose_candidate, prepare_search, sample_plans, testbed_search_set
 from worker.hipp.policy.store import StoredPolicy, policy_for_model
 from worker.hipp.preference import Preference
 from worker.hipp.progress import SILENT, Reporter
@@ -135,8 +135,7 @@ def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preferen
                            mlp_multiple=device_multiple(loaded), reporter=reporter)
     candidates = sample_plans(setup, policy, preference.as_list(), samples=POLICY_SAMPLES, target=target_sparsity,
                               reporter=reporter)
-    front = pareto_front(candidates) or candidates
-    best = max(front, key=lambda c: c.value)
+    best, front = choose_candidate(candidates)
     considered = []
     for c in front:
         summary = c.summary()

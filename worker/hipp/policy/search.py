@@ -171,6 +171,13 @@ def sample_plans(setup: SearchSetup, stored: StoredPolicy, preference: Sequence[
     return candidates
 
 
+def choose_candidate(candidates: Sequence[Candidate]) -> tuple[Candidate, list[Candidate]]:
+    """The plan a job gets: the non-dominated candidate with the best preference-weighted return; and the
+    non-dominated set it was chosen from (all candidates when none is measured)."""
+    front = pareto_front(candidates) or list(candidates)
+    return max(front, key=lambda c: c.value), front
+
+
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
 
