@@ -196,6 +196,16 @@ def test_list_jobs_follows_the_cursor(hipp: HippClient) -> None:
     assert [j.id for j in hipp.list_jobs(["queued", "cancelled"], page_size=3)] == ids[::-1]
 
 
+def test_answers_with_fields_the_client_does_not_know_still_read(hipp: HippClient) -> None:
+    job = hipp.submit_job("tiny-llava", PREFERENCE)
+    newer = {**job.raw, "queue_position": 3, "error": {"code": "x", "message": "y", "hint": "z"}}
+    read = ClientJob.from_json(newer)
+    assert read.id == job.id and read.error is not None and read.error.code == "x"
+    assert read.raw["queue_position"] == 3
+    older = {k: v for k, v in job.raw.items() if k in ("id", "status", "model", "progress")}
+    assert ClientJob.from_json(older).stage is None
+
+
 def test_policies(hipp: HippClient) -> None:
     policy = hipp.register_policy("p1", "tiny-llava", fingerprint="fp1", metrics={"hv": 0.7}, metadata={"by": "me"})
     assert (policy.name, policy.model, policy.fingerprint, policy.metrics) == ("p1", "tiny-llava", "fp1", {"hv": 0.7})
