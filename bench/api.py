@@ -227,7 +227,7 @@ def bench_http(duration: float, concurrency: int) -> dict[str, Any]:
 
 def bench_job(recovery_steps: int) -> dict[str, Any]:
     """A whole job through the embedded service: POST -> succeeded -> download + sha256."""
-    from worker.cli.jobs import Client
+    from hipp_client import HippClient
     from worker.cli.serve import default_model
 
     tmp = Path(tempfile.mkdtemp(prefix="hipp-bench-job-"))
@@ -242,19 +242,18 @@ def bench_job(recovery_steps: int) -> dict[str, Any]:
     server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, cwd=ROOT)
     try:
         wait_http(url + "/readyz", server)
-        client = Client(url, key)
+        client = HippClient(url, key)
         model = default_model()
-        body = {"model": model, "preference": PREFERENCE, "recovery": {"steps": recovery_steps}}
         t0 = time.perf_counter()
-        job = client.submit(body)
-        job = client.wait(job["id"], interval=0.2, show=False, timeout=600)
+        job = client.submit_job(model, PREFERENCE, recovery={"steps": recovery_steps})
+        job = client.wait(job.id, interval=0.2, timeout=600)
         t_done = time.perf_counter() - t0
-        path = client.download(job["id"], tmp / "out")
+        path = client.download(job.id, tmp / "out")
         t_total = time.perf_counter() - t0
-        stages = (job.get("result") or {}).get("stages", {})
+        stages = (job.result or {}).get("stages", {})
         return {
             "model": model,
-            "status": job["status"],
+            "status": job.status,
             "recovery_steps": recovery_steps,
             "submit_to_succeeded_s": round(t_done, 2),
             "with_download_and_sha256_s": round(t_total, 2),

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _light_client_importable() -> None:
+    """An editable install made before client/ existed maps only the packages it found then, so it lacks
+    ``hipp_client`` until ``pip install -e .`` runs again: take this checkout's, here and in the processes the
+    tests start. (tests/service/test_client.py checks that the project's own build ships the package.)"""
+    if importlib.util.find_spec("hipp_client") is not None:
+        return
+    client = str(Path(__file__).resolve().parents[1] / "client")
+    sys.path.insert(0, client)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (client, os.environ.get("PYTHONPATH")) if p)
+
+
+_light_client_importable()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,6 @@
 """Long-polling ``GET /jobs/{id}?wait=S`` (Postgres): it answers when the job changes, or when S runs out; S is
-bounded and validated; ETag / If-None-Match name the state a client has; ``hipp jobs wait``'s client uses it."""
+bounded and validated; ETag / If-None-Match name the state a client has; the light client's ``wait`` (behind
+``hipp jobs wait``) uses it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from sqlalchemy import update
 from app.config import Settings
 from app.db import session_scope
 from app.models import Job, utcnow
+from hipp_client import HippClient
 from tests.service.conftest import auth
-from worker.cli.jobs import Client
 
 pytestmark = pytest.mark.timeout(120)
 BODY = {"model": "tiny-llava", "preference": {"utility": 1.0}}
@@ -107,10 +108,8 @@ def test_long_poll_of_another_tenants_job_is_404(client, tenant_key, stack_setti
 def test_the_cli_client_waits_with_long_polls(client, tenant_key, stack_settings: Settings) -> None:  # type: ignore[no-untyped-def]
     job = _submit(client, tenant_key)
     requests: list[str] = []
-    client.headers.update(auth(tenant_key))
     client.event_hooks["request"] = [lambda req: requests.append(str(req.url))]
-    cli = Client("http://testserver", tenant_key)
-    cli.http = client  # the TestClient is an httpx.Client
+    cli = HippClient(api_key=tenant_key, http=client)  # the TestClient is an httpx.Client
 
     def finish() -> None:
         _set(stack_settings, job["id"], status="running", stage="load", progress=0.1)
@@ -118,8 +117,8 @@ def test_the_cli_client_waits_with_long_polls(client, tenant_key, stack_settings
         _set(stack_settings, job["id"], status="succeeded", stage="upload", progress=1.0)
 
     _later(0.5, finish)
-    done = cli.wait(job["id"], timeout=60, show=False)
-    assert done["status"] == "succeeded"
+    done = cli.wait(job["id"], timeout=60)
+    assert done.status == "succeeded"
     assert any("wait=" in u for u in requests), requests
     # One request per change (plus the first), not one per half second.
     assert len(requests) <= 6, requests

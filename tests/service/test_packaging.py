@@ -133,6 +133,7 @@ assert importlib.util.find_spec("torch") is None and importlib.util.find_spec("t
 import worker.celery_app, worker.tasks  # the light worker (beat, relay, reaper, retention sweep)
 import worker.cli
 worker.cli.build_parser()
+import hipp_client  # the light client the CLI's `jobs` commands run on
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     assert worker.cli.main(["api-key", "create", "--tenant", "image"]) == 0
@@ -146,6 +147,7 @@ with TestClient(app.main.create_app()) as c:
     r = c.post("/jobs", json=job, headers=headers)
     assert r.status_code == 201, r.text
     assert c.get("/jobs/" + r.json()["id"], headers=headers).json()["status"] == "queued"
+    assert hipp_client.HippClient("http://testserver", key, http=c).get_job(r.json()["id"]).status == "queued"
 assert not {"torch", "transformers"} & set(sys.modules)
 print("ok")
 """
@@ -168,7 +170,9 @@ def test_the_api_image_runs_from_its_own_files_and_requirements(tmp_path: Path) 
         env=env,
     )
     assert pip.returncode == 0, pip.stderr[-3000:]
-    env = {**env, "PYTHONPATH": str(tree), "HIPP_HOME": str(tmp_path / "home")}
+    # What the image's `pip install -e .` puts on the path: each folder pyproject's package discovery searches.
+    where = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["where"]
+    env = {**env, "PYTHONPATH": os.pathsep.join(str(tree / w) for w in where), "HIPP_HOME": str(tmp_path / "home")}
     env = {k: v for k, v in env.items() if not k.startswith("HIPP_") or k == "HIPP_HOME"}
     run = subprocess.run(
         [str(venv / "bin" / "python"), "-c", IN_THE_IMAGE],

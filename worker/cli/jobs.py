@@ -1,21 +1,23 @@
-"""``hipp jobs submit|status|wait|download|cancel|list``: a client for the HTTP API (httpx), with progress.
+"""``hipp jobs submit|status|wait|download|cancel|list``: the command line of the light client, with progress.
 
-Reads ``HIPP_API_URL`` (default http://127.0.0.1:8000) and ``HIPP_API_KEY`` (or ``--url`` / ``--key``).
-``download`` fetches the checkpoint archive from its signed URL, checks its SHA-256 and unpacks it.
-Imports neither torch nor the database.
+The API calls, retries, waiting and the verified download are ``hipp_client``'s (client/hipp_client, shipped
+with this project); this module parses arguments and prints. Reads ``HIPP_API_URL`` (default
+http://127.0.0.1:8000) and ``HIPP_API_KEY`` (or ``--url`` / ``--key``). Imports neither torch nor the database;
+``hipp_client`` is imported when a command runs, so building the parser (``hipp --help``) stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import tarfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from hipp_client import HippClient, Job
 
 # Loads an exported checkpoint in a fresh process with only torch + transformers, and prints one JSON line.
 LOAD_SNIPPET = r"""
@@ -29,156 +31,6 @@ metrics = json.loads((d / "metrics.json").read_text())
 print(json.dumps({"class": type(m).__name__, "parameters": sum(p.numel() for p in m.parameters()),
                   "plan": plan["fingerprint"], "metrics": metrics}))
 """
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-class ApiClientError(Exception):
-    pass
-
-
-class Client:
-    def __init__(self, url: str, key: str | None, timeout: float = 30.0) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.long_poll_ok = True
-
-    #: Reads (GET) ride out a brief outage (API restarting, connection reset, 502/503/504) for this long.
-    retry_s = 60.0
-
-    def request(self, method: str, path: str, **kw: Any) -> Any:
-        r = self.send(method, path, **kw)
-        if r.status_code >= 400:
-            self._raise(r)
-        return r.json()
-
-    def send(self, method: str, path: str, **kw: Any) -> Any:
-        """One request, the ``httpx.Response`` whatever its status; reads are retried as described above."""
-        import httpx
-
-        deadline = time.monotonic() + self.retry_s
-        delay = 0.25
-        retry = method.upper() == "GET"  # never repeat a write behind the caller's back
-        while True:
-            r = None
-            try:
-                r = self.http.request(method, path, **kw)
-            except httpx.TransportError as exc:
-                if not retry or time.monotonic() + delay > deadline:
-                    raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
-            except httpx.HTTPError as exc:
-                raise ApiClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
-            else:
-                if not (retry and r.status_code in (502, 503, 504) and time.monotonic() + delay <= deadline):
-                    break
-            time.sleep(_retry_after(r, delay))
-            delay = min(delay * 2, 5.0)
-        return r
-
-    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/jobs", json=body, headers=headers)  # type: ignore[no-any-return]
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/jobs/{job_id}")  # type: ignore[no-any-return]
-
-    def wait(
-        self,
-        job_id: str,
-        interval: float = 0.5,
-        timeout: float | None = None,
-        show: bool = True,
-        long_poll: float = 25.0,
-    ) -> dict[str, Any]:
-        """Follow a job until it ends. Long-polls ``GET /jobs/{id}?wait=`` (one request per change of status,
-        stage or progress, or per ``long_poll`` seconds); against a server without long-polling (no ``ETag``)
-        it polls every ``interval`` seconds. Outages and a busy server's 503 are ridden out as by ``request``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
-        job, tag = self._poll(job_id, None, 0.0)
-        while True:
-            line = f"{job['status']:<10} {job['stage'] or '-':<12} {100 * job['progress']:5.1f}%"
-            if show and line != last:
-                bar = "#" * int(30 * job["progress"])
-                print(f"\r[{bar:<30}] {line}", end="", file=sys.stderr, flush=True)
-                last = line
-            if job["status"] in TERMINAL:
-                if show:
-                    print(file=sys.stderr)
-                return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ApiClientError(f"job {job_id} still {job['status']} after {timeout}s")
-            if tag is None or not self.long_poll_ok:  # no long-polling on this server
-                time.sleep(interval if left is None else min(interval, left))
-                job, tag = self._poll(job_id, None, 0.0)
-            else:
-                hold = long_poll if left is None else max(min(long_poll, left), 0.1)
-                job, tag = self._poll(job_id, tag, hold, job)
-
-    def _poll(
-        self, job_id: str, tag: str | None, wait: float, known: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], str | None]:
-        """One ``GET /jobs/{id}`` (a long-poll when ``wait``): the job and its ETag (``None``: the server does not
-        long-poll). A 304 means ``known`` is still current."""
-        params = {"wait": f"{wait:g}"} if wait > 0 else {}
-        headers = {"If-None-Match": tag} if tag else {}
-        r = self.send("GET", f"/jobs/{job_id}", params=params, headers=headers, timeout=wait + 30)
-        if r.status_code == 304 and known is not None:
-            return known, r.headers.get("ETag", tag)
-        if r.status_code == 422 and params:  # a server whose long-poll limit is lower: plain polling
-            self.long_poll_ok = False
-            return self._poll(job_id, None, 0.0)
-        if r.status_code >= 400:
-            self._raise(r)
-        return r.json(), r.headers.get("ETag")
-
-    @staticmethod
-    def _raise(r: Any) -> None:
-        try:
-            err = r.json()["error"]
-            message = f"{err['message']} [{r.status_code} {err['code']}]"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {r.status_code}: {r.text[:300]}"
-        raise ApiClientError(message)
-
-    def download(self, job_id: str, out_dir: Path, name: str = "checkpoint.tar") -> Path:
-        """Fetch an artifact through its signed URL, verify its sha256; unpack a checkpoint archive."""
-        import httpx
-
-        arts = {a["name"]: a for a in self.request("GET", f"/jobs/{job_id}/artifacts")}
-        if name not in arts:
-            raise ApiClientError(f"job {job_id} has no artifact {name!r} (has: {', '.join(arts) or 'none'})")
-        art = arts[name]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dest = out_dir / name
-        digest = hashlib.sha256()
-        with httpx.stream("GET", art["url"], timeout=120) as r:
-            if r.status_code != 200:
-                raise ApiClientError(f"download failed: HTTP {r.status_code} {r.read()[:200]!r}")
-            with dest.open("wb") as f:
-                for chunk in r.iter_bytes(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        if digest.hexdigest() != art["sha256"]:
-            dest.unlink()
-            raise ApiClientError(f"sha256 mismatch for {name}: got {digest.hexdigest()}, expected {art['sha256']}")
-        if name.endswith(".tar"):
-            with tarfile.open(dest) as tar:
-                tar.extractall(out_dir, filter="data")
-            dest.unlink()
-            return out_dir / "checkpoint"
-        return dest
-
-
-def _retry_after(r: Any, default: float) -> float:
-    """The server's ``Retry-After`` (seconds, at most 10), else ``default``."""
-    try:
-        return min(max(float(r.headers["Retry-After"]), 0.0), 10.0)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return default
 
 
 def parse_preference(text: str) -> dict[str, float]:
@@ -257,25 +109,51 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ls.set_defaults(func=cmd_list)
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace) -> HippClient:
+    from hipp_client import HippClient
+
     if not args.key:
         raise SystemExit(
             "hipp: error: no API key; set HIPP_API_KEY or pass --key "
             "(create one with `hipp api-key create --tenant NAME`)"
         )
-    return Client(args.url, args.key)
+    return HippClient(args.url, args.key)
 
 
-def _run(fn: Any) -> int:
+def _run(fn: Callable[[], int | None]) -> int:
+    from hipp_client import HippApiError
+
     try:
         return int(fn() or 0)
-    except ApiClientError as exc:
+    except HippApiError as exc:
         print(f"hipp: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=1))
+
+
+def progress_printer(stream: TextIO | None = None) -> Callable[[Job], None]:
+    """A ``HippClient.wait`` callback drawing one progress line on ``stream`` (default: stderr), redrawn only
+    when it changes and ended with a newline once the job has finished."""
+    last: list[str] = []
+
+    def show(job: Job) -> None:
+        out = stream or sys.stderr
+        line = f"{job.status:<10} {job.stage or '-':<12} {100 * job.progress:5.1f}%"
+        if not last or line != last[-1]:
+            bar = "#" * int(30 * job.progress)
+            print(f"\r[{bar:<30}] {line}", end="", file=out, flush=True)
+            last.append(line)
+        if job.finished:
+            print(file=out)
+
+    return show
+
+
+def _outcome(job: Job) -> dict[str, Any]:
+    return {"status": job.status, "error": job.raw.get("error"), "metrics": job.metrics}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -286,46 +164,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     def go() -> int:
         c = _client(args)
-        body: dict[str, Any] = {
-            "model": args.model,
-            "target_sparsity": args.target_sparsity,
-            "recovery": {"steps": args.recovery_steps},
-            "evaluation": {"enabled": not args.no_eval, "max_samples": args.eval_samples},
-            "metadata": args.metadata,
-        }
-        if args.preference is not None:
-            body["preference"] = args.preference
-        if args.from_plan is not None:
-            body["plan"] = args.from_plan
-        job = c.submit(body, args.idempotency_key)
-        print(job["id"])
+        job = c.submit_job(
+            args.model,
+            args.preference,
+            plan=args.from_plan,
+            target_sparsity=args.target_sparsity,
+            recovery={"steps": args.recovery_steps},
+            evaluation={"enabled": not args.no_eval, "max_samples": args.eval_samples},
+            metadata=args.metadata,
+            idempotency_key=args.idempotency_key,
+        )
+        print(job.id)
         if not args.wait:
             return 0
-        job = c.wait(job["id"])
-        if job["status"] != "succeeded":
-            _print(job.get("error"))
+        job = c.wait(job.id, on_update=progress_printer())
+        if job.status != "succeeded":
+            _print(job.raw.get("error"))
             return 1
-        _print((job["result"] or {}).get("metrics"))
+        _print(job.metrics)
         if args.download:
-            print(c.download(job["id"], args.download))
+            print(c.download(job.id, args.download))
         return 0
 
     return _run(go)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return _run(lambda: _print(_client(args).job(args.job_id)))
+    return _run(lambda: _print(_client(args).get_job(args.job_id).raw))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    return _run(lambda: print(_client(args).request("POST", f"/jobs/{args.job_id}/cancel")["status"]))
+    return _run(lambda: print(_client(args).cancel_job(args.job_id).status))
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     def go() -> int:
-        job = _client(args).wait(args.job_id, timeout=args.timeout)
-        _print({"status": job["status"], "error": job["error"], "metrics": (job["result"] or {}).get("metrics")})
-        return 0 if job["status"] == "succeeded" else 1
+        job = _client(args).wait(args.job_id, timeout=args.timeout, on_update=progress_printer())
+        _print(_outcome(job))
+        return 0 if job.status == "succeeded" else 1
 
     return _run(go)
 
@@ -336,20 +212,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     def go() -> None:
-        params: list[tuple[str, Any]] = [("limit", args.limit)]
-        params += [("status", s) for s in args.status or []]
-        if args.cursor:
-            params.append(("cursor", args.cursor))
-        page = _client(args).request("GET", "/jobs", params=params)
+        page = _client(args).jobs_page(args.status, limit=args.limit, cursor=args.cursor)
         if args.json:
-            _print(page)
+            _print(page.raw)
             return
-        for j in page["items"]:
-            print(
-                f"{j['id']}  {j['status']:<10} {j['stage'] or '-':<12} {100 * j['progress']:5.1f}%  "
-                f"{j['model']}  {j['created_at']}"
-            )
-        if page["next_cursor"]:
-            print(f"more: --cursor {page['next_cursor']}", file=sys.stderr)
+        for j in page.items:
+            created = j.raw.get("created_at")
+            print(f"{j.id}  {j.status:<10} {j.stage or '-':<12} {100 * j.progress:5.1f}%  {j.model}  {created}")
+        if page.next_cursor:
+            print(f"more: --cursor {page.next_cursor}", file=sys.stderr)
 
     return _run(go)

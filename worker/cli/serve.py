@@ -218,7 +218,8 @@ def default_model() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.cli.jobs import LOAD_SNIPPET, Client, parse_preference
+    from hipp_client import HippClient
+    from worker.cli.jobs import LOAD_SNIPPET, parse_preference, progress_printer
 
     home = (args.home or Path(os.environ.get("HIPP_HOME", ".hipp"))).resolve()
     port = _free_port()
@@ -237,33 +238,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         t0 = time.monotonic()
         wait_ready(url, server)
-        client = Client(url, key)
+        client = HippClient(url, key)
         model = args.model or default_model()
         preference = parse_preference(args.preference)
         say(f"POST /jobs model={model} preference={preference}")
-        job = client.submit(
-            {
-                "model": model,
-                "preference": preference,
-                "evaluation": {"max_samples": args.eval_samples},
-                "recovery": {"steps": args.recovery_steps},
-            }
+        job = client.submit_job(
+            model,
+            preference,
+            evaluation={"max_samples": args.eval_samples},
+            recovery={"steps": args.recovery_steps},
         )
-        say(f"job {job['id']} queued; polling GET /jobs/{job['id']}")
-        job = client.wait(job["id"], interval=0.3)
-        for event in client.request("GET", f"/jobs/{job['id']}/events")["items"]:
-            print(f"   {event['created_at'][11:19]} [{event['stage'] or '-':<11}] {event['message']}")
-        if job["status"] != "succeeded":
-            print(json.dumps(job["error"], indent=1))
+        say(f"job {job.id} queued; polling GET /jobs/{job.id}")
+        job = client.wait(job.id, interval=0.3, on_update=progress_printer())
+        for event in client.events(job.id):
+            print(f"   {event.raw['created_at'][11:19]} [{event.stage or '-':<11}] {event.message}")
+        if job.status != "succeeded" or job.result is None:
+            print(json.dumps(job.raw.get("error"), indent=1))
             return 1
-        result = job["result"]
+        result = job.result
         say(
             f"job succeeded in {time.monotonic() - t0:.1f}s (plan from {result['plan_source']}, "
             f"ran on {result.get('device', '?')})"
         )
-        out = args.out or home / "demo" / job["id"]
-        path = client.download(job["id"], out)
-        sha = job["result"]["checkpoint"]["sha256"]
+        out = args.out or home / "demo" / job.id
+        path = client.download(job.id, out)
+        sha = result["checkpoint"]["sha256"]
         say(f"downloaded through the signed URL, sha256 {sha[:16]}... verified -> {path}")
         loaded = subprocess.run(
             [sys.executable, "-c", LOAD_SNIPPET, str(path)],
@@ -277,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         info = json.loads(loaded.stdout.strip().splitlines()[-1])
         say(f"loaded in a fresh process: {info['class']}, {info['parameters']:,} parameters, plan {info['plan']}")
         say("metrics")
-        print(json.dumps(job["result"]["metrics"], indent=1))
+        print(json.dumps(result["metrics"], indent=1))
         return 0
     finally:
         server.send_signal(signal.SIGINT)
