@@ -212,15 +212,14 @@ def test_cli_submits_a_replay_with_from_plan(
 ) -> None:
     from fastapi.testclient import TestClient
 
+    from hipp_client import HippClient
     from worker.cli import jobs as cli
     from worker.cli import main
 
-    class ThroughTheApp(cli.Client):  # the real client, its HTTP calls answered by the app in this process
-        def __init__(self, url: str, key: str | None, timeout: float = 30.0) -> None:
-            super().__init__(url, key, timeout)
-            self.http = TestClient(api.app, headers=auth(key or ""))
+    def through_the_app(args: Any) -> HippClient:  # the real client, its HTTP calls answered by the app here
+        return HippClient(args.url, args.key, http=TestClient(api.app, headers=auth(args.key or "")))
 
-    monkeypatch.setattr(cli, "Client", ThroughTheApp)
+    monkeypatch.setattr(cli, "_client", through_the_app)
     submit = ["jobs", "--key", owner_key, "submit", "--model", "tiny-llava", "--no-eval"]
     assert main([*submit, "--from-plan", f"{first_job['id']}:0"]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
