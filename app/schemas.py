@@ -285,3 +285,57 @@ class Usage(BaseModel):
     jobs: int = Field(description="Jobs of this tenant the service still holds (finished ones included)")
     artifacts: int = Field(description="Stored artifacts (checkpoint archives, plans, metrics)")
     artifact_bytes: int = Field(description="Their total size in bytes")
+
+
+DatasetKind = Literal["images", "pope", "scienceqa", "conversations"]
+
+
+class DatasetSource(Strict):
+    """Where the archive comes from: ``{"upload": true}`` (a signed PUT URL, or ``PUT /datasets/{id}/archive``
+    for small archives) or ``{"s3_uri": "s3://<the deployment's bucket>/..."}``."""
+
+    upload: bool | None = Field(default=None, description="true: upload the archive after creating the data set")
+    s3_uri: str | None = Field(
+        default=None, max_length=1000, description="An archive (tar, tar.gz, zip) in the deployment's bucket"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSource:
+        if (self.upload is True) == (self.s3_uri is not None):
+            raise ValueError('source: give exactly one of {"upload": true} or {"s3_uri": "s3://bucket/key"}')
+        return self
+
+
+class DatasetCreate(Strict):
+    kind: DatasetKind = Field(
+        description="images (calibration images), pope (POPE question files + images), scienceqa (problems.json, "
+        "pid_splits.json, images/), conversations (LLaVA-format JSON + images)"
+    )
+    name: str = Field(min_length=1, max_length=200)
+    source: DatasetSource = Field(default_factory=lambda: DatasetSource(upload=True))
+
+
+class UploadTarget(BaseModel):
+    url: str = Field(description="PUT the archive's bytes here (signed, expires)")
+    method: Literal["PUT"] = "PUT"
+    expires_at: datetime
+    max_bytes: int = Field(description="Largest archive this upload may hold")
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    kind: str
+    name: str
+    state: Literal["uploading", "validating", "ready", "invalid"]
+    source: Literal["upload", "s3"]
+    sha256: str | None = Field(description="SHA-256 of the archive, once validated")
+    size: int | None = Field(description="Size of the archive in bytes, once validated")
+    counts: dict[str, Any] = Field(description="What validation found: images, questions per split, problems, ...")
+    reasons: list[str] = Field(description="Why the data set is invalid (each names the file and record or line)")
+    created_at: datetime
+    updated_at: datetime
+    upload: UploadTarget | None = Field(
+        default=None, description="Where to PUT the archive (state uploading, in the answer to POST /datasets)"
+    )

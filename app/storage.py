@@ -5,9 +5,9 @@ outputs).
   path-style addressing and checksum settings "when_required"; the SHA-256 of every object is computed while
   reading the file, stored as object metadata and in the database, and verified after upload (size and
   metadata) and after download (content). Presigned GET URLs are minted per request with an expiry and a
-  content-disposition.
+  content-disposition; presigned PUT URLs (``signed_put_url``) let a client upload a data set archive.
 - ``LocalStorage``: a folder, for the embedded default. The API serves it at ``/files/{key}`` through
-  HMAC-signed URLs that expire (app/routes/files.py).
+  HMAC-signed URLs that expire (app/routes/files.py), and takes uploads there through signed PUT URLs.
 
 No torch here: the API image imports this module.
 """
@@ -89,6 +89,10 @@ class Storage(Protocol):
         """A GET URL valid for ``expires_s`` seconds, minted now; never stored."""
         ...
 
+    def signed_put_url(self, key: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
+        """A URL that takes one ``PUT`` of the object's bytes at ``key`` for ``expires_s`` seconds."""
+        ...
+
     def check(self) -> None:
         """Raise if the store cannot be used (readiness)."""
         ...
@@ -166,6 +170,14 @@ class LocalStorage:
 
         expires = int(time.time()) + expires_s
         query = urlencode({"expires": expires, "filename": filename, "sig": sign(self.secret, key, expires, filename)})
+        base = (base_url or self.public_url).rstrip("/")
+        return f"{base}/files/{quote(check_key(key))}?{query}", datetime.fromtimestamp(expires, UTC)
+
+    def signed_put_url(self, key: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
+        from app.security import sign_upload
+
+        expires = int(time.time()) + expires_s
+        query = urlencode({"expires": expires, "sig": sign_upload(self.secret, key, expires)})
         base = (base_url or self.public_url).rstrip("/")
         return f"{base}/files/{quote(check_key(key))}?{query}", datetime.fromtimestamp(expires, UTC)
 
@@ -299,6 +311,12 @@ class S3Storage:
                 "ResponseContentDisposition": content_disposition(filename),
             },
             ExpiresIn=expires_s,
+        )
+        return url, datetime.fromtimestamp(int(time.time()) + expires_s, UTC)
+
+    def signed_put_url(self, key: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
+        url = self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": self._k(key)}, ExpiresIn=expires_s
         )
         return url, datetime.fromtimestamp(int(time.time()) + expires_s, UTC)
 
