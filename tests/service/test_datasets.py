@@ -354,3 +354,71 @@ def _prefixes(settings: Settings, dataset_id: str) -> list[str]:
         row = session.get(Dataset, uuid.UUID(dataset_id))
         assert row is not None
         return [row.prefix]
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------
+def validate_when_queued(settings: Settings, name: str, timeout: float = 30.0) -> Any:
+    """A stand-in light worker: validates the data set called ``name`` once it is ``validating``, in a thread."""
+    import threading
+    import time
+
+    from sqlalchemy import select
+
+    from app.models import Dataset
+
+    def work() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with session_scope(settings.resolved_database_url) as session:
+                ident = session.scalar(
+                    select(Dataset.id).where(Dataset.state == "validating", Dataset.name == name)
+                )
+            if ident is not None:
+                validate(settings, str(ident))
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_cli_upload_list_show_delete(  # type: ignore[no-untyped-def]
+    client, stack_settings, tenant_key, tmp_path, monkeypatch, capsys
+) -> None:
+    from worker.cli import datasets as cli
+    from worker.cli import main
+    from worker.cli.jobs import Client
+
+    def wired(args: Any) -> Client:
+        c = Client("http://testserver", None)
+        c.http = client  # the TestClient is an httpx.Client
+        client.headers["Authorization"] = f"Bearer {tenant_key}"
+        return c
+
+    monkeypatch.setattr(cli, "_client", wired)
+    pope_zip, images_tar = tmp_path / "pope.zip", tmp_path / "calib.tar.gz"
+    pope_zip.write_bytes(zip_bytes(pope_files()))
+    images_tar.write_bytes(tar_bytes(images_files()))
+
+    # Through the signed S3 URL, then followed until validated.
+    name = f"pope-{uuid.uuid4().hex}"
+    worker = validate_when_queued(stack_settings, name)
+    upload = ["datasets", "upload", "--kind", "pope", "--name", name, str(pope_zip), "--wait", "--timeout", "30"]
+    assert main(upload) == 0
+    worker.join()
+    out = capsys.readouterr().out
+    pope_id = out.splitlines()[0]
+    assert json.loads(out.split("\n", 1)[1])["counts"]["questions"]["random"] == 4
+    # Directly in the body, not waited for.
+    assert main(["datasets", "upload", "--kind", "images", "--direct", "--name", "calib", str(images_tar)]) == 0
+    images_id = capsys.readouterr().out.strip()
+    assert main(["datasets", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert images_id in listed and "validating" in listed and pope_id in listed and "ready" in listed
+    assert main(["datasets", "show", pope_id]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "ready"
+    assert main(["datasets", "delete", pope_id]) == 0 and capsys.readouterr().out.strip() == "deleted"
+    assert main(["datasets", "show", pope_id]) == 2
+    assert "not_found" in capsys.readouterr().err
+    assert main(["datasets", "upload", "--kind", "images"]) == 2
