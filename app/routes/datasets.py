@@ -46,20 +46,24 @@ ARCHIVE_BODY = {
 
 
 def enqueue_validation(session: Session, settings: Settings, broker: Celery, dataset: Dataset) -> None:
-    """Publish the validation task; when the broker refuses, put the data set back to ``uploading`` so that
-    the client can complete it again, and answer 503."""
+    """Publish the validation task. When the broker refuses, answer 503 and leave nothing half-done: an upload
+    goes back to ``uploading`` (complete it again), an ``s3://`` reference is forgotten (create it again)."""
     try:
         publish_dataset_validation(settings, dataset.id, broker)
     except Exception as exc:
         log.warning("could not enqueue validation of dataset %s: %s", dataset.id, exc)
         if dataset.source == "upload":
             dataset.state = DatasetState.uploading.value
-            session.commit()
+            retry = f"POST /datasets/{dataset.id}/complete again"
+        else:
+            session.delete(dataset)
+            retry = "POST /datasets again"
+        session.commit()
         raise ApiError(
             503,
             "queue_unavailable",
-            f"the validation of dataset {dataset.id} could not be queued; retry POST /datasets/{dataset.id}/complete"
-            " in a few seconds",
+            f"the validation of dataset {dataset.id} could not be queued (the broker is unavailable); {retry} in a "
+            "few seconds",
             headers={"Retry-After": "5"},
         ) from None
 

@@ -422,3 +422,27 @@ def test_cli_upload_list_show_delete(  # type: ignore[no-untyped-def]
     assert main(["datasets", "show", pope_id]) == 2
     assert "not_found" in capsys.readouterr().err
     assert main(["datasets", "upload", "--kind", "images"]) == 2
+
+
+def test_a_broker_outage_leaves_nothing_half_done(local_settings, tenant_key) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    down = local_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0"})
+    with TestClient(create_app(down)) as c:
+        ds = create(c, tenant_key, "images")
+        r = c.put(f"/datasets/{ds['id']}/archive", content=tar_bytes(images_files()),
+                  headers={**auth(tenant_key), "Content-Type": "application/octet-stream"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable", r.text
+        assert r.headers["Retry-After"] and "complete again" in r.json()["error"]["message"]
+        assert c.get(f"/datasets/{ds['id']}", headers=auth(tenant_key)).json()["state"] == "uploading"
+    with TestClient(create_app(local_settings)) as c:  # the broker is back: completing works
+        r = c.post(f"/datasets/{ds['id']}/complete", headers=auth(tenant_key))
+        assert r.status_code == 202 and r.json()["state"] == "validating"
+
+
+def _closed_port() -> int:
+    from tests.service.conftest import free_port
+
+    return free_port()  # bound and released: nothing listens there
