@@ -70,6 +70,9 @@ class Report:
 def check_image(path: Path, max_pixels: int, report: Report, where: str = "") -> bool:
     """Decode one image, refusing it from its header when it has more than ``max_pixels`` pixels."""
     label = f"{where}: image {report.rel(path)}" if where else report.rel(path)
+    if report.root not in path.resolve().parents:  # a reference such as "../../etc/x" in a question file
+        report.refuse(f"{label}: the image path leaves the archive; use paths inside it")
+        return False
     if not path.is_file():
         report.refuse(f"{label}: not found in the archive")
         return False

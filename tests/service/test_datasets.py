@@ -263,6 +263,9 @@ def pope_with_broken_line() -> bytes:
          "images/train/2/image.png: not found"),
         ("conversations", lambda: zip_bytes({"c.json": b'[{"id": "z", "conversations": []}]'}),
          "c.json entry 0 (z): needs alternating human/gpt messages"),
+        ("conversations", lambda: zip_bytes({"c.json": json.dumps([{**json.loads(conversations_files()[
+            "llava_instruct.json"])[0], "image": "../../../../etc/hostname"}]).encode()}),
+         "the image path leaves the archive"),
     ],
 )
 def test_bad_archives_are_refused_with_a_clear_reason(  # type: ignore[no-untyped-def]
@@ -446,3 +449,36 @@ def _closed_port() -> int:
     from tests.service.conftest import free_port
 
     return free_port()  # bound and released: nothing listens there
+
+
+# --- archive safety, member by member (worker/archives.py) ----------------------------------------------------
+def special(name: str, kind: bytes, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+@pytest.mark.parametrize(
+    ("archive", "limits", "fragment"),
+    [
+        (lambda: tar_with(special("calib/hard.png", tarfile.LNKTYPE, "calib/1.png")), {}, "calib/hard.png: hardlink"),
+        (lambda: tar_with(special("calib/fifo", tarfile.FIFOTYPE)), {}, "calib/fifo: a device, FIFO"),
+        (lambda: tar_with(special("dev/sda", tarfile.BLKTYPE)), {}, "dev/sda: a device, FIFO"),
+        (lambda: tar_bytes({"a.png": b"1", "b.png": b"2", "c.png": b"3"}), {"max_members": 2}, "more than 2 members"),
+        (lambda: tar_bytes({"a.png": b"1" * 600}), {"max_unpacked_bytes": 500}, "unpacks to 600 bytes"),
+        (lambda: zip_bytes({"a\\..\\..\\evil.png": b"x"}), {}, "path traversal"),
+        (lambda: zip_bytes({"C:/evil.png": b"x"}), {}, "absolute path"),
+        (lambda: tar_bytes(images_files())[:300], {}, "damaged or truncated"),
+    ],
+)
+def test_unsafe_members_are_refused_before_anything_is_written(archive, limits, fragment, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from worker.archives import ArchiveRefused, Limits, unpack
+
+    path = tmp_path / "archive"
+    path.write_bytes(archive())
+    caps = {"max_members": 100, "max_unpacked_bytes": 10**9, "max_ratio": 100.0, **limits}
+    with pytest.raises(ArchiveRefused) as refused:
+        unpack(path, tmp_path / "out", Limits(**caps))
+    assert any(fragment in reason for reason in refused.value.reasons), refused.value.reasons
+    assert list((tmp_path / "out").iterdir()) == []
+    assert {p.name for p in tmp_path.iterdir()} == {"archive", "out"}
