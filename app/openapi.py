@@ -43,7 +43,7 @@ DESCRIPTIONS = {
     415: "`unsupported_media_type`: the body is not sent as `Content-Type: application/json`",
     422: "`invalid_request` (names the field and what to fix), `unknown_model`, `invalid_policy_uri`,"
     " `invalid_plan_reference` (a `plan` whose job, index or model does not fit), `invalid_s3_uri`,"
-    " `empty_archive`",
+    " `empty_archive`, `invalid_upload_parts` (a multipart upload that cannot be completed)",
     429: "`quota_exceeded` (active jobs per tenant) or `rate_limited` (requests per tenant); see `Retry-After`",
     503: "`database_unavailable` / `server_busy` (retry after `Retry-After`), `not_ready` (readiness),"
     " `queue_unavailable` (a data set's validation could not be queued)",

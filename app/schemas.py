@@ -313,13 +313,38 @@ class DatasetCreate(Strict):
     )
     name: str = Field(min_length=1, max_length=200)
     source: DatasetSource = Field(default_factory=lambda: DatasetSource(upload=True))
+    size: int | None = Field(
+        default=None, ge=1, le=5 * 1024**4,
+        description="The archive's size in bytes, for an upload: above the store's multipart threshold (S3) the "
+        "answer's `upload` has one presigned URL per part instead of one URL",
+    )
+
+
+class UploadPart(BaseModel):
+    number: int = Field(description="Part number, from 1: bytes [(number-1)*part_size, number*part_size)")
+    url: str = Field(description="PUT this part's bytes here; keep the answer's ETag header for completing")
 
 
 class UploadTarget(BaseModel):
-    url: str = Field(description="PUT the archive's bytes here (signed, expires)")
+    url: str | None = Field(description="PUT the whole archive here (signed, expires); null for a multipart upload")
     method: Literal["PUT"] = "PUT"
     expires_at: datetime
     max_bytes: int = Field(description="Largest archive this upload may hold")
+    upload_id: str | None = Field(default=None, description="Multipart upload: its id, sent back when completing")
+    part_size: int | None = Field(default=None, description="Multipart upload: bytes per part (the last is shorter)")
+    parts: list[UploadPart] | None = Field(default=None, description="Multipart upload: one signed URL per part")
+
+
+class CompletedPart(Strict):
+    number: int = Field(ge=1, le=10_000)
+    etag: str = Field(min_length=1, max_length=200, description="The ETag header the part's PUT answered")
+
+
+class DatasetComplete(Strict):
+    """For a multipart upload: the upload id and every part's ETag, in order. Not needed after a single PUT."""
+
+    upload_id: str = Field(min_length=1, max_length=1000)
+    parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
 
 
 class DatasetOut(BaseModel):

@@ -29,7 +29,7 @@ from app.errors import ApiError
 from app.models import Dataset, DatasetState
 from app.queue import publish_dataset_validation
 from app.routes.files import receive_to_file
-from app.schemas import DatasetCreate, DatasetOut, Page, UploadTarget
+from app.schemas import DatasetComplete, DatasetCreate, DatasetOut, Page, UploadPart, UploadTarget
 from app.security import Principal
 from app.services import datasets as service
 from app.storage import Storage
@@ -88,9 +88,25 @@ def create_dataset(
     if dataset.source == "s3":
         enqueue_validation(session, settings, broker, dataset)
         return out
-    url, expires_at = storage.signed_put_url(dataset.key, settings.url_expiry_s)
-    out.upload = UploadTarget(url=url, expires_at=expires_at, max_bytes=settings.dataset_upload_max_bytes)
+    out.upload = upload_target(settings, storage, dataset.key, body.size)
     return out
+
+
+def upload_target(settings: Settings, storage: Storage, key: str, size: int | None) -> UploadTarget:
+    """One signed PUT URL, or, for an archive above the S3 multipart threshold, one per part."""
+    mb = 1024 * 1024
+    if size is not None and size > settings.s3_multipart_threshold_mb * mb:
+        # S3 takes at most 10,000 parts of at least 5 MiB (the last one excepted).
+        part_size = max(settings.s3_multipart_chunk_mb * mb, 5 * mb, -(-size // 10_000))
+        multipart = storage.signed_multipart(key, size, part_size, settings.url_expiry_s)
+        if multipart is not None:
+            return UploadTarget(
+                url=None, expires_at=multipart.expires_at, max_bytes=settings.dataset_upload_max_bytes,
+                upload_id=multipart.upload_id, part_size=multipart.part_size,
+                parts=[UploadPart(number=i, url=u) for i, u in enumerate(multipart.urls, start=1)],
+            )
+    url, expires_at = storage.signed_put_url(key, settings.url_expiry_s)
+    return UploadTarget(url=url, expires_at=expires_at, max_bytes=settings.dataset_upload_max_bytes)
 
 
 @router.get("", response_model=Page[DatasetOut])
@@ -146,9 +162,10 @@ async def upload_archive(
 
 
 def complete_and_enqueue(
-    session: Session, settings: Settings, storage: Storage, broker: Celery, who: Principal, dataset_id: uuid.UUID
+    session: Session, settings: Settings, storage: Storage, broker: Celery, who: Principal, dataset_id: uuid.UUID,
+    body: DatasetComplete | None = None,
 ) -> Dataset:
-    dataset = service.complete_upload(session, storage, who, dataset_id)
+    dataset = service.complete_upload(session, storage, who, dataset_id, body)
     enqueue_validation(session, settings, broker, dataset)
     return dataset
 
@@ -161,9 +178,11 @@ def complete_upload(
     storage: StorageDep,
     broker: BrokerDep,
     who: CurrentTenant,
+    body: DatasetComplete | None = None,
 ) -> DatasetOut:
-    """The archive is at the upload URL: validate it (the data set becomes ``validating``)."""
-    return DatasetOut.model_validate(complete_and_enqueue(session, settings, storage, broker, who, dataset_id))
+    """The archive is at the upload URL: validate it (the data set becomes ``validating``). After a multipart
+    upload, send ``{upload_id, parts: [{number, etag}, ...]}`` to join the parts first."""
+    return DatasetOut.model_validate(complete_and_enqueue(session, settings, storage, broker, who, dataset_id, body))
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)

@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import ApiError, not_found
 from app.models import Dataset, DatasetState, Job, JobStatus, utcnow
-from app.schemas import DatasetCreate
+from app.schemas import DatasetComplete, DatasetCreate
 from app.security import Principal
 from app.services.jobs import decode_cursor, encode_cursor
-from app.storage import Storage, check_key
+from app.storage import Storage, StorageError, check_key
 
 ARCHIVE_NAME = "archive"
 ACTIVE_JOB_STATES = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)
@@ -61,6 +61,13 @@ def key_from_s3_uri(uri: str, settings: Settings) -> str:
 
 
 def create_dataset(session: Session, settings: Settings, who: Principal, body: DatasetCreate) -> Dataset:
+    if body.size is not None and body.size > settings.dataset_upload_max_bytes:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"size: the archive is {body.size} bytes, more than the {settings.dataset_upload_max_bytes} a data set "
+            "may hold (HIPP_DATASET_UPLOAD_MAX_BYTES); split it into several data sets",
+        )
     ident = uuid.uuid4()
     prefix = dataset_prefix(who.tenant_id, ident)
     if body.source.s3_uri is not None:
@@ -101,10 +108,15 @@ def store_direct_upload(storage: Storage, dataset: Dataset, path: Path) -> None:
     storage.put_file(dataset.key, path)
 
 
-def complete_upload(session: Session, storage: Storage, who: Principal, dataset_id: uuid.UUID) -> Dataset:
-    """uploading -> validating once the archive is in the store (the route then enqueues validation)."""
+def complete_upload(
+    session: Session, storage: Storage, who: Principal, dataset_id: uuid.UUID, body: DatasetComplete | None = None
+) -> Dataset:
+    """uploading -> validating once the archive is in the store (the route then enqueues validation); a
+    multipart upload's parts are joined first."""
     dataset = get_dataset(session, who, dataset_id)
     _require_uploading(dataset, "the upload can be completed")
+    if body is not None:
+        join_parts(storage, dataset, body)
     if not storage.exists(dataset.key):
         raise ApiError(
             409,
@@ -122,6 +134,21 @@ def complete_upload(session: Session, storage: Storage, who: Principal, dataset_
     if not res.rowcount:  # type: ignore[attr-defined]
         _require_uploading(dataset, "the upload can be completed")
     return dataset
+
+
+def join_parts(storage: Storage, dataset: Dataset, body: DatasetComplete) -> None:
+    numbers = [p.number for p in body.parts]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise ApiError(422, "invalid_request", "parts: list every part once, in order, numbered from 1")
+    try:
+        storage.complete_multipart(dataset.key, body.upload_id, [(p.number, p.etag) for p in body.parts])
+    except StorageError as exc:
+        raise ApiError(
+            422,
+            "invalid_upload_parts",
+            f"the multipart upload of dataset {dataset.id} could not be completed ({exc}); upload every part to its "
+            "URL and send each part's ETag with the upload_id POST /datasets answered",
+        ) from None
 
 
 def list_datasets(session: Session, who: Principal, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:

@@ -482,3 +482,47 @@ def test_unsafe_members_are_refused_before_anything_is_written(archive, limits, 
     assert any(fragment in reason for reason in refused.value.reasons), refused.value.reasons
     assert list((tmp_path / "out").iterdir()) == []
     assert {p.name for p in tmp_path.iterdir()} == {"archive", "out"}
+
+
+def test_a_large_archive_goes_to_s3_in_parts(stack_settings, tenant_key, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Above the multipart threshold POST /datasets answers one presigned URL per part; the CLI PUTs them and
+    completes with their ETags (S3 wants parts of >= 5 MiB, so the archive is ~11 MiB of incompressible bytes)."""
+    import hashlib
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from worker.cli import datasets as cli
+    from worker.cli import main
+    from worker.cli.jobs import Client
+
+    settings = stack_settings.model_copy(update={"s3_multipart_threshold_mb": 5, "s3_multipart_chunk_mb": 5})
+    archive = tmp_path / "calib.tar"
+    archive.write_bytes(tar_bytes({**images_files(), "calib/noise.bin": os.urandom(11 * 1024 * 1024)}, "w"))
+    with TestClient(create_app(settings)) as c:
+        c.headers["Authorization"] = f"Bearer {tenant_key}"
+        body = {"kind": "images", "name": "big", "size": archive.stat().st_size}
+        upload = c.post("/datasets", json=body).json()["upload"]
+        assert upload["url"] is None and len(upload["parts"]) == 3 and upload["part_size"] == 5 * 1024 * 1024
+        r = c.post("/datasets", json={**body, "size": settings.dataset_upload_max_bytes + 1})
+        assert r.status_code == 422 and "HIPP_DATASET_UPLOAD_MAX_BYTES" in r.json()["error"]["message"]
+
+        def wired(args: Any) -> Client:
+            client = Client("http://testserver", None)
+            client.http = c
+            return client
+
+        monkeypatch.setattr(cli, "_client", wired)
+        assert main(["datasets", "upload", "--kind", "images", str(archive)]) == 0
+        dataset_id = capsys.readouterr().out.strip()
+        bad = {"upload_id": "nope", "parts": [{"number": 1, "etag": "x"}]}
+        r = c.post(f"/datasets/{create(c, tenant_key, 'images')['id']}/complete", json=bad)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_upload_parts"
+    assert validate(settings, dataset_id) == "ready"
+    with session_scope(settings.resolved_database_url) as session:
+        from app.models import Dataset
+
+        row = session.get(Dataset, uuid.UUID(dataset_id))
+        assert row is not None and row.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+        assert row.counts == {"images": 3}

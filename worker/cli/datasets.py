@@ -1,7 +1,8 @@
 """``hipp datasets upload|list|show|delete``: a client for the API's data sets (httpx), like ``hipp jobs``.
 
 ``upload`` creates the data set, sends the archive (to the signed upload URL the API answers, or with
-``--direct`` as the body of ``PUT /datasets/{id}/archive``), completes the upload and, with ``--wait``, follows
+``--direct`` as the body of ``PUT /datasets/{id}/archive``; a large archive part by part to the presigned
+part URLs of an S3 multipart upload), completes the upload and, with ``--wait``, follows
 validation until the data set is ready or invalid. ``--s3-uri`` references an archive already in the
 deployment's bucket instead. Reads ``HIPP_API_URL`` and ``HIPP_API_KEY`` (or ``--url`` / ``--key``).
 Imports neither torch nor the database.
@@ -55,24 +56,45 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def send_archive(client: Client, dataset: dict[str, Any], archive: Path, direct: bool) -> dict[str, Any]:
     """Upload ``archive`` for a data set in state ``uploading``; returns it once validation is queued."""
-    import httpx
-
     size = archive.stat().st_size
     if direct:
-        with archive.open("rb") as f:
-            return client.request(  # type: ignore[no-any-return]
-                "PUT", f"/datasets/{dataset['id']}/archive", content=f.read(),
-                headers={"Content-Type": "application/octet-stream"},
-            )
+        return client.request(  # type: ignore[no-any-return]
+            "PUT", f"/datasets/{dataset['id']}/archive", content=archive.read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
     target = dataset["upload"]
     if size > target["max_bytes"]:
         raise ApiClientError(f"{archive} holds {size} bytes, more than the {target['max_bytes']} this upload takes")
+    if target.get("parts"):
+        body = {"upload_id": target["upload_id"], "parts": put_parts(target, archive)}
+        return client.request("POST", f"/datasets/{dataset['id']}/complete", json=body)  # type: ignore[no-any-return]
     with archive.open("rb") as f:
         # An explicit length: presigned S3 PUTs refuse chunked bodies.
-        r = httpx.put(target["url"], content=f, headers={"Content-Length": str(size)}, timeout=None)
+        _put(target["url"], f, size)
+    return client.request("POST", f"/datasets/{dataset['id']}/complete")  # type: ignore[no-any-return]
+
+
+def put_parts(target: dict[str, Any], archive: Path) -> list[dict[str, Any]]:
+    """PUT each part of a multipart upload to its URL; the parts' numbers and ETags, for completing."""
+    done = []
+    with archive.open("rb") as f:
+        for part in target["parts"]:
+            chunk = f.read(target["part_size"])
+            etag = _put(part["url"], chunk, len(chunk)).headers.get("ETag")
+            if not etag:
+                raise ApiClientError(f"the store answered part {part['number']} without an ETag")
+            done.append({"number": part["number"], "etag": etag})
+            print(f"part {part['number']}/{len(target['parts'])} uploaded", file=sys.stderr)
+    return done
+
+
+def _put(url: str, content: Any, size: int) -> Any:
+    import httpx
+
+    r = httpx.put(url, content=content, headers={"Content-Length": str(size)}, timeout=None)
     if r.status_code >= 300:
         raise ApiClientError(f"upload to the signed URL failed: HTTP {r.status_code} {r.text[:300]}")
-    return client.request("POST", f"/datasets/{dataset['id']}/complete")  # type: ignore[no-any-return]
+    return r
 
 
 def wait_for_validation(client: Client, dataset_id: str, timeout: float, interval: float = 1.0) -> dict[str, Any]:
@@ -98,7 +120,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
         client = _client(args)
         source = {"s3_uri": args.s3_uri} if args.s3_uri else {"upload": True}
         name = args.name or (args.archive.name if args.archive is not None else args.s3_uri.rsplit("/", 1)[-1])
-        dataset = client.request("POST", "/datasets", json={"kind": args.kind, "name": name, "source": source})
+        body: dict[str, Any] = {"kind": args.kind, "name": name, "source": source}
+        if args.archive is not None and not args.direct:
+            body["size"] = args.archive.stat().st_size  # a large archive is then uploaded in parts
+        dataset = client.request("POST", "/datasets", json=body)
         print(dataset["id"])
         if args.archive is not None:
             dataset = send_archive(client, dataset, args.archive, args.direct)
