@@ -298,9 +298,13 @@ class DatasetSource(Strict):
     s3_uri: str | None = Field(
         default=None, max_length=1000, description="An archive (tar, tar.gz, zip) in the deployment's bucket"
     )
+    hub: str | None = Field(default=None, max_length=200, description="Not accepted yet (a Hugging Face data set id)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSource:
+        if self.hub is not None:
+            raise ValueError("source.hub: hub data set ids are not accepted yet; download the data set and upload it "
+                             'as an archive (source {"upload": true})')
         if (self.upload is True) == (self.s3_uri is not None):
             raise ValueError('source: give exactly one of {"upload": true} or {"s3_uri": "s3://bucket/key"}')
         return self

@@ -294,6 +294,9 @@ def test_s3_uri_in_the_deployment_bucket_only(client, stack_settings, tenant_key
     r = client.post("/datasets", json={"kind": "scienceqa", "name": "x", "source": {"upload": True, "s3_uri": "s"}},
                     headers=auth(tenant_key))
     assert r.status_code == 422 and "exactly one" in r.json()["error"]["message"]
+    r = client.post("/datasets", json={"kind": "pope", "name": "x", "source": {"hub": "lmms-lab/POPE"}},
+                    headers=auth(tenant_key))
+    assert r.status_code == 422 and "hub data set ids are not accepted yet" in r.json()["error"]["message"]
     ds = create(client, tenant_key, "scienceqa", s3_uri=f"s3://{stack_settings.s3_bucket}/{ref}")
     assert ds["state"] == "validating" and ds["source"] == "s3" and ds["upload"] is None
     assert validate(stack_settings, ds["id"]) == "ready"
