@@ -78,11 +78,10 @@ class MetricsAndLimits:
         upload_limit = self.upload_limit(scope)
         if upload_limit is not None:
             if length is not None and length > upload_limit:
-                await self._reject(send, 413, "body_too_large", f"the file is larger than {upload_limit} bytes, the "
-                                   "most this upload takes")
+                await self._reject(send, *self._upload_too_large(upload_limit))
                 self._observe(scope, 413, start)
                 return
-            await self._forward(scope, receive, send, start, upload_limit)
+            await self._forward(scope, receive, send, start, upload_limit, self._upload_too_large(upload_limit))
             return
         if length is not None and length > self.max_body:
             await self._reject(send, *self._too_large())
@@ -108,10 +107,12 @@ class MetricsAndLimits:
             )
             self._observe(scope, 415, start)
             return
-        await self._forward(scope, receive, send, start, self.max_body)
+        await self._forward(scope, receive, send, start, self.max_body, self._too_large())
 
-    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, start: float, limit: int) -> None:
-        """Run the app, counting the body it reads against ``limit``."""
+    async def _forward(
+        self, scope: dict[str, Any], receive: Any, send: Any, start: float, limit: int, too_large: tuple[int, str, str]
+    ) -> None:
+        """Run the app, counting the body it reads against ``limit`` (``too_large``: the answer past it)."""
         status_holder = {"status": 500}
         received = 0
 
@@ -132,11 +133,7 @@ class MetricsAndLimits:
         try:
             await self.app(scope, limited_receive, send_wrapper)
         except _BodyTooLarge:
-            if limit == self.max_body:
-                await self._reject(send, *self._too_large())
-            else:
-                await self._reject(send, 413, "body_too_large", f"the file is larger than {limit} bytes, the most "
-                                   "this upload takes")
+            await self._reject(send, *too_large)
             status_holder["status"] = 413
         self._observe(scope, status_holder["status"], start)
 
@@ -162,6 +159,10 @@ class MetricsAndLimits:
             f"request body is larger than {self.max_body} bytes; send a smaller body "
             "(metadata is meant for a few labels, not data)",
         )
+
+    @staticmethod
+    def _upload_too_large(limit: int) -> tuple[int, str, str]:
+        return 413, "body_too_large", f"the file is larger than {limit} bytes, the most this upload takes"
 
     def _observe(self, scope: dict[str, Any], status: int, start: float) -> None:
         route = scope.get("route")
