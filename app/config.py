@@ -74,6 +74,24 @@ class Settings(BaseSettings):
     )
     allow_hub_models: bool = Field(default=False, description="Accept Hugging Face hub ids (org/name)")
 
+    # Datasets (POST /datasets): upload limits and the archive-safety caps validation enforces.
+    dataset_direct_upload_max_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=0, description="Largest archive PUT /datasets/{id}/archive accepts in its body"
+    )
+    dataset_upload_max_bytes: int = Field(
+        default=5 * 1024**3, ge=1, description="Largest archive a signed upload URL or an s3:// reference may hold"
+    )
+    dataset_max_members: int = Field(default=100_000, ge=1, description="Most files and folders in an archive")
+    dataset_max_unpacked_bytes: int = Field(
+        default=20 * 1024**3, ge=1, description="Largest total uncompressed size of an archive's files"
+    )
+    dataset_max_ratio: float = Field(
+        default=100.0, gt=1, description="Largest uncompressed/compressed size ratio (decompression bombs)"
+    )
+    dataset_max_image_pixels: int = Field(
+        default=50_000_000, ge=1, description="Largest image (width x height) a data set may hold"
+    )
+
     # Jobs.
     max_attempts: int = 3
     lease_s: int = 120

@@ -12,6 +12,7 @@ limit in one pure-ASGI middleware (app/metrics.py).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 from app import errors, openapi
 from app.config import Settings, get_settings
 from app.metrics import MetricsAndLimits
-from app.routes import files, health, jobs, policies, usage
+from app.routes import datasets, files, health, jobs, policies, usage
 from app.runtime import Runtime
 from app.watch import JobWatcher, drain_on_signals
 
@@ -65,10 +66,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings  # read-only configuration; the runtime built from it lives in the lifespan
     errors.install(app)
-    for module in (jobs, policies, health, files, usage):
+    for module in (jobs, datasets, policies, health, files, usage):
         app.include_router(module.router)
     openapi.install(app)
-    app.add_middleware(MetricsAndLimits, max_body=settings.max_body_bytes)
+    uploads = [
+        (re.compile(r"/datasets/[^/]+/archive"), settings.dataset_direct_upload_max_bytes),
+        (re.compile(r"/files/.+"), settings.dataset_upload_max_bytes),
+    ]
+    app.add_middleware(MetricsAndLimits, max_body=settings.max_body_bytes, uploads=uploads)
     logging.getLogger("hipp").setLevel(logging.INFO)
     return app
 

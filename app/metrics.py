@@ -4,7 +4,9 @@ of the oldest queued job."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -37,18 +39,27 @@ class MetricsAndLimits:
     """Pure ASGI middleware (cheap per request): rejects bodies over ``max_body`` bytes with 413 (by their
     ``Content-Length``, or counted while reading a chunked body), bodies that are not JSON with 415 (naming
     the ``Content-Type`` header), both in the API's error shape; and records request count and latency by
-    route template."""
+    route template.
 
-    def __init__(self, app: Any, max_body: int) -> None:
+    ``uploads`` names the few ``PUT`` paths whose body is a file (a data set archive): they take any content
+    type, up to their own byte limit (by ``Content-Length`` here; the route counts a chunked body itself)."""
+
+    def __init__(self, app: Any, max_body: int, uploads: Sequence[tuple[re.Pattern[str], int]] = ()) -> None:
         self.app = app
         self.max_body = max_body
+        self.uploads = tuple(uploads)
+
+    def upload_limit(self, scope: dict[str, Any]) -> int | None:
+        if scope.get("method") != "PUT":
+            return None
+        path = scope.get("path", "")
+        return next((limit for pattern, limit in self.uploads if pattern.fullmatch(path)), None)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status_holder = {"status": 500}
         length: int | None = None
         content_type = ""
         for name, value in scope.get("headers", ()):
@@ -63,6 +74,14 @@ class MetricsAndLimits:
             # Postgres cannot compare or store NUL: refuse it in the URL, like in the body.
             await self._reject(send, 422, "invalid_request", "the URL (path or query) must not contain NUL (%00)")
             self._observe(scope, 422, start)
+            return
+        upload_limit = self.upload_limit(scope)
+        if upload_limit is not None:
+            if length is not None and length > upload_limit:
+                await self._reject(send, *self._upload_too_large(upload_limit))
+                self._observe(scope, 413, start)
+                return
+            await self._forward(scope, receive, send, start, upload_limit, self._upload_too_large(upload_limit))
             return
         if length is not None and length > self.max_body:
             await self._reject(send, *self._too_large())
@@ -88,7 +107,13 @@ class MetricsAndLimits:
             )
             self._observe(scope, 415, start)
             return
+        await self._forward(scope, receive, send, start, self.max_body, self._too_large())
 
+    async def _forward(
+        self, scope: dict[str, Any], receive: Any, send: Any, start: float, limit: int, too_large: tuple[int, str, str]
+    ) -> None:
+        """Run the app, counting the body it reads against ``limit`` (``too_large``: the answer past it)."""
+        status_holder = {"status": 500}
         received = 0
 
         async def limited_receive() -> dict[str, Any]:
@@ -96,7 +121,7 @@ class MetricsAndLimits:
             message: dict[str, Any] = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 
@@ -108,7 +133,7 @@ class MetricsAndLimits:
         try:
             await self.app(scope, limited_receive, send_wrapper)
         except _BodyTooLarge:
-            await self._reject(send, *self._too_large())
+            await self._reject(send, *too_large)
             status_holder["status"] = 413
         self._observe(scope, status_holder["status"], start)
 
@@ -134,6 +159,10 @@ class MetricsAndLimits:
             f"request body is larger than {self.max_body} bytes; send a smaller body "
             "(metadata is meant for a few labels, not data)",
         )
+
+    @staticmethod
+    def _upload_too_large(limit: int) -> tuple[int, str, str]:
+        return 413, "body_too_large", f"the file is larger than {limit} bytes, the most this upload takes"
 
     def _observe(self, scope: dict[str, Any], status: int, start: float) -> None:
         route = scope.get("route")

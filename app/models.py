@@ -180,3 +180,37 @@ class Policy(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(Tz(), default=utcnow)
+
+
+class DatasetState(enum.StrEnum):
+    uploading = "uploading"
+    validating = "validating"
+    ready = "ready"
+    invalid = "invalid"
+
+
+DATASET_KINDS = ("images", "pope", "scienceqa", "conversations")
+
+
+class Dataset(Base):
+    """A tenant's data set: an archive in the store (uploaded under ``prefix``, or an ``s3://`` object of the
+    deployment's bucket it references), checked by the ``hipp.validate_dataset`` task with the engine's
+    loaders. ``counts`` and ``sha256``/``size`` are what validation found; ``reasons`` why it is invalid."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default=DatasetState.uploading.value)
+    source: Mapped[str] = mapped_column(String(16))  # upload | s3
+    prefix: Mapped[str] = mapped_column(String(500))  # every object the service writes for it lives here
+    key: Mapped[str] = mapped_column(String(1000))  # the archive's storage key
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(Tz(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Tz(), default=utcnow, onupdate=utcnow)

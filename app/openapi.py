@@ -33,16 +33,20 @@ DESCRIPTIONS = {
     400: "Malformed request: `invalid_body` (not parseable JSON), `invalid_cursor`, `invalid_idempotency_key`,"
     " `invalid_key`",
     401: "`missing_api_key` or `invalid_api_key` (no key, a wrong or a revoked one)",
-    403: "`bad_signature` or `url_expired` (signed download URL)",
+    403: "`bad_signature` or `url_expired` (signed download or upload URL)",
     404: "`not_found`: no such resource, or it belongs to another tenant",
     409: "Conflict: `job_finished` (cancel), `job_active` (delete), `idempotency_key_reused`,"
-    " `plan_job_not_succeeded` (a `plan` from a job that has not succeeded)",
-    413: "`body_too_large`: the body is larger than `HIPP_MAX_BODY_BYTES` (also when sent chunked)",
+    " `plan_job_not_succeeded` (a `plan` from a job that has not succeeded), `dataset_not_uploading`,"
+    " `archive_missing` (complete before the archive was uploaded), `dataset_in_use` (delete)",
+    413: "`body_too_large`: the body is larger than `HIPP_MAX_BODY_BYTES` (also when sent chunked; for an"
+    " archive upload, its own limit)",
     415: "`unsupported_media_type`: the body is not sent as `Content-Type: application/json`",
     422: "`invalid_request` (names the field and what to fix), `unknown_model`, `invalid_policy_uri`,"
-    " `invalid_plan_reference` (a `plan` whose job, index or model does not fit)",
+    " `invalid_plan_reference` (a `plan` whose job, index or model does not fit), `invalid_s3_uri`,"
+    " `empty_archive`, `invalid_upload_parts` (a multipart upload that cannot be completed)",
     429: "`quota_exceeded` (active jobs per tenant) or `rate_limited` (requests per tenant); see `Retry-After`",
-    503: "`database_unavailable` / `server_busy` (retry after `Retry-After`), `not_ready` (readiness)",
+    503: "`database_unavailable` / `server_busy` (retry after `Retry-After`), `not_ready` (readiness),"
+    " `queue_unavailable` (a data set's validation could not be queued)",
 }
 RETRY_AFTER = {429, 503}
 
@@ -55,6 +59,12 @@ EXTRA: dict[tuple[str, str], set[int]] = {
     ("get", "/jobs/{job_id}/events"): {400},
     ("get", "/files/{key}"): {400, 403, 404},
     ("head", "/files/{key}"): {400, 403, 404},
+    ("put", "/files/{key}"): {400, 403, 404},
+    ("get", "/datasets"): {400},
+    ("post", "/datasets"): {503},
+    ("post", "/datasets/{dataset_id}/complete"): {409},
+    ("put", "/datasets/{dataset_id}/archive"): {409},
+    ("delete", "/datasets/{dataset_id}"): {409},
 }
 NO_DATABASE = {"/healthz", "/files/{key}"}
 

@@ -37,13 +37,14 @@ RUN_JOB = "hipp.run_job"
 RELAY = "hipp.relay_pending"
 REAP = "hipp.reap_stale"
 SWEEP = "hipp.retention_sweep"
+VALIDATE_DATASET = "hipp.validate_dataset"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker_url": settings.resolved_broker_url,
         "task_default_queue": settings.default_queue,
-        "task_routes": {RUN_JOB: {"queue": settings.gpu_queue}},
+        "task_routes": {RUN_JOB: {"queue": settings.gpu_queue}, VALIDATE_DATASET: {"queue": settings.default_queue}},
         "task_ignore_result": True,
         "result_backend": None,
         "task_serializer": "json",
@@ -93,6 +94,12 @@ def broker_or_temporary(settings: Settings, broker: Celery | None) -> Iterator[C
 def publish(settings: Settings, job_id: uuid.UUID, broker: Celery | None = None) -> None:
     with broker_or_temporary(settings, broker) as client:
         client.send_task(RUN_JOB, args=[str(job_id)], queue=settings.gpu_queue)
+
+
+def publish_dataset_validation(settings: Settings, dataset_id: uuid.UUID, broker: Celery | None = None) -> None:
+    """Send a data set to the light queue's validation task (by name: the API never imports the worker)."""
+    with broker_or_temporary(settings, broker) as client:
+        client.send_task(VALIDATE_DATASET, args=[str(dataset_id)], queue=settings.default_queue)
 
 
 def fair_subset(session: Session, settings: Settings, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:

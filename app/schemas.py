@@ -285,3 +285,86 @@ class Usage(BaseModel):
     jobs: int = Field(description="Jobs of this tenant the service still holds (finished ones included)")
     artifacts: int = Field(description="Stored artifacts (checkpoint archives, plans, metrics)")
     artifact_bytes: int = Field(description="Their total size in bytes")
+
+
+DatasetKind = Literal["images", "pope", "scienceqa", "conversations"]
+
+
+class DatasetSource(Strict):
+    """Where the archive comes from: ``{"upload": true}`` (a signed PUT URL, or ``PUT /datasets/{id}/archive``
+    for small archives) or ``{"s3_uri": "s3://<the deployment's bucket>/..."}``."""
+
+    upload: bool | None = Field(default=None, description="true: upload the archive after creating the data set")
+    s3_uri: str | None = Field(
+        default=None, max_length=1000, description="An archive (tar, tar.gz, zip) in the deployment's bucket"
+    )
+    hub: str | None = Field(default=None, max_length=200, description="Not accepted yet (a Hugging Face data set id)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSource:
+        if self.hub is not None:
+            raise ValueError("source.hub: hub data set ids are not accepted yet; download the data set and upload it "
+                             'as an archive (source {"upload": true})')
+        if (self.upload is True) == (self.s3_uri is not None):
+            raise ValueError('source: give exactly one of {"upload": true} or {"s3_uri": "s3://bucket/key"}')
+        return self
+
+
+class DatasetCreate(Strict):
+    kind: DatasetKind = Field(
+        description="images (calibration images), pope (POPE question files + images), scienceqa (problems.json, "
+        "pid_splits.json, images/), conversations (LLaVA-format JSON + images)"
+    )
+    name: str = Field(min_length=1, max_length=200)
+    source: DatasetSource = Field(default_factory=lambda: DatasetSource(upload=True))
+    size: int | None = Field(
+        default=None, ge=1, le=5 * 1024**4,
+        description="The archive's size in bytes, for an upload: above the store's multipart threshold (S3) the "
+        "answer's `upload` has one presigned URL per part instead of one URL",
+    )
+
+
+class UploadPart(BaseModel):
+    number: int = Field(description="Part number, from 1: bytes [(number-1)*part_size, number*part_size)")
+    url: str = Field(description="PUT this part's bytes here; keep the answer's ETag header for completing")
+
+
+class UploadTarget(BaseModel):
+    url: str | None = Field(description="PUT the whole archive here (signed, expires); null for a multipart upload")
+    method: Literal["PUT"] = "PUT"
+    expires_at: datetime
+    max_bytes: int = Field(description="Largest archive this upload may hold")
+    upload_id: str | None = Field(default=None, description="Multipart upload: its id, sent back when completing")
+    part_size: int | None = Field(default=None, description="Multipart upload: bytes per part (the last is shorter)")
+    parts: list[UploadPart] | None = Field(default=None, description="Multipart upload: one signed URL per part")
+
+
+class CompletedPart(Strict):
+    number: int = Field(ge=1, le=10_000)
+    etag: str = Field(min_length=1, max_length=200, description="The ETag header the part's PUT answered")
+
+
+class DatasetComplete(Strict):
+    """For a multipart upload: the upload id and every part's ETag, in order. Not needed after a single PUT."""
+
+    upload_id: str = Field(min_length=1, max_length=1000)
+    parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    kind: str
+    name: str
+    state: Literal["uploading", "validating", "ready", "invalid"]
+    source: Literal["upload", "s3"]
+    sha256: str | None = Field(description="SHA-256 of the archive, once validated")
+    size: int | None = Field(description="Size of the archive in bytes, once validated")
+    counts: dict[str, Any] = Field(description="What validation found: images, questions per split, problems, ...")
+    reasons: list[str] = Field(description="Why the data set is invalid (each names the file and record or line)")
+    created_at: datetime
+    updated_at: datetime
+    upload: UploadTarget | None = Field(
+        default=None, description="Where to PUT the archive (state uploading, in the answer to POST /datasets)"
+    )

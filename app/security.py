@@ -115,6 +115,18 @@ def sign(secret: bytes, key: str, expires: int, filename: str) -> str:
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
+def sign_upload(secret: bytes, key: str, expires: int) -> str:
+    """The signature of a PUT URL (local store): a message no download signature can have (its second line
+    is the key, never an expiry), so a download URL cannot be turned into an upload one."""
+    msg = f"PUT\n{key}\n{expires}".encode("utf-8", "surrogatepass")
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def check_upload_signature(secret: bytes, key: str, expires: int, signature: str) -> bool:
+    sent = signature.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(sign_upload(secret, key, expires).encode(), sent)
+
+
 def check_signature(secret: bytes, key: str, expires: int, filename: str, signature: str) -> bool:
     # Bytes, so that any text a caller sends (non-ASCII, lone surrogates) is a mismatch, not an error.
     sent = signature.encode("utf-8", "surrogatepass")

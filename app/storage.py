@@ -5,9 +5,10 @@ outputs).
   path-style addressing and checksum settings "when_required"; the SHA-256 of every object is computed while
   reading the file, stored as object metadata and in the database, and verified after upload (size and
   metadata) and after download (content). Presigned GET URLs are minted per request with an expiry and a
-  content-disposition.
+  content-disposition; presigned PUT URLs (``signed_put_url``) let a client upload a data set archive, and
+  presigned multipart uploads (``signed_multipart``, ``complete_multipart``) a large one, part by part.
 - ``LocalStorage``: a folder, for the embedded default. The API serves it at ``/files/{key}`` through
-  HMAC-signed URLs that expire (app/routes/files.py).
+  HMAC-signed URLs that expire (app/routes/files.py), and takes uploads there through signed PUT URLs.
 
 No torch here: the API image imports this module.
 """
@@ -36,6 +37,17 @@ class StorageError(Exception):
 
 class IntegrityError(StorageError):
     """The bytes read back do not match the recorded SHA-256."""
+
+
+@dataclass(frozen=True)
+class MultipartTarget:
+    """A multipart upload started for a client: one presigned PUT URL per part (part ``i`` is bytes
+    ``[(i-1)*part_size, i*part_size)`` of the file), then ``complete_multipart`` with each part's ETag."""
+
+    upload_id: str
+    part_size: int
+    urls: list[str]
+    expires_at: datetime
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,19 @@ class Storage(Protocol):
 
     def signed_url(self, key: str, filename: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
         """A GET URL valid for ``expires_s`` seconds, minted now; never stored."""
+        ...
+
+    def signed_put_url(self, key: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
+        """A URL that takes one ``PUT`` of the object's bytes at ``key`` for ``expires_s`` seconds."""
+        ...
+
+    def signed_multipart(self, key: str, size: int, part_size: int, expires_s: int) -> MultipartTarget | None:
+        """Start a multipart upload of ``size`` bytes at ``key`` with presigned part URLs; None when the store
+        has no multipart uploads (then the single PUT URL takes any size)."""
+        ...
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        """Join the uploaded parts ((number, ETag), in order); raises ``StorageError`` saying what is wrong."""
         ...
 
     def check(self) -> None:
@@ -168,6 +193,20 @@ class LocalStorage:
         query = urlencode({"expires": expires, "filename": filename, "sig": sign(self.secret, key, expires, filename)})
         base = (base_url or self.public_url).rstrip("/")
         return f"{base}/files/{quote(check_key(key))}?{query}", datetime.fromtimestamp(expires, UTC)
+
+    def signed_put_url(self, key: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
+        from app.security import sign_upload
+
+        expires = int(time.time()) + expires_s
+        query = urlencode({"expires": expires, "sig": sign_upload(self.secret, key, expires)})
+        base = (base_url or self.public_url).rstrip("/")
+        return f"{base}/files/{quote(check_key(key))}?{query}", datetime.fromtimestamp(expires, UTC)
+
+    def signed_multipart(self, key: str, size: int, part_size: int, expires_s: int) -> MultipartTarget | None:
+        return None  # a local PUT streams to disk whatever its size
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        raise StorageError("the local store takes one PUT per object, not multipart uploads")
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -301,6 +340,39 @@ class S3Storage:
             ExpiresIn=expires_s,
         )
         return url, datetime.fromtimestamp(int(time.time()) + expires_s, UTC)
+
+    def signed_put_url(self, key: str, expires_s: int, base_url: str | None = None) -> tuple[str, datetime]:
+        url = self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": self._k(key)}, ExpiresIn=expires_s
+        )
+        return url, datetime.fromtimestamp(int(time.time()) + expires_s, UTC)
+
+    def signed_multipart(self, key: str, size: int, part_size: int, expires_s: int) -> MultipartTarget | None:
+        count = max(1, -(-size // part_size))
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key))["UploadId"]
+        urls = [
+            self.client.generate_presigned_url(
+                "upload_part",
+                Params={"Bucket": self.bucket, "Key": self._k(key), "UploadId": upload_id, "PartNumber": number},
+                ExpiresIn=expires_s,
+            )
+            for number in range(1, count + 1)
+        ]
+        return MultipartTarget(upload_id, part_size, urls, datetime.fromtimestamp(int(time.time()) + expires_s, UTC))
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self._k(key),
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in parts]},
+            )
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise StorageError(f"{error.get('Code', 'error')}: {error.get('Message', str(exc))}") from None
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

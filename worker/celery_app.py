@@ -19,7 +19,7 @@ from celery.signals import beat_embedded_init, worker_process_init
 
 from app.config import get_settings
 from app.db import dispose_all
-from app.queue import REAP, RELAY, RUN_JOB, SWEEP, celery_config
+from app.queue import REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, celery_config
 
 settings = get_settings()
 
@@ -31,6 +31,7 @@ celery_app.conf.update(
         RELAY: {"queue": settings.default_queue},
         REAP: {"queue": settings.default_queue},
         SWEEP: {"queue": settings.default_queue},
+        VALIDATE_DATASET: {"queue": settings.default_queue},
     },
     task_acks_late=True,
     task_reject_on_worker_lost=False,

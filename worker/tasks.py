@@ -1,5 +1,5 @@
-"""Celery tasks. Thin: they hand over to the job pipeline (``worker.pipeline``) and the app's relay, reaper and
-retention sweep."""
+"""Celery tasks. Thin: they hand over to the job pipeline (``worker.pipeline``), data set validation
+(``worker.datasets``) and the app's relay, reaper and retention sweep."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from celery.worker.request import Request
 
 from app.config import get_settings
 from app.db import session_factory
-from app.queue import REAP, RELAY, RUN_JOB, SWEEP, still_queued
+from app.queue import REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, still_queued
 from app.queue import relay_pending as relay
 from app.reaper import reap_stale as reap
 from app.retention import sweep
@@ -72,3 +72,14 @@ def retention_sweep() -> dict[str, int]:
     """Delete stage outputs of finished jobs and artifacts past their retention (app/retention.py)."""
     settings = get_settings()
     return sweep(settings, session_factory(settings.resolved_database_url), get_storage(settings)).as_dict()
+
+
+@celery_app.task(name=VALIDATE_DATASET, acks_late=True, ignore_result=True)
+def validate_dataset(dataset_id: str) -> str:
+    """Unpack and check an uploaded data set (worker/datasets.py): ready with counts, or invalid with reasons."""
+    # Imported here: the API image ships this module (beat, the relay) without the validation code.
+    from worker.datasets import validate_dataset as validate
+
+    settings = get_settings()
+    storage = get_storage(settings)
+    return validate(dataset_id, settings, session_factory(settings.resolved_database_url), storage)

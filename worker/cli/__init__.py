@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "worker.cli.prune",
     "worker.cli.recover",
     "worker.cli.jobs",
+    "worker.cli.datasets",
     "worker.cli.serve",
     "worker.cli.testbed",
     "worker.cli.evaluate",
