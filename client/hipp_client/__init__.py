@@ -9,7 +9,8 @@
 
 ``HippClient`` (client.py) speaks the API: jobs (submit, get, list, cancel, delete, events, artifacts, plans,
 wait, download) and policies (list, get, register). Answers come back as the dataclasses of types.py; every
-failure is a ``HippApiError`` (errors.py). Datasets are not here: the API has no datasets endpoints yet.
+failure is a ``HippApiError`` (errors.py). Datasets (datasets.py): create, upload (signed URL, multipart, direct),
+wait for validation, list, get, delete.
 """
 
 from hipp_client.client import DEFAULT_URL, HippClient, fetch_verified
@@ -19,10 +20,11 @@ from hipp_client.errors import (
     DOWNLOAD_FAILED,
     NO_SUCH_ARTIFACT,
     UNREACHABLE,
+    UPLOAD_FAILED,
     WAIT_TIMEOUT,
     HippApiError,
 )
-from hipp_client.types import TERMINAL, Artifact, Event, Job, JobError, Page, Plan, Policy
+from hipp_client.types import TERMINAL, Artifact, Dataset, Event, Job, JobError, Page, Plan, Policy
 
 __version__ = "0.1.0"
 
@@ -34,8 +36,10 @@ __all__ = [
     "NO_SUCH_ARTIFACT",
     "TERMINAL",
     "UNREACHABLE",
+    "UPLOAD_FAILED",
     "WAIT_TIMEOUT",
     "Artifact",
+    "Dataset",
     "Event",
     "HippApiError",
     "HippClient",

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
+from hipp_client.datasets import DatasetsMixin
 from hipp_client.errors import (
     BAD_RESPONSE,
     CHECKSUM_MISMATCH,
@@ -39,7 +40,7 @@ CHUNK = 1 << 20
 T = TypeVar("T")
 
 
-class HippClient:
+class HippClient(DatasetsMixin):
     """A session with one HiPP-Prune service. ``base_url`` defaults to ``$HIPP_API_URL`` (else
     ``http://127.0.0.1:8000``), ``api_key`` to ``$HIPP_API_KEY``. ``http``: an ``httpx.Client`` to send through
     instead of a new one (a proxy, custom TLS, a test transport); its base URL is used as it is."""

@@ -14,6 +14,7 @@ DOWNLOAD_FAILED = "download_failed"
 WAIT_TIMEOUT = "wait_timeout"
 NO_SUCH_ARTIFACT = "no_such_artifact"
 BAD_RESPONSE = "bad_response"
+UPLOAD_FAILED = "upload_failed"
 
 
 class HippApiError(Exception):

@@ -201,6 +201,38 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Dataset:
+    """A dataset: ``state`` uploading | validating | ready | invalid; ``counts``, ``sha256`` and ``size`` once
+    validated, ``reasons`` when invalid; ``raw["upload"]``: the upload target while uploading."""
+
+    id: str
+    kind: str
+    name: str
+    state: str
+    counts: dict[str, Any]
+    reasons: list[str]
+    sha256: str | None
+    size: int | None
+    created_at: datetime | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Dataset:
+        return cls(
+            id=str(data["id"]),
+            kind=str(data["kind"]),
+            name=str(data["name"]),
+            state=str(data["state"]),
+            counts=dict(data.get("counts") or {}),
+            reasons=[str(r) for r in data.get("reasons") or []],
+            sha256=data.get("sha256"),
+            size=data.get("size"),
+            created_at=_time(data.get("created_at")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
 class Page(Generic[T]):
     """One page of a list; pass ``next_cursor`` back for the next one (``None``: this was the last)."""
 

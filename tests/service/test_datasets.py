@@ -392,15 +392,13 @@ def validate_when_queued(settings: Settings, name: str, timeout: float = 30.0) -
 def test_cli_upload_list_show_delete(  # type: ignore[no-untyped-def]
     client, stack_settings, tenant_key, tmp_path, monkeypatch, capsys
 ) -> None:
+    from hipp_client import HippClient
     from worker.cli import datasets as cli
     from worker.cli import main
-    from worker.cli.jobs import Client
 
-    def wired(args: Any) -> Client:
-        c = Client("http://testserver", None)
-        c.http = client  # the TestClient is an httpx.Client
+    def wired(args: Any) -> HippClient:
         client.headers["Authorization"] = f"Bearer {tenant_key}"
-        return c
+        return HippClient("http://testserver", None, http=client)  # the TestClient is an httpx.Client
 
     monkeypatch.setattr(cli, "_client", wired)
     pope_zip, images_tar = tmp_path / "pope.zip", tmp_path / "calib.tar.gz"
@@ -496,9 +494,9 @@ def test_a_large_archive_goes_to_s3_in_parts(stack_settings, tenant_key, tmp_pat
     from fastapi.testclient import TestClient
 
     from app.main import create_app
+    from hipp_client import HippClient
     from worker.cli import datasets as cli
     from worker.cli import main
-    from worker.cli.jobs import Client
 
     settings = stack_settings.model_copy(update={"s3_multipart_threshold_mb": 5, "s3_multipart_chunk_mb": 5})
     archive = tmp_path / "calib.tar"
@@ -511,10 +509,8 @@ def test_a_large_archive_goes_to_s3_in_parts(stack_settings, tenant_key, tmp_pat
         r = c.post("/datasets", json={**body, "size": settings.dataset_upload_max_bytes + 1})
         assert r.status_code == 422 and "HIPP_DATASET_UPLOAD_MAX_BYTES" in r.json()["error"]["message"]
 
-        def wired(args: Any) -> Client:
-            client = Client("http://testserver", None)
-            client.http = c
-            return client
+        def wired(args: Any) -> HippClient:
+            return HippClient("http://testserver", None, http=c)
 
         monkeypatch.setattr(cli, "_client", wired)
         assert main(["datasets", "upload", "--kind", "images", str(archive)]) == 0

@@ -10,33 +10,23 @@ removes the questions' shared difficulty from the comparison). POPE splits are r
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from worker.hipp.evaluation import bits
+from worker.hipp.evaluation.bits import pack_bits
+
+__all__ = ["pack_bits", "unpack_bits", "interval", "paired_difference", "pope_mean", "sqa_accuracy"]
 
 RESAMPLES = 2000
 LEVEL = 0.95
 
 
-def pack_bits(bits: Sequence[bool]) -> str:
-    """``bits`` as base64 of their packed bytes (first question in the high bit of the first byte)."""
-    data = bytearray((len(bits) + 7) // 8)
-    for i, bit in enumerate(bits):
-        if bit:
-            data[i // 8] |= 0x80 >> (i % 8)
-    return base64.b64encode(bytes(data)).decode()
-
-
 def unpack_bits(text: str, n: int) -> torch.Tensor:
-    """The ``n`` bits :func:`pack_bits` wrote, as a bool tensor."""
-    data = torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
-    bits = ((data.unsqueeze(1) >> shifts) & 1).reshape(-1).bool()
-    if bits.numel() < n:
-        raise ValueError(f"{n} outcomes asked for, {bits.numel()} stored")
-    return bits[:n]
+    """The ``n`` bits :func:`~worker.hipp.evaluation.bits.pack_bits` wrote, as a bool tensor."""
+    return torch.tensor(bits.unpack_bits(text, n), dtype=torch.bool)
 
 
 def _indices(n: int, resamples: int, generator: torch.Generator) -> torch.Tensor:

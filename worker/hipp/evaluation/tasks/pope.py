@@ -18,7 +18,7 @@ from pathlib import Path
 
 from worker.hipp.data.world import CATEGORY_NAMES, Scene, render
 from worker.hipp.errors import HippError
-from worker.hipp.evaluation.intervals import pack_bits
+from worker.hipp.evaluation.bits import pack_bits
 
 SPLITS = ("random", "popular", "adversarial")
 QUESTIONS_PER_LABEL = 3  # POPE asks about 3 present and 3 absent objects per image

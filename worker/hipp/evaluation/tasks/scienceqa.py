@@ -18,7 +18,7 @@ from pathlib import Path
 
 from worker.hipp.data.world import BY_NAME, CATEGORY_NAMES, IMAGE_SIZE, Scene, render, sample_scene
 from worker.hipp.errors import HippError
-from worker.hipp.evaluation.intervals import pack_bits
+from worker.hipp.evaluation.bits import pack_bits
 from worker.hipp.evaluation.tasks.pope import ObjectStats
 
 OPTIONS = ("A", "B", "C", "D", "E")
