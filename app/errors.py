@@ -13,6 +13,7 @@ import json
 import logging
 from typing import Any
 
+from botocore.exceptions import BotoCoreError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -123,6 +124,16 @@ def install(app: FastAPI) -> None:
             error_body("server_busy", "the server is busy (no database connection free); retry in a second"),
             503,
             headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(BotoCoreError)
+    async def _storage(_: Request, exc: BotoCoreError) -> JSONResponse:
+        # The object store did not answer (connection refused, timeout): the caller's request was fine.
+        log.warning("object storage unavailable: %s", str(exc)[:200])
+        return SafeJSONResponse(
+            error_body("storage_unavailable", "the object store is not reachable right now; retry in a few seconds"),
+            503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)

@@ -82,13 +82,16 @@ def create_dataset(
     (tar, tar.gz or zip), then ``POST /datasets/{id}/complete``; small archives can go to
     ``PUT /datasets/{id}/archive`` instead. ``source {"s3_uri"}``: an archive in the deployment's bucket,
     validated at once. Validation moves the data set to ``ready`` or ``invalid`` (with ``reasons``)."""
-    dataset = service.create_dataset(session, settings, who, body)
+    dataset = service.new_dataset(settings, who, body)
+    # The upload target first: a store that does not answer fails the request before anything is saved.
+    upload = upload_target(settings, storage, dataset.key, body.size) if dataset.source == "upload" else None
+    service.save_dataset(session, dataset)
     response.headers["Location"] = f"/datasets/{dataset.id}"
     out = DatasetOut.model_validate(dataset)
-    if dataset.source == "s3":
+    if upload is None:
         enqueue_validation(session, settings, broker, dataset)
         return out
-    out.upload = upload_target(settings, storage, dataset.key, body.size)
+    out.upload = upload
     return out
 
 

@@ -60,7 +60,9 @@ def key_from_s3_uri(uri: str, settings: Settings) -> str:
         ) from None
 
 
-def create_dataset(session: Session, settings: Settings, who: Principal, body: DatasetCreate) -> Dataset:
+def new_dataset(settings: Settings, who: Principal, body: DatasetCreate) -> Dataset:
+    """The data set ``body`` asks for, not saved yet (the route saves it once its upload target exists, so a
+    store outage leaves no row behind)."""
     if body.size is not None and body.size > settings.dataset_upload_max_bytes:
         raise ApiError(
             422,
@@ -79,6 +81,10 @@ def create_dataset(session: Session, settings: Settings, who: Principal, body: D
         state=DatasetState.uploading.value if source == "upload" else DatasetState.validating.value,
         counts={}, reasons=[],
     )
+    return dataset
+
+
+def save_dataset(session: Session, dataset: Dataset) -> Dataset:
     session.add(dataset)
     session.commit()
     return dataset

@@ -446,6 +446,23 @@ def test_a_broker_outage_leaves_nothing_half_done(local_settings, tenant_key) ->
         assert r.status_code == 202 and r.json()["state"] == "validating"
 
 
+def test_an_unreachable_object_store_is_a_503_not_a_500(stack_settings, tenant_key) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    down = stack_settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{_closed_port()}",
+                                             "s3_multipart_threshold_mb": 5, "s3_multipart_chunk_mb": 5})
+    with TestClient(create_app(down)) as c:
+        name = f"big-{uuid.uuid4().hex}"
+        body = {"kind": "images", "name": name, "source": {"upload": True}, "size": 11 * 1024 * 1024}
+        r = c.post("/datasets", json=body, headers=auth(tenant_key))  # starting a multipart upload asks the store
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+        assert r.headers["Retry-After"]
+        names = [d["name"] for d in c.get("/datasets", headers=auth(tenant_key)).json()["items"]]
+        assert name not in names  # nothing saved for a request that failed
+
+
 def _closed_port() -> int:
     from tests.service.conftest import free_port
 
