@@ -74,3 +74,14 @@ def check_model_ref(ref: str, settings: Settings) -> str:
         f"unknown model {ref!r}: use {' or '.join(options)}",
         detail={"model": ref, "allowed": settings.allowed_models},
     )
+
+
+#: The built-in name of the shipped testbed: the one model whose own distribution is the synthetic world.
+TESTBED = "testbed"
+
+
+def is_testbed(model: str) -> bool:
+    """Whether ``model`` is the testbed, the one model the synthetic world's data is in-distribution for (so
+    it is calibrated, evaluated and recovered on that world by default; any other model needs the tenant's
+    data or an explicit request for the world)."""
+    return model.strip() == TESTBED

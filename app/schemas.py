@@ -121,6 +121,12 @@ class RecoveryOptions(Strict):
 class EvaluationOptions(Strict):
     enabled: bool = True
     max_samples: int = Field(default=16, ge=1, le=100_000, description="Questions per benchmark split")
+    world: bool = Field(
+        default=False,
+        description="Evaluate on the synthetic world's benchmarks when data.evaluation names nothing. Only the "
+        "testbed is evaluated on them by default: for any other model, a job without evaluation data evaluates "
+        "nothing (and says so) unless this is true",
+    )
 
 
 class CalibrationOptions(Strict):
@@ -134,6 +140,30 @@ class ExportOptions(Strict):
     )
     max_shard_size_mb: float = Field(
         default=5000, ge=0.05, le=100_000, description="Largest safetensors shard of the export, in MB (10^6 bytes)"
+    )
+
+
+class BenchmarkData(Strict):
+    """A POPE and/or a ScienceQA data set (``ready``, of this tenant), by id."""
+
+    pope: uuid.UUID | None = Field(default=None, strict=False, description="A data set of kind pope")
+    scienceqa: uuid.UUID | None = Field(default=None, strict=False, description="A data set of kind scienceqa")
+
+
+class JobData(Strict):
+    """The tenant's data sets a job runs on, by id (GET /datasets); each must be ``ready`` and of its kind."""
+
+    calibration: uuid.UUID | None = Field(
+        default=None, strict=False, description="A data set of kind images: the calibration images"
+    )
+    evaluation: BenchmarkData | None = Field(
+        default=None, description="The benchmarks the dense and the pruned model are measured on"
+    )
+    recovery: uuid.UUID | None = Field(
+        default=None, strict=False, description="A data set of kind conversations: what recovery trains on"
+    )
+    search: BenchmarkData | None = Field(
+        default=None, description="The benchmarks a trained policy's plans are scored on during the plan search"
     )
 
 
@@ -170,6 +200,11 @@ class JobCreate(Strict):
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     export: ExportOptions = Field(default_factory=ExportOptions)
+    data: JobData | None = Field(
+        default=None,
+        description="The tenant's data sets to calibrate, evaluate, recover and search on (by id); what is not "
+        "named falls back to the engine's synthetic data (the testbed's world), as the result records",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("model")

@@ -170,8 +170,9 @@ def list_datasets(session: Session, who: Principal, limit: int, cursor: str | No
 
 
 def jobs_using(session: Session, who: Principal, dataset_id: uuid.UUID) -> list[uuid.UUID]:
-    """The tenant's queued or running jobs whose ``options["data"]`` names the data set. Jobs do not name
-    data sets yet; the check is in place for when they do (any value under ``data`` that holds the id)."""
+    """The tenant's queued or running jobs whose ``options["data"]`` names the data set (any value under
+    ``data`` that holds the id: ``calibration``, ``recovery``, ``evaluation.pope`` ... are references with an
+    ``id``, see app/services/job_data.py)."""
     rows = session.execute(
         select(Job.id, Job.options).where(
             Job.tenant_id == who.tenant_id,

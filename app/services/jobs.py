@@ -1,4 +1,5 @@
-"""Job operations behind the routes: create (idempotent; a ``plan`` reference to an earlier job checked here),
+"""Job operations behind the routes: create (idempotent; a ``plan`` reference to an earlier job checked here,
+the data sets a job names in ``app/services/job_data.py``),
 read, list with a cursor, cancel, events, artifacts.
 
 Every query is scoped to the caller's tenant; another tenant's job is indistinguishable from a missing one.
@@ -27,14 +28,18 @@ from app.modelrefs import check_model_ref
 from app.models import PLANS_ARTIFACT, TERMINAL, Artifact, Event, Job, JobStatus, utcnow
 from app.schemas import JobCreate
 from app.security import Principal
+from app.services.job_data import resolve_job_data
 
 FINISHED_STATES = {s.value for s in TERMINAL}
 
 
 def request_hash(body: JobCreate) -> str:
     data = body.model_dump(mode="json")
-    if data.get("plan") is None:  # requests from before plan replay existed keep their hash
-        data.pop("plan", None)
+    for name in ("plan", "data"):  # requests from before plan replay / job data existed keep their hash
+        if data.get(name) is None:
+            data.pop(name, None)
+    if not data.get("evaluation", {}).get("world", True):
+        data["evaluation"].pop("world")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -57,8 +62,9 @@ def create_job(
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
     source = replayed_plan(session, who, body, model)  # after the replay: its plan's job may be gone by now
+    data = resolve_job_data(session, who, body, model)
     with locks.hold(session, who):
-        return _insert(session, settings, who, body, model, source, digest, idempotency_key)
+        return _insert(session, settings, who, body, model, source, data, digest, idempotency_key)
 
 
 def replayed_plan(session: Session, who: Principal, body: JobCreate, model: str) -> PlanSource | None:
@@ -112,7 +118,7 @@ class PlanSource:
 
 def _insert(
     session: Session, settings: Settings, who: Principal, body: JobCreate, model: str, source: PlanSource | None,
-    digest: str, idempotency_key: str | None,
+    data: dict[str, Any] | None, digest: str, idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     check_quota(session, settings, who)
     options: dict[str, Any] = {
@@ -123,6 +129,8 @@ def _insert(
     }
     if source is not None:
         options["plan"] = source.option()
+    if data is not None:
+        options["data"] = data
     if body.preference is not None:
         preference = body.preference.model_dump()
     else:  # a replayed plan records the preference it was chosen for (the schema requires one of the two)

@@ -129,14 +129,17 @@ class HippClient(DatasetsMixin):
         evaluation: Mapping[str, Any] | None = None,
         calibration: Mapping[str, Any] | None = None,
         export: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a pruning job (``POST /jobs``). ``preference``: weights of utility, robustness and compression
         (the server validates and normalizes them); ``plan``: ``{"job": id, "index": i}`` replays plan ``i`` of an
-        earlier job's front instead of searching (then ``preference`` may be left out); the option groups are the
-        API's, left out = its defaults. With ``idempotency_key`` a repeat returns the same job, so only then is
-        the call retried."""
+        earlier job's front instead of searching (then ``preference`` may be left out); ``data``: the tenant's
+        data sets by id, ``{"calibration", "evaluation": {"pope", "scienceqa"}, "recovery", "search": {...}}``
+        (ids, or the ``Dataset`` objects :meth:`wait_dataset` returns); the option groups are the API's, left
+        out = its defaults. With ``idempotency_key`` a repeat returns the same job, so only then is the call
+        retried."""
         body: dict[str, Any] = {"model": model}
         if preference is not None:
             body["preference"] = dict(preference)
@@ -146,6 +149,8 @@ class HippClient(DatasetsMixin):
             body["target_sparsity"] = target_sparsity
         groups = {"recovery": recovery, "evaluation": evaluation, "calibration": calibration, "export": export}
         body.update({name: dict(value) for name, value in groups.items() if value is not None})
+        if data is not None:
+            body["data"] = _json_ready(data)
         if metadata is not None:
             body["metadata"] = dict(metadata)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -363,3 +368,11 @@ def _retry_after(r: httpx.Response | None, default: float) -> float:
         return min(max(float(r.headers["Retry-After"]), 0.0), 10.0)
     except (KeyError, ValueError):
         return default
+
+
+def _json_ready(value: Any) -> Any:
+    """``data`` with ids given as ``Dataset`` objects or UUIDs turned into their id strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    ident = getattr(value, "id", value)
+    return str(ident) if ident is not None else None

@@ -22,6 +22,7 @@ import pytest
 from app.config import Settings
 from tests.faults.conftest import FINAL, Proc, auth, beat_worker, gpu_worker, wait_for
 from tests.service.conftest import free_port
+from tests.service.test_datasets import ready_conversations
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
 
@@ -90,7 +91,9 @@ def test_redis_restart_with_jobs_queued_and_running(  # type: ignore[no-untyped-
 
             # Long enough (recovery steps) that it is still running when the broker dies, whatever the machine's
             # speed: a 0.2 s poll can miss a short stage altogether.
-            running = submit({"calibration": {"sensitivity_samples": 32}, "recovery": {"steps": 40, "batch_size": 1}})
+            conversations = {"recovery": ready_conversations(api, settings, tenant_key)}
+            running = submit({"calibration": {"sensitivity_samples": 32}, "recovery": {"steps": 40, "batch_size": 1},
+                              "data": conversations})
             queued = submit({})
             wait_for(lambda: get(running), lambda j: j["status"] == "running" and j["stage"] in BUSY_STAGES, 120,
                      "the first job to run")

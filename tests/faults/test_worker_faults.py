@@ -21,6 +21,7 @@ import pytest
 from app.config import Settings
 from app.queue import publish
 from tests.faults.conftest import FINAL, Proc, auth, beat_worker, gpu_worker, wait_for
+from tests.service.test_datasets import ready_conversations
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
 
@@ -138,10 +139,12 @@ def assert_ran_once(api: Any, key: str, job: dict[str, Any], resumed_at: str, at
     ],
 )
 def test_kill9_mid_stage_resumes_and_finishes_once(  # type: ignore[no-untyped-def]
-    api, tenant_key, workers: Workers, stage: str, options: dict[str, Any]
+    api, tenant_key, fault_settings, workers: Workers, stage: str, options: dict[str, Any]
 ) -> None:
     """The worker is SIGKILLed at its first unit of progress inside ``stage`` on attempt 1 (fault injection),
     so the kill lands mid-stage however fast the machine is; a fresh worker must finish the job once."""
+    if "recovery" in options:  # a tiny model recovers on the tenant's conversations only
+        options = {**options, "data": {"recovery": ready_conversations(api, fault_settings, tenant_key)}}
     workers.ensure()
     fault = {"fault": {"crash_in": stage, "attempts": [1]}}
     job_id = submit(api, tenant_key, body(metadata=fault, **options))
@@ -179,7 +182,8 @@ def test_cancel_during_a_long_stage_then_the_worker_is_free_and_a_duplicate_runs
     api, tenant_key, workers: Workers, fault_settings: Settings
 ) -> None:
     workers.ensure()
-    long_id = submit(api, tenant_key, body(recovery={"steps": 2000, "batch_size": 1}))
+    conversations = {"recovery": ready_conversations(api, fault_settings, tenant_key)}
+    long_id = submit(api, tenant_key, body(recovery={"steps": 2000, "batch_size": 1}, data=conversations))
     wait_for(lambda: get(api, tenant_key, long_id), in_stage("recover", 0.0), 120, "recovery to start")
     # a second job waits behind it; it is also delivered twice more (duplicate messages)
     next_id = submit(api, tenant_key, body())

@@ -148,6 +148,14 @@ def validated(client: Any, settings: Settings, key: str, kind: str, archive: byt
     return r.json()  # type: ignore[no-any-return]
 
 
+def ready_conversations(client: Any, settings: Settings, key: str) -> str:
+    """The id of a ready conversations data set of the tenant: what recovery of any model other than the
+    testbed needs (``data.recovery``)."""
+    ds = validated(client, settings, key, "conversations", zip_bytes(conversations_files()))
+    assert ds["state"] == "ready", ds["reasons"]
+    return str(ds["id"])
+
+
 # --- every kind, in its official format ----------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kind", "archive", "counts"),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.service.conftest import free_port
+from tests.service.test_datasets import conversations_files, zip_bytes
 from tests.service.test_embedded import CLI, embedded_env, hipp
 
 # A whole job (sensitivity, plan, prune, recover, evaluate, latency, export) on a loaded 2-core CI machine
@@ -41,6 +42,11 @@ def test_qwen_job_through_the_embedded_service(tmp_path: Path) -> None:
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "embedded service did not start"
             time.sleep(0.3)
+        conversations = tmp_path / "conversations.zip"  # a tiny model recovers on the tenant's data only
+        conversations.write_bytes(zip_bytes(conversations_files()))
+        uploaded = hipp("datasets", "upload", "--kind", "conversations", "--name", "conv", str(conversations),
+                        "--wait", "--timeout", "120", env=env, timeout=150)
+        conversations_id = uploaded.stdout.splitlines()[0].strip()
         out = hipp(
             "jobs",
             "submit",
@@ -52,6 +58,9 @@ def test_qwen_job_through_the_embedded_service(tmp_path: Path) -> None:
             "2",
             "--eval-samples",
             "8",
+            "--eval-world",
+            "--data-recovery",
+            conversations_id,
             "--wait",
             "--download",
             str(tmp_path / "ckpt"),
@@ -68,6 +77,7 @@ def test_qwen_job_through_the_embedded_service(tmp_path: Path) -> None:
             server.kill()
     assert status["status"] == "succeeded", status
     assert status["result"]["chosen_plan"]["sparsity"] > 0
+    assert status["result"]["recovery"]["data"]["id"] == conversations_id
     ckpt = tmp_path / "ckpt" / "checkpoint"
     config = json.loads((ckpt / "config.json").read_text())
     assert config["hipp_base_model_type"] == "qwen2_5_vl"

@@ -23,6 +23,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.models import Job
 from tests.service.conftest import auth, stack_env
+from tests.service.test_datasets import ready_conversations
 from worker.cli.jobs import LOAD_SNIPPET
 from worker.cli.serve import celery_worker_command
 
@@ -92,12 +93,13 @@ def poll(client, key: str, job_id: str, timeout: float = 240) -> tuple[dict, lis
     raise AssertionError(f"job {job_id} did not finish; saw {seen}")
 
 
-def test_full_job_through_a_worker_process(worker, wclient, tenant_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_full_job_through_a_worker_process(worker, wclient, worker_settings, tenant_key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     body = {
         "model": "tiny-llava",
         "preference": {"utility": 0.4, "robustness": 0.2, "compression": 0.4},
         "recovery": {"steps": 2, "batch_size": 2},
-        "evaluation": {"max_samples": 4},
+        "evaluation": {"max_samples": 4, "world": True},  # a tiny model has no benchmarks of its own
+        "data": {"recovery": ready_conversations(wclient, worker_settings, tenant_key)},
     }
     r = wclient.post("/jobs", json=body, headers=auth(tenant_key))
     assert r.status_code == 201, r.text
@@ -118,10 +120,12 @@ def test_full_job_through_a_worker_process(worker, wclient, tenant_key, tmp_path
         ("load", "sensitivity", "plan", "prune", "recover", "evaluate", "upload"), "done"
     )
     assert result["recovery"]["steps"] == 2 and result["recovery"]["method"] == "lora"
+    assert result["recovery"]["data"]["id"] == body["data"]["recovery"]  # type: ignore[index]
     assert result["metrics"]["parameters"] < result["metrics"]["dense_parameters"]
     evaluation = result["metrics"]["evaluation"]
     assert evaluation["scienceqa"]["n"] == 4 and set(evaluation["pope"]) == {"random", "popular", "adversarial"}
     assert "scienceqa" in result["dense"]["metrics"]
+    assert evaluation["data"] == result["dense"]["metrics"]["data"] and "synthetic world" in evaluation["data"]
     assert len(result["sensitivity"]["direct"]) > 0
 
     events = wclient.get(f"/jobs/{job_id}/events", headers=auth(tenant_key)).json()["items"]
@@ -219,12 +223,13 @@ def test_a_registered_policy_plans_the_job(worker, wclient, tenant_key, tmp_path
     assert plans[kept["chosen"]]["chosen"]
 
 
-def test_cancel_a_running_job_stops_it(worker, wclient, tenant_key) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_a_running_job_stops_it(worker, wclient, worker_settings, tenant_key) -> None:  # type: ignore[no-untyped-def]
     body = {
         "model": "tiny-llava",
         "preference": {"utility": 1},
         "recovery": {"steps": 300, "batch_size": 1},  # a minute or more of training
         "evaluation": {"enabled": False},
+        "data": {"recovery": ready_conversations(wclient, worker_settings, tenant_key)},
     }
     job_id = wclient.post("/jobs", json=body, headers=auth(tenant_key)).json()["id"]
     deadline = time.monotonic() + 180

@@ -52,6 +52,29 @@ def parse_plan_reference(text: str) -> dict[str, Any]:
     return {"job": job, "index": int(index)}
 
 
+def parse_data(text: str) -> dict[str, Any]:
+    """``--data``: the API's ``data`` object as JSON (the server checks the ids)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}); e.g. '{{\"recovery\": \"ID\"}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as {\"evaluation\": {\"pope\": \"ID\"}}")
+    return value
+
+
+def job_data(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``data`` from ``--data`` and the ``--data-*`` ids (which win over the same place in ``--data``)."""
+    data: dict[str, Any] = dict(args.data or {})
+    for place, value in (("calibration", args.data_calibration), ("recovery", args.data_recovery)):
+        if value:
+            data[place] = value
+    for kind, value in (("pope", args.data_pope), ("scienceqa", args.data_scienceqa)):
+        if value:
+            data["evaluation"] = {**(data.get("evaluation") or {}), kind: value}
+    return data or None
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     jobs = sub.add_parser("jobs", help="submit and follow pruning jobs on a HiPP-Prune service")
     jobs.add_argument("--url", default=os.environ.get("HIPP_API_URL", "http://127.0.0.1:8000"))
@@ -76,6 +99,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--recovery-steps", type=int, default=0)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--eval-samples", type=int, default=16, help="questions per benchmark split")
+    p.add_argument("--eval-world", action="store_true",
+                   help="evaluate a model other than the testbed on the synthetic world when no --data-pope / "
+                   "--data-scienceqa is given (otherwise it is not evaluated)")
+    p.add_argument("--data", type=parse_data, metavar="JSON",
+                   help='data sets by id: {"calibration", "evaluation": {"pope", "scienceqa"}, "recovery", '
+                   '"search": {"pope", "scienceqa"}} (hipp datasets list)')
+    p.add_argument("--data-calibration", metavar="ID", help="an images data set to calibrate on")
+    p.add_argument("--data-pope", metavar="ID", help="a pope data set to evaluate on")
+    p.add_argument("--data-scienceqa", metavar="ID", help="a scienceqa data set to evaluate on")
+    p.add_argument("--data-recovery", metavar="ID", help="a conversations data set to recover on")
     p.add_argument("--metadata", type=json.loads, default={}, help="JSON object")
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
@@ -170,7 +203,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             plan=args.from_plan,
             target_sparsity=args.target_sparsity,
             recovery={"steps": args.recovery_steps},
-            evaluation={"enabled": not args.no_eval, "max_samples": args.eval_samples},
+            evaluation={"enabled": not args.no_eval, "max_samples": args.eval_samples,
+                        **({"world": True} if args.eval_world else {})},
+            data=job_data(args),
             metadata=args.metadata,
             idempotency_key=args.idempotency_key,
         )

@@ -245,7 +245,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         job = client.submit_job(
             model,
             preference,
-            evaluation={"max_samples": args.eval_samples},
+            # The demo shows the whole pipeline on any model: a tiny random-weight one is evaluated on the synthetic
+            # world (its result says so) rather than not at all.
+            evaluation={"max_samples": args.eval_samples, "world": True},
             recovery={"steps": args.recovery_steps},
         )
         say(f"job {job.id} queued; polling GET /jobs/{job.id}")

@@ -8,9 +8,10 @@ the service's job pipeline (``worker/pipeline/``) share. The pipeline runs them 
   considered, taken as it is (no search), if it fits the model.
 - :func:`plot_plans`: the two pictures every job keeps of its plans: the plans considered in (sparsity,
   utility, robustness) space with the chosen one marked, and the chosen plan's per-layer allocation.
-- :func:`measure`, :func:`pruned_metrics`, :func:`evaluate_on_world`: what is measured of a model (parameters,
-  fixed-prompt latency, POPE and ScienceQA-style accuracy) and on which data (the world's test benchmarks);
-  :func:`recover_on_world`: which conversations recovery trains on. Which images a model is calibrated on is
+- :func:`measure`, :func:`pruned_metrics`, :func:`evaluate_on_world`, :func:`evaluate_on_files`: what is
+  measured of a model (parameters, fixed-prompt latency, POPE and ScienceQA-style accuracy) and on which data
+  (the world's test benchmarks, or the caller's benchmark files); :func:`recover_on_world`,
+  :func:`recover_on_conversations`: which conversations recovery trains on. Which images a model is calibrated on is
   :mod:`worker.hipp.calibration_source`'s choice.
 - :func:`resolve_device`, :func:`export_dtype`: what ``auto`` means for the device and the export dtype.
 
@@ -19,7 +20,7 @@ The last room: it may import every other room, and no room imports it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from worker.hipp.data.calibration import CalibrationSample
 from worker.hipp.errors import PlanError
 from worker.hipp.evaluation.latency import prompt_latency
-from worker.hipp.evaluation.plan_evaluator import PlanEvaluator
+from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluator
 from worker.hipp.evaluation.runner import evaluate
 from worker.hipp.models.decoding import device_name, latency_report
 from worker.hipp.models.export_options import AUTO
@@ -43,7 +44,7 @@ from worker.hipp.pruning.layer_counts import max_sparsity
 from worker.hipp.pruning.plan import PruningPlan, geometry_of
 from worker.hipp.pruning.planner import build_plan
 from worker.hipp.pruning.rounding import default_mlp_multiple
-from worker.hipp.recovery.conversations import world_conversations
+from worker.hipp.recovery.conversations import Conversation, world_conversations
 from worker.hipp.recovery.training import RecoveryConfig, RecoveryResult, recover
 from worker.hipp.testbed.data import write_benchmarks
 
@@ -125,12 +126,13 @@ def baseline_plan(loaded: LoadedModel, preference: Preference, target_sparsity: 
 
 def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preference, target_sparsity: float | None,
                  samples: Sequence[CalibrationSample], search_dir: Path, limit: int,
-                 reporter: Reporter = SILENT) -> tuple[PruningPlan, list[dict[str, Any]], list[PruningPlan]]:
-    """The policy's mean plan and :data:`POLICY_SAMPLES` samples for ``preference``, scored on the world's
-    search split (``limit`` questions per split, files under ``search_dir``); the best non-dominated one (by
-    the preference-weighted return) is chosen. Returns it, the non-dominated plans' summaries and the same
-    plans in full."""
-    evalset = testbed_search_set(search_dir, limit=limit)
+                 reporter: Reporter = SILENT, search_set: EvalSet | None = None,
+                 ) -> tuple[PruningPlan, list[dict[str, Any]], list[PruningPlan]]:
+    """The policy's mean plan and :data:`POLICY_SAMPLES` samples for ``preference``, scored on ``search_set``
+    (the caller's benchmark files) or else the world's search split (``limit`` questions per split, files under
+    ``search_dir``); the best non-dominated one (by the preference-weighted return) is chosen. Returns it, the
+    non-dominated plans' summaries and the same plans in full."""
+    evalset = search_set if search_set is not None else testbed_search_set(search_dir, limit=limit)
     setup = prepare_search(loaded, evalset, samples, s_max=policy.policy.config.s_max,
                            mlp_multiple=device_multiple(loaded), reporter=reporter)
     candidates = sample_plans(setup, policy, preference.as_list(), samples=POLICY_SAMPLES, target=target_sparsity,
@@ -146,13 +148,14 @@ def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preferen
 
 def choose_plan(loaded: LoadedModel, preference: Preference, target_sparsity: float | None,
                 samples: Sequence[CalibrationSample], policy: StoredPolicy | None, found: str, search_dir: Path,
-                limit: int, reporter: Reporter = SILENT) -> PlanChoice:
-    """The plan for ``preference``: ``policy``'s (``found`` says which it is, or why there is none) when there
-    is one, else the baseline allocator's. The plan's ``meta`` records ``source`` and ``source_detail``."""
+                limit: int, reporter: Reporter = SILENT, search_set: EvalSet | None = None) -> PlanChoice:
+    """The plan for ``preference``: ``policy``'s (``found`` says which it is, or why there is none; its plans
+    scored on ``search_set`` when given) when there is one, else the baseline allocator's. The plan's ``meta``
+    records ``source`` and ``source_detail``."""
     if policy is not None:
         reporter.log(f"planning with {found}")
         plan, considered, plans = policy_plans(loaded, policy, preference, target_sparsity, samples, search_dir,
-                                               limit, reporter)
+                                               limit, reporter, search_set)
         choice = PlanChoice(plan, "policy", found, considered, plans)
     else:
         plan = baseline_plan(loaded, preference, target_sparsity, samples, reporter)
@@ -204,12 +207,23 @@ def evaluate_on_world(loaded: LoadedModel, bench_dir: Path, limit: int, reporter
                     batch_size=16, report=reporter)
 
 
-def measure(loaded: LoadedModel, bench_dir: Path | None, limit: int, reporter: Reporter = SILENT) -> dict[str, Any]:
-    """What is recorded of a dense model: ``parameters``, ``metrics`` (:func:`evaluate_on_world`, unless
-    ``bench_dir`` is None) and fixed-prompt ``latency``."""
+def evaluate_on_files(loaded: LoadedModel, pope_dir: Path | None, sqa_dir: Path | None, limit: int,
+                      sqa_split: str = "test", reporter: Reporter = SILENT) -> dict[str, Any]:
+    """POPE (every split found in ``pope_dir``) and ScienceQA-IMG (split ``sqa_split`` of ``sqa_dir``) accuracy
+    on the caller's benchmark files in their official layout, ``limit`` questions per split, scored from
+    first-token logits like :func:`evaluate_on_world`."""
+    return evaluate(loaded.model, loaded.processor, pope_dir, sqa_dir, limit=limit, batch_size=16,
+                    sqa_split=sqa_split, report=reporter)
+
+
+def measure(loaded: LoadedModel, evaluation: Callable[[LoadedModel], dict[str, Any]] | None = None,
+            ) -> dict[str, Any]:
+    """What is recorded of a dense model: ``parameters``, ``metrics`` (what ``evaluation`` measures of it:
+    :func:`evaluate_on_world` or :func:`evaluate_on_files`; none when it is None) and fixed-prompt
+    ``latency``."""
     measured: dict[str, Any] = {"parameters": parameter_count(loaded)}
-    if bench_dir is not None:
-        measured["metrics"] = evaluate_on_world(loaded, bench_dir, limit, reporter)
+    if evaluation is not None:
+        measured["metrics"] = evaluation(loaded)
     measured["latency"] = prompt_latency(loaded)
     return measured
 
@@ -243,7 +257,16 @@ def recover_on_world(loaded: LoadedModel, config: RecoveryConfig, teacher: Loade
     count = MAX_RECOVERY_CONVERSATIONS
     if config.steps is not None:
         count = min(config.steps * config.batch_size, count)
-    outcome = recover(loaded, world_conversations(count, seed=0), config, teacher=teacher, reporter=reporter)
-    record = outcome.record(config, teacher=teacher.reference if teacher else None,
-                            data=f"world training split ({count} conversations)")
+    return recover_on_conversations(loaded, config, world_conversations(count, seed=0),
+                                    f"world training split ({count} conversations)", teacher, reporter)
+
+
+def recover_on_conversations(loaded: LoadedModel, config: RecoveryConfig, conversations: Sequence[Conversation],
+                             data: Any, teacher: LoadedModel | None = None, reporter: Reporter = SILENT,
+                             ) -> tuple[RecoveryResult, dict[str, Any]]:
+    """LoRA (or distillation from ``teacher``) recovery on ``conversations`` (the caller's LLaVA-format data;
+    ``data`` names them in the record), merged back into ``loaded``. Returns the outcome and its record."""
+    outcome = recover(loaded, conversations, config, teacher=teacher, reporter=reporter)
+    record = outcome.record(config, teacher=teacher.reference if teacher else None, data=data)
+    record["conversations"] = len(conversations)
     return outcome, record

@@ -1,7 +1,9 @@
 """The stages: load -> sensitivity -> plan -> prune -> recover -> evaluate -> upload. Each calls the engine
 entry point that makes its decision (mostly ``worker.hipp.job``), saves its outputs (``outputs``) and writes
 its part of the result; none re-implements the engine. A stage whose engine part is not wanted raises
-``Skipped`` with the reason; results are never faked."""
+``Skipped`` with the reason; results are never faked. The tenant's data sets the job names (``data``) are
+fetched by ``worker.pipeline.data`` and used in place of the engine's synthetic data; every metrics dict names
+the data it was measured on."""
 
 from __future__ import annotations
 
@@ -18,21 +20,23 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.errors import ApiError
-from app.modelrefs import check_policy_uri
+from app.modelrefs import check_policy_uri, is_testbed
 from app.models import STAGES, Policy
 from worker.hipp import job as engine
-from worker.hipp.calibration_source import choose_calibration
+from worker.hipp.calibration_source import choose_calibration, samples_from_images
 from worker.hipp.checkpoint.export import export_loaded
 from worker.hipp.data.calibration import CalibrationSample
 from worker.hipp.errors import HippError
+from worker.hipp.evaluation.plan_evaluator import EvalSet
 from worker.hipp.models import builtin
 from worker.hipp.models.export_options import AUTO
 from worker.hipp.models.loading import LoadedModel, dtype_name, load_model
 from worker.hipp.policy.store import StoredPolicy, find_policy
 from worker.hipp.pruning.surgery import apply_plan
+from worker.hipp.recovery.conversations import Conversation, load_llava_json
 from worker.hipp.recovery.training import RecoveryConfig
 from worker.hipp.sensitivity import compute_visual_sensitivity
-from worker.pipeline import outputs
+from worker.pipeline import data, outputs
 from worker.pipeline.context import JobContext
 from worker.pipeline.run import Skipped
 
@@ -66,11 +70,58 @@ def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
 
 
 def calibration(ctx: JobContext, name: str, default: int) -> list[CalibrationSample]:
-    """The engine's calibration choice for the job's model, ``calibration.<name>`` images; a warning in the
-    result when they are not from the model's own distribution."""
-    choice = choose_calibration(ctx.job.model, int(ctx.option("calibration", name, default)))
-    ctx.result["calibration"] = {"source": choice.source, "warning": choice.warning}
+    """``calibration.<name>`` images: the tenant's (``data.calibration``) when named, else the engine's choice
+    for the job's model, with a warning in the result when they are not from the model's own distribution."""
+    count = int(ctx.option("calibration", name, default))
+    ref = data.named(ctx, "calibration")
+    if ref is not None:
+        choice = samples_from_images(data.image_files(data.dataset_dir(ctx, ref)), count)
+        ctx.result["calibration"] = {"source": choice.source, "data": data.label_of(ref), "warning": None}
+    else:
+        choice = choose_calibration(ctx.job.model, count)
+        ctx.result["calibration"] = {"source": choice.source, "warning": choice.warning}
     return choice.samples
+
+
+def evaluation_skipped(ctx: JobContext) -> str | None:
+    """Why the dense and the pruned model are not evaluated (None: they are)."""
+    if not ctx.evaluation_enabled:
+        return "evaluation disabled by the request; recorded parameter and FLOP counts only"
+    if data.named(ctx, "evaluation") is None and not data.world_evaluation_allowed(ctx):
+        return data.no_evaluation_data_reason(ctx)
+    return None
+
+
+def evaluate_model(ctx: JobContext, loaded: LoadedModel) -> dict[str, Any]:
+    """POPE / ScienceQA metrics of ``loaded`` on the tenant's benchmark data sets (``data.evaluation``) or the
+    synthetic world, with ``data`` naming which (each data set's id and SHA-256)."""
+    files = data.benchmarks(ctx, "evaluation", "test")
+    if files is None:
+        metrics = engine.evaluate_on_world(loaded, ctx.work_dir / "benchmarks", ctx.evaluation_limit, ctx.run)
+        metrics["data"] = data.WORLD_LABEL
+    else:
+        metrics = engine.evaluate_on_files(loaded, files.pope_dir, files.sqa_dir, ctx.evaluation_limit,
+                                           files.sqa_split, ctx.run)
+        metrics["data"] = files.label
+    return metrics
+
+
+def search_set(ctx: JobContext) -> tuple[EvalSet | None, Any]:
+    """The plan search's evaluation set from ``data.search`` (None: the engine's world search split) and its
+    label."""
+    files = data.benchmarks(ctx, "search", "val")
+    if files is None:
+        return None, "synthetic world search split"
+    evalset = EvalSet.from_dirs(files.pope_dir, files.sqa_dir, files.sqa_split, limit=ctx.evaluation_limit)
+    return evalset, files.label
+
+
+def recovery_conversations(ctx: JobContext, ref: dict[str, Any]) -> list[Conversation]:
+    files = data.conversation_files(data.dataset_dir(ctx, ref))
+    conversations = [c for path in files for c in load_llava_json(path)]
+    if not conversations:
+        raise data.DataError(f"data set {ref['id']} holds no conversations to recover on")
+    return conversations
 
 
 def recovery_config(ctx: JobContext) -> RecoveryConfig | None:
@@ -94,11 +145,13 @@ def export_options(ctx: JobContext) -> dict[str, Any]:
 def stage_load(ctx: JobContext) -> dict[str, Any]:
     ctx.loaded = load(ctx)
     ctx.result["device"] = str(ctx.loaded.device)
-    bench = None
-    if ctx.evaluation_enabled:
+    skipped = evaluation_skipped(ctx)
+    if skipped is None:
         ctx.run.event("evaluating the dense model (baseline for the metrics)")
-        bench = ctx.work_dir / "benchmarks"
-    ctx.result["dense"] = engine.measure(ctx.loaded, bench, ctx.evaluation_limit, ctx.run)
+    elif ctx.evaluation_enabled:
+        ctx.run.event(skipped, level="warning")
+    evaluation = None if skipped else (lambda loaded: evaluate_model(ctx, loaded))
+    ctx.result["dense"] = engine.measure(ctx.loaded, evaluation)
     return {"parameters": ctx.result["dense"]["parameters"], "adapter": type(ctx.loaded.adapter).__name__,
             "device": ctx.result["device"]}
 
@@ -157,9 +210,14 @@ def choose_plan(ctx: JobContext) -> engine.PlanChoice:
         ctx.run.event(f"replayed {detail} (no search)", data=dict(ref))
         return choice
     policy, found = trained_policy(ctx)
-    return engine.choose_plan(
+    evalset, label = search_set(ctx) if policy is not None else (None, None)
+    choice = engine.choose_plan(
         ctx.loaded, ctx.preference, ctx.job.target_sparsity, calibration(ctx, "samples", CALIBRATION_SAMPLES),
-        policy, found, search_dir=ctx.work_dir / "search", limit=ctx.evaluation_limit, reporter=ctx.run)
+        policy, found, search_dir=ctx.work_dir / "search", limit=ctx.evaluation_limit, reporter=ctx.run,
+        search_set=evalset)
+    for considered in choice.considered:  # the search's metrics name the data they were measured on
+        considered["metrics"] = {**considered.get("metrics", {}), "data": label}
+    return choice
 
 
 def stage_plan(ctx: JobContext) -> dict[str, Any]:
@@ -198,8 +256,17 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
     config = recovery_config(ctx)
     if config is None:
         raise Skipped("no recovery requested (recovery.steps = 0)")
+    ref = data.named(ctx, "recovery")
+    if ref is None and not is_testbed(ctx.job.model):  # the API refuses it; a job queued before it did not
+        raise data.DataError(f"{ctx.job.model!r} is not the testbed: recovery needs a conversations data set; "
+                             "upload one and name it in data.recovery")
+    conversations = recovery_conversations(ctx, ref) if ref is not None else None
     teacher = load(ctx) if config.needs_teacher else None
-    outcome, ctx.result["recovery"] = engine.recover_on_world(ctx.loaded, config, teacher, ctx.run)
+    if conversations is not None and ref is not None:
+        outcome, ctx.result["recovery"] = engine.recover_on_conversations(
+            ctx.loaded, config, conversations, data.label_of(ref), teacher, ctx.run)
+    else:
+        outcome, ctx.result["recovery"] = engine.recover_on_world(ctx.loaded, config, teacher, ctx.run)
     ctx.run.check()  # a cancel that stopped the training early must not record recovered weights
     ctx.new_outputs["weights"] = outputs.save_weights(ctx, "recover")
     return {"steps": outcome.steps, "loss_last": ctx.result["recovery"]["loss_last"]}
@@ -207,9 +274,10 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
 
 def stage_evaluate(ctx: JobContext) -> dict[str, Any]:
     ctx.result["metrics"] = engine.pruned_metrics(ctx.loaded, ctx.plan, ctx.result["dense"])
-    if not ctx.evaluation_enabled:
-        raise Skipped("evaluation disabled by the request; recorded parameter and FLOP counts only")
-    evaluation = engine.evaluate_on_world(ctx.loaded, ctx.work_dir / "benchmarks", ctx.evaluation_limit, ctx.run)
+    skipped = evaluation_skipped(ctx)
+    if skipped is not None:
+        raise Skipped(skipped)
+    evaluation = evaluate_model(ctx, ctx.loaded)
     ctx.result["metrics"]["evaluation"] = evaluation
     if ctx.result["plan_source"] in ("baseline", "replay"):  # its one plan is the one evaluated
         ctx.result["plans"][0]["metrics"] = evaluation
