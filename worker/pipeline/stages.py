@@ -260,13 +260,13 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
     if ref is None and not is_testbed(ctx.job.model):  # the API refuses it; a job queued before it did not
         raise data.DataError(f"{ctx.job.model!r} is not the testbed: recovery needs a conversations data set; "
                              "upload one and name it in data.recovery")
-    conversations = recovery_conversations(ctx, ref) if ref is not None else None
+    conversations = recovery_conversations(ctx, ref) if ref is not None else None  # fetched before the teacher
     teacher = load(ctx) if config.needs_teacher else None
-    if conversations is not None and ref is not None:
+    if ref is None or conversations is None:
+        outcome, ctx.result["recovery"] = engine.recover_on_world(ctx.loaded, config, teacher, ctx.run)
+    else:
         outcome, ctx.result["recovery"] = engine.recover_on_conversations(
             ctx.loaded, config, conversations, data.label_of(ref), teacher, ctx.run)
-    else:
-        outcome, ctx.result["recovery"] = engine.recover_on_world(ctx.loaded, config, teacher, ctx.run)
     ctx.run.check()  # a cancel that stopped the training early must not record recovered weights
     ctx.new_outputs["weights"] = outputs.save_weights(ctx, "recover")
     return {"steps": outcome.steps, "loss_last": ctx.result["recovery"]["loss_last"]}
