@@ -64,7 +64,8 @@ class Settings(BaseSettings):
         default="", description="Bearer token for /metrics; set, it is required and job counts are shown"
     )
     allowed_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["testbed", "tiny-llava", "tiny-qwen2.5-vl", "tiny-qwen2-vl"]
+        default_factory=lambda: ["testbed", "testbed-seed1", "testbed-deep", "tiny-llava", "tiny-qwen2.5-vl",
+                                 "tiny-qwen2-vl"]
     )
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server folders whose models may be used"

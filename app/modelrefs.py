@@ -77,11 +77,13 @@ def check_model_ref(ref: str, settings: Settings) -> str:
 
 
 #: The built-in name of the shipped testbed: the one model whose own distribution is the synthetic world.
-TESTBED = "testbed"
+#: The testbed family's model references (``worker.hipp.models.builtin.TESTBEDS``; the API cannot import the
+#: engine, a test keeps the two equal).
+TESTBEDS = ("testbed", "testbed-seed1", "testbed-deep")
 
 
 def is_testbed(model: str) -> bool:
-    """Whether ``model`` is the testbed, the one model the synthetic world's data is in-distribution for (so
-    it is calibrated, evaluated and recovered on that world by default; any other model needs the tenant's
-    data or an explicit request for the world)."""
-    return model.strip() == TESTBED
+    """Whether ``model`` is of the testbed family, the models the synthetic world's data is in-distribution for
+    (so they are calibrated, evaluated and recovered on that world by default; any other model needs the
+    tenant's data or an explicit request for the world)."""
+    return model.strip() in TESTBEDS

@@ -85,7 +85,9 @@ def evaluation_set(args: argparse.Namespace) -> Any:
 
     if args.pope or args.sqa:
         return EvalSet.from_dirs(args.pope, args.sqa, sqa_split="val", limit=args.limit, seed=args.seed)
-    if args.model == "testbed":
+    from worker.hipp.models.builtin import is_testbed
+
+    if is_testbed(args.model):
         from worker.hipp.policy.search import testbed_search_set
 
         return testbed_search_set(args.cache_dir / "testbed-data", limit=args.limit)

@@ -1,7 +1,7 @@
 """Which images a model is calibrated on: the one owner of that choice, used by ``hipp prune``, the search and
 baseline commands, the benchmarks and the service.
 
-The testbed is calibrated on in-distribution samples of its world (scenes with the benchmarks' prompts);
+The testbed family is calibrated on in-distribution samples of its world (scenes with the benchmarks' prompts);
 calibrating it on anything else changes which units look important and flips the baselines' ranking. Any other
 model gets simple synthetic shape scenes, and the choice says so, so that results can carry the warning. Images
 the caller gives (a data set of kind images) come first, for any model: each is paired with one of the default
@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from worker.hipp.data.calibration import DEFAULT_QUESTIONS, CalibrationSample, synthetic_samples
+from worker.hipp.models.builtin import is_testbed
 from worker.hipp.testbed.data import calibration_samples as world_calibration_samples
 
 #: Seed offset of the world's calibration stream (the world's other streams use other names, not other seeds).
@@ -34,7 +35,7 @@ class CalibrationChoice:
 
 def choose_calibration(reference: str, count: int, seed: int = 0) -> CalibrationChoice:
     """The calibration samples for the model ``reference`` (see the module doc)."""
-    if reference == "testbed":
+    if is_testbed(reference):
         return CalibrationChoice(world_calibration_samples(count, seed=seed + WORLD_CALIBRATION_SEED), "world")
     return CalibrationChoice(
         synthetic_samples(count, seed=seed), "synthetic",

@@ -57,7 +57,7 @@ def hub_ids_from_the_hub(ref: str) -> Iterator[None]:
     """A reference that is neither a built-in name nor an absolute path (the API only lets folders under
     ``HIPP_MODEL_DIRS`` through, as absolute paths) is a hub id: it is loaded in an empty directory, so an
     ``org/name`` that happens to be a folder relative to the worker's directory is never read."""
-    if ref in builtin.BUILTINS or ref == "testbed" or Path(ref).is_absolute():
+    if ref in builtin.BUILTINS or builtin.is_testbed(ref) or Path(ref).is_absolute():
         yield
         return
     old = os.getcwd()

@@ -135,10 +135,11 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _resolve_source(ref: str) -> str:
     """The directory or hub id ``ref`` names; a message listing what was tried when it names nothing."""
-    if ref == "testbed":
-        if not (builtin.TESTBED_DIR / "config.json").is_file():
-            raise ModelNotFoundError(f"the testbed weights are not installed at {builtin.TESTBED_DIR}")
-        return str(builtin.TESTBED_DIR)
+    if builtin.is_testbed(ref):
+        folder = builtin.TESTBEDS[ref]
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"the {ref} weights are not installed at {folder}")
+        return str(folder)
     tried = [f"built-in names ({', '.join(builtin.builtin_names())})"]
     path = Path(ref).expanduser()
     if path.is_dir():
