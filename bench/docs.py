@@ -2,8 +2,9 @@
 
 A generated block in a markdown file sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``;
 :data:`BLOCKS` says which function renders NAME from which committed JSON file. ``python -m bench.docs``
-rewrites every block in ``docs/*.md``; ``python -m bench.docs --check`` exits 1 and names the stale blocks
-(tests/test_bench_docs.py runs the check, so a benchmark re-run without regenerating the docs fails CI).
+rewrites every block in ``docs/*.md`` and ``README.md``; ``python -m bench.docs --check`` exits 1 and names the
+stale blocks (tests/test_bench_docs.py runs the check, so a benchmark re-run without regenerating the docs fails
+CI).
 """
 
 from __future__ import annotations
@@ -94,11 +95,49 @@ def calibration_sensitivity(world: str = "baselines_faithful", synthetic: str = 
             f"(SE about {a['rows'][0]['pope_se']:.3f} per cell).\n\n" + "\n".join(lines))
 
 
+def _ci(r: dict[str, Any], key: str, value: str) -> str:
+    ci = r.get(f"{key}_ci")
+    return f"{r[value]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{r[value]:.3f}"
+
+
+def control_presets(name: str = "control") -> str:
+    """What each named preference gets from the shipped policy (README and docs/method.md)."""
+    data = load(name)
+    dense = data["dense"]
+    lines = ["| preference (utility, robustness, compression) | chosen sparsity | POPE mean [95%] | ScienceQA [95%] |",
+             "|---|---|---|---|",
+             f"| dense model | 0 | {_ci(dense, 'pope', 'pope_bacc')} | {_ci(dense, 'sqa', 'sqa')} |"]
+    lines += [f"| {r['preset']} ({', '.join(f'{x:.2f}' for x in r['w'])}) | {r['sparsity']:.2f} "
+              f"| {_ci(r, 'pope', 'pope_bacc')} | {_ci(r, 'sqa', 'sqa')} |" for r in data["presets"]]
+    return f"{_source(name, data)}\n\n" + "\n".join(lines)
+
+
+def control_sweeps(name: str = "control") -> str:
+    """The w_C sweep's chosen sparsities and the fixed-budget correlations, with the targets."""
+    data = load(name)
+    sweep = data["compression_sweep"]
+    checks = data["sweep_checks"]
+    points = ", ".join(f"{r['w'][2]:.1f}: {r['sparsity']:.2f}" for r in sweep)
+    rho = "; ".join(f"{round(100 * float(b))}%: Spearman(w_R, POPE) {v['spearman_wR_pope']:+.2f}, "
+                    f"Spearman(w_U, SQA) {v['spearman_wU_sqa']:+.2f}" for b, v in data["correlations"].items())
+    return (f"{_source(name, data)}\n\n- Chosen sparsity along w_C (w_C: sparsity): {points}. Monotone: "
+            f"{'yes' if checks['monotone'] else 'no'}; largest step {checks['largest_step']:.2f} (target <= 0.15: "
+            f"{'met' if checks['smooth'] else 'missed'}).\n- Fixed budgets, w = (0.9(1-r), 0.9r, 0.1): {rho} "
+            "(target Spearman(w_R, POPE) >= 0.8).")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "control-presets": control_presets,
+    "control-sweeps": control_sweeps,
     "baselines-summary": baselines_summary,
     "baselines-verdict": baselines_verdict,
     "calibration-sensitivity": calibration_sensitivity,
 }
+
+
+def documents() -> list[Path]:
+    """The files whose generated blocks are kept current: docs/*.md and the README."""
+    return [*sorted(DOCS.glob("*.md")), DOCS.parent / "README.md"]
 
 
 def render(text: str) -> tuple[str, list[str]]:
@@ -122,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
     args = parser.parse_args(argv)
     stale = []
-    for path in sorted(DOCS.glob("*.md")):
+    for path in documents():
         text = path.read_text()
         new, changed = render(text)
         stale += [f"{path.name}:{name}" for name in changed]
