@@ -39,12 +39,12 @@ from worker.hipp.progress import TqdmReporter
 
 SHIPPED = Path(__file__).resolve().parent.parent / "worker" / "hipp" / "policy" / "shipped" / "testbed"
 STEPS = [i / 10 for i in range(11)]
-#: Named preferences (utility, robustness, compression); "demo" is the README's first example.
+#: Named preferences (utility, robustness, compression); "demo" is ``hipp demo``'s default.
 PRESETS: dict[str, tuple[float, float, float]] = {
-    "demo": (0.5, 0.2, 0.3),
+    "demo": (0.7, 0.2, 0.1),  # hipp demo's default (worker/cli/serve.py)
+    "previous demo": (0.5, 0.2, 0.3),
     "balanced": (1 / 3, 1 / 3, 1 / 3),
     "robust": (0.25, 0.65, 0.10),
-    "accurate": (0.7, 0.2, 0.1),
     "small": (0.15, 0.15, 0.7),
 }
 MAX_STEP = 0.15
@@ -63,7 +63,8 @@ def chosen_row(setup: SearchSetup, policy: StoredPolicy, test: PlanEvaluator, w:
     best, front = choose_candidate(sample_plans(setup, policy, list(w), POLICY_SAMPLES, target, seed))
     result = test.evaluate(best.plan, prescreen=False)
     return (metrics_row("hipp", best.plan.sparsity, result.metrics, result.seconds) | intervals_of(result.metrics)
-            | {"w": [round(x, 4) for x in w], "target": target, "front_size": len(front)})
+            | {"w": [round(x, 4) for x in w], "target": target, "front_size": len(front),
+               "fingerprint": best.plan.fingerprint})
 
 
 def sweep_checks(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

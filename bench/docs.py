@@ -126,7 +126,45 @@ def control_sweeps(name: str = "control") -> str:
             "(target Spearman(w_R, POPE) >= 0.8).")
 
 
+def testbed_family() -> str:
+    """Each testbed's dense metrics from its card's metrics.json (held-out files of the documented data seed)."""
+    from worker.hipp.models.builtin import TESTBEDS
+
+    lines = ["| model reference | decoder layers | POPE rand / pop / adv balanced accuracy | POPE mean [95%] "
+             "| ScienceQA [95%] |", "|---|---|---|---|---|"]
+    for name, folder in TESTBEDS.items():
+        m = json.loads((folder / "metrics.json").read_text())
+        layers = json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        pope = " / ".join(f"{m['pope'][s]['balanced_accuracy']:.3f}" for s in ("random", "popular", "adversarial"))
+        mean = sum(m["pope"][s]["balanced_accuracy"] for s in m["pope"]) / len(m["pope"])
+        ci = m.get("intervals", {})
+        pci, sci = ci.get("pope_mean_balanced_accuracy"), ci.get("scienceqa_accuracy")
+        pope_cell = f"{mean:.3f}" + (f" [{pci[0]:.3f}, {pci[1]:.3f}]" if pci else "")
+        sqa_cell = f"{m['scienceqa']['accuracy']:.3f}" + (f" [{sci[0]:.3f}, {sci[1]:.3f}]" if sci else "")
+        lines.append(f"| `{name}` | {layers} | {pope} | {pope_cell} | {sqa_cell} |")
+    return ("From each model's `metrics.json` (its card: `hipp testbed card`; 3,000 POPE questions per split and "
+            "1,200 ScienceQA test problems of data seed 1234).\n\n" + "\n".join(lines))
+
+
+def control_transfer(names: Sequence[str] = ("control", "control_seed1", "control_deep")) -> str:
+    """The shipped policy on every testbed (trained on ``testbed`` only): each preset's plan against dense."""
+    rows = ["| model | policy | dense POPE / SQA | " + " | ".join(p["preset"] for p in load(names[0])["presets"])
+            + " | w_C sweep: monotone, largest step |", "|" + "---|" * (len(load(names[0])["presets"]) + 4)]
+    sources = []
+    for name in names:
+        data = load(name)
+        d, checks = data["dense"], data["sweep_checks"]
+        cells = [f"{p['sparsity']:.2f}: {p['pope_bacc']:.3f} / {p['sqa']:.3f}" for p in data["presets"]]
+        rows.append(f"| `{data['model']}` | `{data['policy']}` | {d['pope_bacc']:.3f} / {d['sqa']:.3f} | "
+                    + " | ".join(cells) + f" | {'yes' if checks['monotone'] else 'no'}, {checks['largest_step']:.2f} |")
+        sources.append(_source(name, data))
+    return (" ".join(sources) + " Cells: chosen sparsity: POPE mean / ScienceQA on the development test files "
+            "(intervals in the JSON).\n\n" + "\n".join(rows))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "control-transfer": control_transfer,
+    "testbed-family": testbed_family,
     "control-presets": control_presets,
     "control-sweeps": control_sweeps,
     "baselines-summary": baselines_summary,
