@@ -8,7 +8,10 @@ with 95% bootstrap intervals:
    sparsity is monotone in c and adjacent points differ by at most 0.15.
 2. Fixed budgets (default 50% and 60%): w = (0.9 (1 - r), 0.9 r, 0.1), r = 0, 0.1, ..., 1;
    Spearman(w_R, POPE) and Spearman(w_U, SQA). Target: Spearman(w_R, POPE) >= 0.8.
-3. Named presets, the demo's among them: the plan each preference gets (README's table).
+3. Named presets, the demo's among them: the plan each preference gets (README's table). The demo's
+   preference is also chosen exactly as ``hipp demo``'s job does (``worker.hipp.job.choose_plan`` with the
+   job's default calibration count and its search on ``--eval-samples`` questions), since a smaller search set
+   can pick another plan.
 
     python -m bench.control --threads 1                     # the shipped testbed and its shipped policy
     python -m bench.control --model testbed-seed1 --policy DIR --name control_seed1
@@ -28,13 +31,14 @@ from bench.baselines import CACHE, intervals_of, test_set
 from bench.hipp_vs_baselines import spearman
 from bench.protocol import DEV_SEED
 from bench.report import markdown_table, write_report
-from worker.hipp.calibration_source import default_samples
+from worker.hipp.calibration_source import choose_calibration, default_samples
 from worker.hipp.evaluation.baseline_grid import metrics_row
 from worker.hipp.evaluation.plan_evaluator import PlanEvaluator
-from worker.hipp.job import POLICY_SAMPLES
+from worker.hipp.job import POLICY_SAMPLES, choose_plan
 from worker.hipp.models.loading import load_model
 from worker.hipp.policy.search import SearchSetup, choose_candidate, prepare_search, sample_plans, testbed_search_set
 from worker.hipp.policy.store import StoredPolicy, load_policy_dir
+from worker.hipp.preference import Preference
 from worker.hipp.progress import TqdmReporter
 
 SHIPPED = Path(__file__).resolve().parent.parent / "worker" / "hipp" / "policy" / "shipped" / "testbed"
@@ -48,6 +52,8 @@ PRESETS: dict[str, tuple[float, float, float]] = {
     "small": (0.15, 0.15, 0.7),
 }
 MAX_STEP = 0.15
+DEMO_EVAL_SAMPLES = 16  # hipp demo --eval-samples default: its job searches on this many questions per split
+JOB_CALIBRATION_SAMPLES = 16  # the API's default calibration.samples
 
 
 def compression_line() -> list[tuple[float, float, float]]:
@@ -65,6 +71,17 @@ def chosen_row(setup: SearchSetup, policy: StoredPolicy, test: PlanEvaluator, w:
     return (metrics_row("hipp", best.plan.sparsity, result.metrics, result.seconds) | intervals_of(result.metrics)
             | {"w": [round(x, 4) for x in w], "target": target, "front_size": len(front),
                "fingerprint": best.plan.fingerprint})
+
+
+def demo_as_run(loaded: Any, policy: StoredPolicy, test: PlanEvaluator, model: str, work: Path) -> dict[str, Any]:
+    """The demo preference's plan chosen by the engine call a job makes, with the job's defaults."""
+    choice = choose_plan(loaded, Preference.from_values(PRESETS["demo"]), None,
+                         choose_calibration(model, JOB_CALIBRATION_SAMPLES).samples, policy, "shipped policy",
+                         work, DEMO_EVAL_SAMPLES)
+    result = test.evaluate(choice.plan, prescreen=False)
+    return (metrics_row("hipp", choice.plan.sparsity, result.metrics, result.seconds) | intervals_of(result.metrics)
+            | {"w": [round(x, 4) for x in PRESETS["demo"]], "target": None, "fingerprint": choice.plan.fingerprint,
+               "preset": f"demo, as hipp demo's job chooses it ({DEMO_EVAL_SAMPLES} search questions per split)"})
 
 
 def sweep_checks(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -111,6 +128,7 @@ def main() -> None:
     test = PlanEvaluator(loaded, test_set(args.limit, DEV_SEED), s_max=policy.policy.config.s_max, reporter=reporter)
 
     presets = [chosen_row(setup, policy, test, w, None, args.seed) | {"preset": name} for name, w in PRESETS.items()]
+    presets.insert(1, demo_as_run(loaded, policy, test, args.model, CACHE / f"control-demo-{args.model}"))
     compression = [chosen_row(setup, policy, test, w, None, args.seed) for w in compression_line()]
     budgets = [float(b) for b in args.budgets.split(",")]
     fixed = {b: [chosen_row(setup, policy, test, w, b, args.seed) for w in robustness_line()] for b in budgets}

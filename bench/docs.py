@@ -148,13 +148,16 @@ def testbed_family() -> str:
 
 def control_transfer(names: Sequence[str] = ("control", "control_seed1", "control_deep")) -> str:
     """The shipped policy on every testbed (trained on ``testbed`` only): each preset's plan against dense."""
-    rows = ["| model | policy | dense POPE / SQA | " + " | ".join(p["preset"] for p in load(names[0])["presets"])
-            + " | w_C sweep: monotone, largest step |", "|" + "---|" * (len(load(names[0])["presets"]) + 4)]
+    presets = [p["preset"] for p in load(names[-1])["presets"]]  # the named ones every run has
+    rows = ["| model | policy | dense POPE / SQA | " + " | ".join(presets) + " | w_C sweep: monotone, largest step |",
+            "|" + "---|" * (len(presets) + 4)]
     sources = []
     for name in names:
         data = load(name)
         d, checks = data["dense"], data["sweep_checks"]
-        cells = [f"{p['sparsity']:.2f}: {p['pope_bacc']:.3f} / {p['sqa']:.3f}" for p in data["presets"]]
+        by_name = {p["preset"]: p for p in data["presets"]}
+        cells = [f"{by_name[n]['sparsity']:.2f}: {by_name[n]['pope_bacc']:.3f} / {by_name[n]['sqa']:.3f}"
+                 if n in by_name else "-" for n in presets]
         rows.append(f"| `{data['model']}` | `{data['policy']}` | {d['pope_bacc']:.3f} / {d['sqa']:.3f} | "
                     + " | ".join(cells) + f" | {'yes' if checks['monotone'] else 'no'}, {checks['largest_step']:.2f} |")
         sources.append(_source(name, data))
