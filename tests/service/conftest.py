@@ -7,11 +7,13 @@ each test gets its own tenant, so tests don't see each other's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
@@ -109,6 +111,25 @@ def stack_settings(
         signing_secret="test-secret",
         heartbeat_s=1.0,
     )
+
+
+def in_process_settings(stack_settings: Settings, home: Path, tag: str) -> Settings:
+    """Full-stack settings for tests that run their jobs in-process: one attempt, and a GPU queue of their own
+    that no worker consumes."""
+    return stack_settings.model_copy(
+        update={"max_attempts": 1, "gpu_queue": f"{stack_settings.gpu_queue}-{tag}", "home": home}
+    )
+
+
+@contextlib.contextmanager
+def app_client(settings: Settings) -> Iterator[Any]:
+    """A TestClient of the API built for ``settings`` (its lifespan runs)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
 
 
 def stack_env(settings: Settings) -> dict[str, str]:

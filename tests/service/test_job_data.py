@@ -15,7 +15,7 @@ import pytest
 from app.config import Settings
 from app.db import session_scope
 from app.security import create_api_key
-from tests.service.conftest import auth
+from tests.service.conftest import app_client, auth, in_process_settings
 from tests.service.test_datasets import (
     conversations_files,
     create,
@@ -40,22 +40,12 @@ SQA_TEST_PROBLEMS = 1  # scienceqa_files(): problems 1 and 3 are in test, only 1
 
 @pytest.fixture(scope="module")
 def data_settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return stack_settings.model_copy(
-        update={
-            "max_attempts": 1,
-            "gpu_queue": f"{stack_settings.gpu_queue}-jd",  # nobody consumes it: the jobs run in-process here
-            "home": tmp_path_factory.mktemp("job-data-home"),
-        }
-    )
+    return in_process_settings(stack_settings, tmp_path_factory.mktemp("job-data-home"), "jd")
 
 
 @pytest.fixture(scope="module")
 def api(data_settings: Settings) -> Iterator[Any]:
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    with TestClient(create_app(data_settings)) as c:
+    with app_client(data_settings) as c:
         yield c
 
 

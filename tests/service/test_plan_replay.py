@@ -19,7 +19,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.models import Event, Job
 from app.security import create_api_key
-from tests.service.conftest import auth
+from tests.service.conftest import app_client, auth, in_process_settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,22 +33,12 @@ TINY: dict[str, Any] = {  # the cheapest job there is: no evaluation, few calibr
 
 @pytest.fixture(scope="module")
 def replay_settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return stack_settings.model_copy(
-        update={
-            "max_attempts": 1,
-            "gpu_queue": f"{stack_settings.gpu_queue}-pr",  # nobody consumes it: the jobs run in-process here
-            "home": tmp_path_factory.mktemp("replay-home"),
-        }
-    )
+    return in_process_settings(stack_settings, tmp_path_factory.mktemp("replay-home"), "pr")
 
 
 @pytest.fixture(scope="module")
 def api(replay_settings: Settings) -> Iterator[Any]:
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    with TestClient(create_app(replay_settings)) as c:
+    with app_client(replay_settings) as c:
         yield c
 
 
