@@ -14,14 +14,13 @@ Writes bench/results/fragility.{json,md} and fragility.png; ``hipp inspect --fra
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.report import RESULTS, machine, markdown_table, write_report
+from bench.report import RESULTS, commit, machine, markdown_table, write_report
 from worker.hipp.calibration_source import choose_calibration
 from worker.hipp.evaluation.fragility import DEFAULT_CRITERION, MLP_FRACTION, FragilityResult, fragility
 from worker.hipp.evaluation.plan_evaluator import EvalSet
@@ -39,19 +38,6 @@ def report_set(limit: int | None, world_seed: int) -> EvalSet:
     if not (root / "scienceqa" / "problems.json").is_file():
         write_benchmarks(root, seed=world_seed)
     return EvalSet.from_dirs(root / "pope", root / "scienceqa", sqa_split="test", limit=limit)
-
-
-def git_commit() -> str:
-    """The commit the benchmark ran at (``+dirty`` when the working tree had uncommitted changes)."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def display_path(path: Path) -> str:
@@ -142,7 +128,7 @@ def main() -> None:
     result: FragilityResult = fragility(loaded, evalset, calibration.samples, args.criterion,
                                         batch_size=args.batch_size, seed=args.seed, reporter=reporter)
     data = result.to_dict()
-    meta = {"commit": git_commit(), "machine": machine(), "seconds": time.perf_counter() - start,
+    meta = {"commit": commit(), "machine": machine(), "seconds": time.perf_counter() - start,
             "world_seed": args.world_seed, "calibration_seed": args.seed, "calibration_source": calibration.source,
             "calibration_warning": calibration.warning, "limit": args.limit, "out": display_path(args.out)}
     plot_fragility(data["rows"], args.out / "fragility.png",

@@ -11,18 +11,16 @@ Imports neither torch nor the database.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from worker.cli.jobs import _client, _print, _run
+from worker.cli.jobs import _client, _print, _run, add_service_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ds = sub.add_parser("datasets", help="upload and manage data sets on a HiPP-Prune service")
-    ds.add_argument("--url", default=os.environ.get("HIPP_API_URL", "http://127.0.0.1:8000"))
-    ds.add_argument("--key", default=os.environ.get("HIPP_API_KEY"), help="API key (default $HIPP_API_KEY)")
+    add_service_arguments(ds)
     actions = ds.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
 
     up = actions.add_parser("upload", help="create a data set from an archive (tar, tar.gz or zip) and validate it")

@@ -75,10 +75,15 @@ def job_data(args: argparse.Namespace) -> dict[str, Any] | None:
     return data or None
 
 
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--key`` of the service, from ``HIPP_API_URL`` / ``HIPP_API_KEY`` by default."""
+    parser.add_argument("--url", default=os.environ.get("HIPP_API_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--key", default=os.environ.get("HIPP_API_KEY"), help="API key (default $HIPP_API_KEY)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     jobs = sub.add_parser("jobs", help="submit and follow pruning jobs on a HiPP-Prune service")
-    jobs.add_argument("--url", default=os.environ.get("HIPP_API_URL", "http://127.0.0.1:8000"))
-    jobs.add_argument("--key", default=os.environ.get("HIPP_API_KEY"), help="API key (default $HIPP_API_KEY)")
+    add_service_arguments(jobs)
     js = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
 
     p = js.add_parser("submit", help="queue a job")
