@@ -162,7 +162,9 @@ def test_schemathesis_stateful_job_lifecycle(stack_settings: Settings, tenant_ke
     from app.main import create_app
 
     app = create_app(stack_settings.model_copy(update={"max_active_jobs_per_tenant": 0, "rate_limit_per_minute": 0}))
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    # The job resources only: other resources' links (GET /datasets -> GET /datasets/{id}) draw from lists that
+    # other tests fill, which makes hypothesis's data generation depend on external state.
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app).include(path_regex=r"^/jobs")
     calls: dict[str, int] = {}
 
     class Lifecycle(schema.as_state_machine()):  # type: ignore[misc]
