@@ -146,8 +146,9 @@ def testbed_family() -> str:
             "1,200 ScienceQA test problems of data seed 1234).\n\n" + "\n".join(lines))
 
 
-def control_transfer(names: Sequence[str] = ("control", "control_seed1", "control_deep")) -> str:
-    """The shipped policy on every testbed (trained on ``testbed`` only): each preset's plan against dense."""
+def control_transfer(names: Sequence[str] = ("control", "control_seed1", "control_deep", "control_deep_own")) -> str:
+    """Each testbed under the shipped ``testbed`` policy (transfer, no retraining) and under its own policy:
+    each preset's plan against dense."""
     presets = [p["preset"] for p in load(names[-1])["presets"]]  # the named ones every run has
     rows = ["| model | policy | dense POPE / SQA | " + " | ".join(presets) + " | w_C sweep: monotone, largest step |",
             "|" + "---|" * (len(presets) + 4)]
