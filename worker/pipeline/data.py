@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.modelrefs import is_testbed
 from app.storage import sha256_file
 from worker.archives import ArchiveRefused, unpack
 from worker.datasets import IMAGE_SUFFIXES, limits, pope_files
 from worker.hipp.errors import HippError
+from worker.hipp.models.builtin import is_testbed
 from worker.hipp.testbed.data import DEFAULT_SEED
 from worker.pipeline.context import JobContext
 

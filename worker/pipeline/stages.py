@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.errors import ApiError
-from app.modelrefs import check_policy_uri, is_testbed
+from app.modelrefs import check_policy_uri
 from app.models import STAGES, Policy
 from worker.hipp import job as engine
 from worker.hipp.calibration_source import choose_calibration, samples_from_images
@@ -257,7 +257,7 @@ def stage_recover(ctx: JobContext) -> dict[str, Any]:
     if config is None:
         raise Skipped("no recovery requested (recovery.steps = 0)")
     ref = data.named(ctx, "recovery")
-    if ref is None and not is_testbed(ctx.job.model):  # the API refuses it; a job queued before it did not
+    if ref is None and not builtin.is_testbed(ctx.job.model):  # the API refuses it; a job queued before it did not
         raise data.DataError(f"{ctx.job.model!r} is not the testbed: recovery needs a conversations data set; "
                              "upload one and name it in data.recovery")
     conversations = recovery_conversations(ctx, ref) if ref is not None else None  # fetched before the teacher
