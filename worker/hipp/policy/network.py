@@ -3,7 +3,13 @@
 One call returns a whole plan as two actions:
 
 - a global budget ``s ~ Beta(alpha, beta)`` rescaled to ``[s_min, s_max]`` (skipped in matched-sparsity mode,
-  where the requested ``s*`` is the budget);
+  where the requested ``s*`` is the budget). Its mean is anchored to the compression weight:
+  ``logit(mean) = logit(a(w_C)) + tau * tanh(offset)`` with ``a`` linear and increasing in ``w_C``, and the learned
+  offset (and the Beta's concentration) read only the model's features and the utility/robustness split of ``w``.
+  So the budget is monotone in ``w_C`` by construction and moves with it at a bounded rate, while GRPO still
+  learns how much a model tolerates. (A first design learned ``log alpha, log beta`` linear in ``w``: linear
+  scalarization over the testbed's flat-then-falling front taught it a switch, 0.1-0.3 or 0.8 and nothing
+  between; policies trained that way load as ``budget_head="logistic"``.);
 - a layer-wise allocation of that budget ``pi ~ Dirichlet(kappa * m)`` over layers, where ``m`` is a softmax
   of per-layer logits offset by the layers' parameter shares.
 
@@ -49,12 +55,23 @@ class PolicyConfig:
     kappa: float = 100.0
     budget_concentration: float = 4.0
     flat: bool = False
+    #: ``anchored`` (the budget's mean follows w_C, see the module docstring) or ``logistic`` (legacy policies).
+    budget_head: str = "anchored"
+    #: The anchored head: the mean's position in [s_min, s_max] at w_C = 0 and 1, and the learned offset's bound
+    #: in logits (0.75 keeps adjacent w_C steps of 0.1 within about 0.13 of sparsity for s_max - s_min = 0.7).
+    anchor_low: float = 0.05
+    anchor_high: float = 0.95
+    budget_offset: float = 0.75
 
     def validate(self) -> None:
         if not 0 <= self.s_min < self.s_max < 1:
             raise OptionError(f"need 0 <= s_min < s_max < 1, got {self.s_min}, {self.s_max}")
         if not 0 <= self.r_min < self.r_max <= 1:
             raise OptionError(f"need 0 <= r_min < r_max <= 1, got {self.r_min}, {self.r_max}")
+        if self.budget_head not in ("anchored", "logistic"):
+            raise OptionError(f"unknown budget_head {self.budget_head!r}; use anchored or logistic")
+        if not 0 < self.anchor_low < self.anchor_high < 1 or self.budget_offset < 0:
+            raise OptionError("need 0 < anchor_low < anchor_high < 1 and budget_offset >= 0")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -97,7 +114,11 @@ class HippPolicy(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(width, config.hidden), nn.Tanh(),
                                      nn.Linear(config.hidden, config.hidden), nn.Tanh())
         self.allocation_head = nn.Linear(2 * config.hidden, 2)  # share logit, per-layer ratio (flat)
-        self.budget_head = nn.Linear(config.hidden + len(PREFERENCE_KEYS), 2)
+        if config.budget_head == "anchored":
+            # Reads the model (mean feature token) and the utility/robustness split, never w_C: see _budget.
+            self.budget_head = nn.Linear(config.num_features + 1, 2)
+        else:
+            self.budget_head = nn.Linear(config.hidden + len(PREFERENCE_KEYS), 2)
         self.log_kappa = nn.Parameter(torch.tensor(math.log(config.kappa)))
         for head in (self.allocation_head, self.budget_head):
             nn.init.zeros_(head.weight)
@@ -123,9 +144,22 @@ class HippPolicy(nn.Module):
         allocation = Dirichlet(self.log_kappa.exp() * mean_shares)
         budget = None
         if target is None:
-            ab = self.budget_head(torch.cat([context, preference])).exp() * base
-            budget = Beta(ab[0], ab[1])
+            budget = self._budget(features, context, preference)
         return Distributions(budget, allocation, None)
+
+    def _budget(self, features: torch.Tensor, context: torch.Tensor, preference: torch.Tensor) -> Beta:
+        base = self.config.budget_concentration
+        if self.config.budget_head == "logistic":
+            ab = self.budget_head(torch.cat([context, preference])).exp() * base
+            return Beta(ab[0], ab[1])
+        c = self.config
+        w_u, w_r, w_c = preference[0], preference[1], preference[2]
+        split = w_u / (w_u + w_r) if float(w_u + w_r) > 1e-6 else torch.tensor(0.5)
+        out = self.budget_head(torch.cat([features.mean(0), split.reshape(1)]))
+        anchor = c.anchor_low + (c.anchor_high - c.anchor_low) * w_c
+        mean = torch.sigmoid(torch.logit(anchor) + c.budget_offset * torch.tanh(out[0]))
+        concentration = base * out[1].clamp(-3.0, 3.0).exp()
+        return Beta(mean * concentration, (1 - mean) * concentration)
 
     def _unit_ratio(self, s: float) -> float:
         c = self.config
@@ -140,7 +174,10 @@ class HippPolicy(nn.Module):
         return u.clamp(1e-6, 1 - 1e-6)
 
     def sample(self, features: torch.Tensor, param_share: torch.Tensor, preference: torch.Tensor,
-               target: float | None = None, generator: torch.Generator | None = None) -> Action:
+               target: float | None = None, generator: torch.Generator | None = None,
+               mean_budget: bool = False) -> Action:
+        """A plan drawn from the policy. ``mean_budget``: the budget at the head's mean (only the allocation is
+        drawn): a job's search compares allocations for the budget its preference asks for."""
         with torch.no_grad():
             dists = self.distributions(features, param_share, preference, target)
             with _seeded(generator):
@@ -153,7 +190,8 @@ class HippPolicy(nn.Module):
                     shares = dists.allocation.sample().clamp_min(1e-12)
                     shares = shares / shares.sum()
                     if dists.budget is not None:
-                        budget = self._to_budget(dists.budget.sample().clamp(1e-6, 1 - 1e-6))
+                        u = dists.budget.mean if mean_budget else dists.budget.sample()
+                        budget = self._to_budget(u.clamp(1e-6, 1 - 1e-6))
                     else:
                         assert target is not None
                         budget = torch.tensor(float(target))

@@ -157,7 +157,9 @@ def sample_plans(setup: SearchSetup, stored: StoredPolicy, preference: Sequence[
     env = environment(setup, stored.policy, drop_visual)
     generator = torch.Generator().manual_seed(seed)
     actions = [(stored.policy.mean_action(env.features, env.param_share, w, target), True)]
-    actions += [(stored.policy.sample(env.features, env.param_share, w, target, generator), False)
+    # Every sample keeps the budget head's mean (see HippPolicy.sample): the preference says how much, the search
+    # compares where; sampling the budget too let the return's linear trade pick a far budget and jump.
+    actions += [(stored.policy.sample(env.features, env.param_share, w, target, generator, mean_budget=True), False)
                 for _ in range(samples)]
     candidates = []
     for action, is_mean in reporter.track(actions, message="plans"):

@@ -70,7 +70,8 @@ def load_policy_dir(path: Path) -> StoredPolicy:
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise OptionError(f"{path} is not a policy directory (needs {WEIGHTS} and {META})")
     meta = json.loads((path / META).read_text())
-    policy = HippPolicy(PolicyConfig(**meta["policy_config"]))
+    # Policies saved before the anchored budget head have no budget_head entry: theirs is the logistic one.
+    policy = HippPolicy(PolicyConfig(**{"budget_head": "logistic", **meta["policy_config"]}))
     policy.load_state_dict(load_file(str(path / WEIGHTS)))
     policy.eval()
     return StoredPolicy(policy, meta, path)
