@@ -166,6 +166,23 @@ def control_transfer(names: Sequence[str] = ("control", "control_seed1", "contro
             "(intervals in the JSON).\n\n" + "\n".join(rows))
 
 
+def frozen_report(name: str = "frozen") -> str:
+    """The frozen-protocol report: the goal table over the family, then each member's hypervolume and verdict."""
+    from bench.frozen import OUT, summary_markdown
+
+    summary = load(name)
+    parts = [f"{_source(name, summary)}\n\n{summary_markdown(summary)}"]
+    for model in summary["members"]:
+        data: dict[str, Any] = json.loads((OUT / f"{model}.json").read_text())
+        hv = data["hypervolume"]
+        parts.append(f"#### {model} (policy `{data['policy']}`)\n\nFrom `bench/results/frozen/{model}.json` "
+                     f"(`{data['command']}`, commit {data['commit']}; {data['questions_per_plan']} test questions "
+                     f"per plan). Hypervolume on the 30-70% grid: HiPP {hv['hipp']:.3f}, best baseline "
+                     f"{hv['best_baseline']} {hv['best']:.3f}, ratio {hv['ratio']:.2f} (with HiPP's free-budget "
+                     f"front: {hv['ratio_with_front']:.2f}).\n\n" + verdict_markdown(data["verdict"]))
+    return "\n\n".join(parts)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "control-transfer": control_transfer,
     "testbed-family": testbed_family,
