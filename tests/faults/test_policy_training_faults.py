@@ -31,7 +31,7 @@ def artifact_sha(api: Any, key: str, job_id: str, name: str) -> str:
     return str(arts[name]["sha256"])
 
 
-def test_kill9_after_a_checkpoint_resumes_to_the_uninterrupted_policy(api, tenant_key, workers: Workers) -> None:  # type: ignore[no-untyped-def]
+def test_kill9_after_a_checkpoint_resumes_to_the_uninterrupted_policy(api, tenant_key, workers: Workers) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """Attempt 1 is SIGKILLed when GRPO step 2 has finished (its progress report), so step 1's checkpoint is in
     storage and step 2's is not; attempt 2, on a fresh worker, resumes at step 1 and trains step 2 and 3."""
     workers.ensure()
@@ -68,7 +68,7 @@ def test_kill9_after_a_checkpoint_resumes_to_the_uninterrupted_policy(api, tenan
         assert row["status"] == "ready" and row["uri"] == f"store:policies/{policy['id']}"
 
 
-def test_cancel_mid_training_ends_the_job_and_its_policy(api, tenant_key, workers: Workers) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_mid_training_ends_the_job_and_its_policy(api, tenant_key, workers: Workers) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     workers.ensure()
     policy = train(api, tenant_key, 1000)
     job_id = policy["job_id"]

@@ -170,3 +170,28 @@ def test_the_time_budget_stops_training_at_a_step_boundary(train_worker, tclient
     ready = tclient.get(f"/policies/{policy['id']}", headers=auth(tenant_key)).json()
     assert ready["status"] == "ready" and ready["metrics"]["steps"] == 1
     assert ready["metrics"]["stopped_by"] == "time_budget"
+
+
+def test_cli_trains_a_policy_and_lists_it(train_worker, train_settings, tenant_key, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``hipp policies train --wait`` through the light client over HTTP, with its progress line, then ``list``
+    and ``show``."""
+    from tests.service.conftest import free_port
+    from tests.service.test_client import serving
+    from worker.cli import main
+
+    with serving(train_settings, free_port()) as url:
+        service = ["policies", "--url", url, "--key", tenant_key]
+        code = main([*service, "train", "--model", "testbed", "--name", "cli policy", "--steps", "2",
+                     "--group-size", "2", "--preferences-per-step", "1", "--search-limit", "4",
+                     "--calibration-samples", "4", "--seed", "3", "--wait", "--timeout", "150"])
+        out, err = capsys.readouterr()
+        assert code == 0, (out, err, train_worker.read_text()[-3000:])
+        assert "succeeded" in err and "100.0%" in err  # the progress line
+        trained = json.loads(out[out.index("{"):])
+        assert trained["status"] == "ready" and trained["metrics"]["steps"] == 2
+        assert main([*service, "list", "--status", "ready"]) == 0
+        listed = capsys.readouterr().out
+        assert trained["id"] in listed and "2 steps" in listed and "cli policy" in listed
+        assert main([*service, "show", trained["id"]]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["uri"] == f"store:policies/{trained['id']}" and shown["train"]["seed"] == 3
