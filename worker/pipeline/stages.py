@@ -187,7 +187,7 @@ def trained_policy(ctx: JobContext) -> tuple[StoredPolicy | None, str]:
         row = s.scalar(select(Policy).where(Policy.tenant_id == ctx.job.tenant_id, Policy.model == ctx.job.model,
                                             Policy.status == PolicyStatus.ready.value)
                        .order_by(Policy.created_at.desc()).limit(1))
-    if row is not None and row.uri and row.uri.startswith(outputs.STORE_SCHEME) and row.job_id is not None:
+    if row is not None and row.uri and row.uri.startswith(outputs.STORE_SCHEME):  # set by a training job only
         try:
             return outputs.stored_policy(ctx, row.uri), f"trained policy {row.id} ({row.name})"
         except HippError as exc:
