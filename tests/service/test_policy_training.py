@@ -8,14 +8,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from app.config import Settings
+from app.db import session_factory, session_scope
+from app.models import Job, utcnow
+from app.reaper import reap_stale
 from tests.service.conftest import auth
 from tests.service.test_worker_job import api_client, running_worker
 
@@ -84,6 +90,22 @@ def test_a_queued_training_is_listed_and_cancelled_with_its_policy(client, tenan
     assert r.status_code == 202 and r.json()["status"] == "cancelled"
     after = client.get(f"/policies/{policy['id']}", headers=auth(tenant_key)).json()
     assert after["status"] == "cancelled" and after["uri"] is None
+
+
+def test_a_training_whose_worker_keeps_dying_fails_with_its_policy(client, tenant_key, stack_settings) -> None:  # type: ignore[no-untyped-def]
+    """The reaper fails a job whose last attempt's worker stopped heartbeating; its policy fails with it."""
+    policy = client.post("/policies", json=train_body(), headers=auth(tenant_key)).json()
+    past = utcnow() - timedelta(seconds=60)
+    with session_scope(stack_settings.resolved_database_url) as s:
+        s.execute(update(Job).where(Job.id == uuid.UUID(policy["job_id"])).values(
+            status="running", attempt=Job.max_attempts, lease_owner="dead-worker", lease_expires_at=past,
+            heartbeat_at=past))
+    reaped = reap_stale(stack_settings, session_factory(stack_settings.resolved_database_url))
+    assert uuid.UUID(policy["job_id"]) in reaped.failed
+    job = client.get(f"/jobs/{policy['job_id']}", headers=auth(tenant_key)).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "attempts_exhausted"
+    after = client.get(f"/policies/{policy['id']}", headers=auth(tenant_key)).json()
+    assert after["status"] == "failed" and after["uri"] is None
 
 
 @pytest.fixture(scope="module")
