@@ -58,9 +58,11 @@ def create_training(
     assert train is not None
     model = check_model_ref(body.model, settings)
     search = search_data(session, who, train, model)
+    policy_id = uuid.uuid4()
     options: dict[str, Any] = {
         "train": train.model_dump(mode="json", exclude={"search"}),
         "calibration": {"samples": train.calibration_samples},
+        "policy": {"id": str(policy_id)},  # where the worker stores the trained policy
     }
     if search:
         options["data"] = {"search": search}
@@ -81,7 +83,7 @@ def create_training(
         session.add(job)
         session.flush()  # the policy row references the job
         policy = Policy(
-            id=uuid.uuid4(),
+            id=policy_id,
             tenant_id=who.tenant_id,
             name=body.name,
             model=model,
@@ -91,7 +93,6 @@ def create_training(
             metrics={},
             meta=body.metadata,
         )
-        job.options = {**options, "policy": {"id": str(policy.id)}}
         session.add(policy)
         session.commit()
     return policy, job

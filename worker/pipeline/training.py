@@ -174,14 +174,13 @@ def search_set(ctx: JobContext, options: TrainOptions) -> tuple[EvalSet, Any]:
     """The tenant's search benchmarks (``data.search``), else the testbed's synthetic search split; and its
     label."""
     files = data.benchmarks(ctx, "search", "val")
+    limit = options.search_limit
     if files is not None:
-        return EvalSet.from_dirs(files.pope_dir, files.sqa_dir, files.sqa_split, limit=options.search_limit), \
-            files.label
+        return EvalSet.from_dirs(files.pope_dir, files.sqa_dir, files.sqa_split, limit=limit), files.label
     if not is_testbed(ctx.job.model):  # the API refuses it; a job queued before it did not
         raise data.DataError(f"{ctx.job.model!r} is not the testbed: name POPE / ScienceQA data sets in "
                              "train.search")
-    return testbed_search_set(ctx.work_dir / "search-data", limit=options.search_limit), \
-        "synthetic world search split"
+    return testbed_search_set(ctx.work_dir / "search-data", limit=limit), "synthetic world search split"
 
 
 def stage_load(ctx: JobContext) -> dict[str, Any]:
