@@ -55,6 +55,8 @@ def test_kill9_after_a_checkpoint_resumes_to_the_uninterrupted_policy(api, tenan
     assert training["resumed_from_step"] == 1 and training["steps"] == 3
     msgs = events(api, tenant_key, job_id)
     assert "restored the GRPO checkpoint of step 1 saved by an earlier attempt" in msgs, msgs
+    assert sum(m.startswith("GRPO step 1 checkpointed") for m in msgs) == 1  # by attempt 1; 2 by attempt 2
+    assert sum(m.startswith("GRPO step 2 checkpointed") for m in msgs) == 1
     assert any("re-queued" in m for m in msgs) and msgs[-1] == "job succeeded"
 
     ref = wait_final(api, tenant_key, reference["job_id"], workers)

@@ -135,6 +135,9 @@ class CheckpointSync(Reporter):
         if step > self.synced:
             save_checkpoint(self.ctx, self.folder, step)
             self.synced = step
+            last = (meta.get("history") or [{}])[-1]
+            self.ctx.run.event(f"GRPO step {step} checkpointed (return {last.get('return', float('nan')):.3f})",
+                               data={"step": step, "return": last.get("return")})
         budget = self.options.time_budget_s
         if budget is not None and step < self.options.steps and elapsed >= budget:
             raise BudgetSpent(step, elapsed)
