@@ -67,6 +67,20 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 STAGES = ("load", "sensitivity", "plan", "prune", "recover", "evaluate", "upload")
+
+
+class JobKind(enum.StrEnum):
+    """What a job does: prune a model (POST /jobs), or train a policy for one (POST /policies with ``train``)."""
+
+    prune = "prune"
+    train_policy = "train_policy"
+
+
+#: The stages of a policy-training job: load the model, set up the plan search (policy state, criterion scores,
+#: the search set's evaluator), plan-level GRPO, register the trained policy.
+TRAIN_STAGES = ("load", "search_setup", "train", "register")
+#: Each kind's stages, in order.
+KIND_STAGES = {JobKind.prune.value: STAGES, JobKind.train_policy.value: TRAIN_STAGES}
 #: The artifact that keeps every plan a job considered, in full, in the order of ``GET /jobs/{id}/plans``: what
 #: a later job's ``plan: {job, index}`` replays.
 PLANS_ARTIFACT = "hipp_plans.json"
@@ -105,6 +119,7 @@ class Job(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.prune.value, server_default=JobKind.prune.value)
     model: Mapped[str] = mapped_column(String(500))
     preference: Mapped[dict[str, float]] = mapped_column(JSON)
     target_sparsity: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -165,11 +180,26 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(Tz(), default=utcnow)
 
 
+class PolicyStatus(enum.StrEnum):
+    """A registered policy is ``ready`` at once; one trained by the service is ``training`` until its job ends
+    (``ready`` when it succeeded, else ``failed`` or ``cancelled``)."""
+
+    training = "training"
+    ready = "ready"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
 class Policy(Base):
-    """A trained HiPP-Prune policy for a model (by reference) or a model fingerprint."""
+    """A trained HiPP-Prune policy for a model (by reference) or a model fingerprint: registered by ``uri``, or
+    trained by the service (``job_id``: the ``train_policy`` job, ``train``: its options; ``uri`` is set,
+    ``store:policies/<id>``, when the job succeeds)."""
 
     __tablename__ = "policies"
-    __table_args__ = (Index("ix_policies_tenant_model", "tenant_id", "model"),)
+    __table_args__ = (
+        Index("ix_policies_tenant_model", "tenant_id", "model"),
+        Index("ix_policies_job_id", "job_id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -179,6 +209,13 @@ class Policy(Base):
     uri: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    status: Mapped[str] = mapped_column(
+        String(16), default=PolicyStatus.ready.value, server_default=PolicyStatus.ready.value
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL", name="fk_policies_job_id"), nullable=True
+    )
+    train: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Tz(), default=utcnow)
 
 

@@ -42,7 +42,9 @@ DESCRIPTIONS = {
     " archive upload, its own limit)",
     415: "`unsupported_media_type`: the body is not sent as `Content-Type: application/json`",
     422: "`invalid_request` (names the field and what to fix), `unknown_model`, `invalid_policy_uri`,"
-    " `invalid_plan_reference` (a `plan` whose job, index or model does not fit), `invalid_s3_uri`,"
+    " `invalid_plan_reference` (a `plan` whose job, index or model does not fit), `invalid_data_reference`,"
+    " `search_needs_data` (a policy `train` for a model other than the testbed without `train.search`),"
+    " `invalid_s3_uri`,"
     " `empty_archive`, `invalid_upload_parts` (a multipart upload that cannot be completed)",
     429: "`quota_exceeded` (active jobs per tenant) or `rate_limited` (requests per tenant); see `Retry-After`",
     503: "`database_unavailable` / `server_busy` (retry after `Retry-After`), `not_ready` (readiness),"
@@ -53,6 +55,7 @@ RETRY_AFTER = {429, 503}
 # What single routes add to the errors their shape implies ((method, path) -> codes).
 EXTRA: dict[tuple[str, str], set[int]] = {
     ("post", "/jobs"): {400, 409, 429},
+    ("post", "/policies"): {409, 429},
     ("get", "/jobs"): {400},
     ("delete", "/jobs/{job_id}"): {409},
     ("post", "/jobs/{job_id}/cancel"): {409, 429},

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import Event, Job, JobStatus, utcnow
 from app.queue import dispatch
+from app.services.policies import end_training
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -101,6 +102,7 @@ def reap_stale(
                 s.add(Event(job_id=row.id, level=level, stage=row.stage, message=message, data={"reaper": True}))
                 if target is not JobStatus.queued:
                     s.add(Event(job_id=row.id, message=f"job {target.value}"))
+                    end_training(s, row.id, target.value)  # a policy training's policy ends with its job
         s.commit()
     if out.requeued:
         dispatch(settings, factory, out.requeued, broker)

@@ -234,6 +234,9 @@ class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
+    kind: Literal["prune", "train_policy"] = Field(
+        description="prune: POST /jobs; train_policy: a policy's training (POST /policies with train)"
+    )
     status: Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
     stage: str | None
     stage_progress: float
@@ -289,13 +292,64 @@ class PlanOut(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class PolicyTrainOptions(Strict):
+    """Plan-level GRPO for the policy's model, run as a job on the GPU queue (stages load, search_setup, train,
+    register). The search set: the tenant's POPE / ScienceQA data sets (``search``), or, for the testbed
+    family only, the built-in synthetic search split."""
+
+    steps: int = Field(default=40, ge=1, le=1000, description="GRPO steps")
+    group_size: int = Field(default=6, ge=2, le=64, description="Plans sampled per preference (one GRPO group)")
+    preferences_per_step: int = Field(default=4, ge=1, le=64, description="Preferences (groups) per GRPO step")
+    budget_min: float = Field(default=0.1, gt=0.0, lt=0.95, description="Smallest sparsity the policy proposes")
+    budget_max: float = Field(default=0.6, gt=0.0, lt=0.95, description="Largest sparsity the policy proposes")
+    time_budget_s: float | None = Field(
+        default=None, gt=0, le=7 * 24 * 3600,
+        description="Stop at the first step boundary after this many seconds of GRPO steps and register the "
+        "policy trained so far (the result says how many steps ran)",
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Same seed, same options: the same policy")
+    search: BenchmarkData | None = Field(
+        default=None,
+        description="The benchmarks plans are scored on while training (required unless the model is of the "
+        "testbed family, which has a built-in search split)",
+    )
+    search_limit: int = Field(default=32, ge=1, le=100_000, description="Questions per search benchmark split")
+    calibration_samples: int = Field(default=16, ge=1, le=4096, description="Calibration images")
+
+    @model_validator(mode="after")
+    def _budget_range(self) -> PolicyTrainOptions:
+        if self.budget_min >= self.budget_max:
+            raise ValueError(
+                f"budget_min ({self.budget_min}) must be below budget_max ({self.budget_max}): they bound the "
+                "sparsity the policy proposes"
+            )
+        return self
+
+
 class PolicyCreate(Strict):
+    """Register a trained policy (``uri``), or train one (``train``): not both."""
+
     name: str = Field(min_length=1, max_length=200)
     model: str = Field(min_length=1, max_length=500, description="Model reference the policy was trained for")
     fingerprint: str | None = Field(default=None, max_length=128)
     uri: str | None = Field(default=None, max_length=1000, description="Where the policy weights are stored")
+    train: PolicyTrainOptions | None = Field(
+        default=None,
+        description="Train the policy as a job (GET /jobs/{job_id}: stages, progress, events; POST "
+        "/jobs/{job_id}/cancel). The policy is `training` until the job ends, then `ready` (later jobs for "
+        "the model use it), `failed` or `cancelled`",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _register_or_train(self) -> PolicyCreate:
+        if self.train is not None:
+            given = [name for name in ("uri", "fingerprint") if getattr(self, name) is not None]
+            given += ["metrics"] if self.metrics else []
+            if given:
+                raise ValueError(f"{', '.join(given)}: set by training; drop them, or drop train to register a policy")
+        return self
 
 
 class PolicyOut(BaseModel):
@@ -306,6 +360,11 @@ class PolicyOut(BaseModel):
     model: str
     fingerprint: str | None
     uri: str | None
+    status: Literal["training", "ready", "failed", "cancelled"] = Field(
+        description="ready: jobs for the model use it; training: its job (job_id) is running or queued"
+    )
+    job_id: uuid.UUID | None = Field(description="The job that trains (trained) it; null for a registered policy")
+    train: dict[str, Any] | None = Field(description="The training options, for a trained policy")
     metrics: dict[str, Any]
     metadata: dict[str, Any] = Field(validation_alias="meta")
     created_at: datetime

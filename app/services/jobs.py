@@ -287,6 +287,10 @@ def cancel_job(session: Session, who: Principal, job_id: uuid.UUID) -> Job:
         res = session.execute(update(Job).where(Job.id == job.id, Job.status == source.value).values(**values))
         if res.rowcount:  # type: ignore[attr-defined]
             session.add(Event(job_id=job.id, stage=job.stage, message=f"cancel requested ({target.value})"))
+            if target is JobStatus.cancelled:
+                from app.services.policies import end_training  # it imports this module
+
+                end_training(session, job.id, target.value)  # a queued policy training: its policy too
             session.commit()
             session.refresh(job)
             return job

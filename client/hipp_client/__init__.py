@@ -8,9 +8,9 @@
         path = hipp.download(job.id, "out/")        # SHA-256 checked; out/checkpoint/
 
 ``HippClient`` (client.py) speaks the API: jobs (submit, get, list, cancel, delete, events, artifacts, plans,
-wait, download) and policies (list, get, register). Answers come back as the dataclasses of types.py; every
-failure is a ``HippApiError`` (errors.py). Datasets (datasets.py): create, upload (signed URL, multipart, direct),
-wait for validation, list, get, delete.
+wait, download). Answers come back as the dataclasses of types.py; every failure is a ``HippApiError``
+(errors.py). Datasets (datasets.py): create, upload (signed URL, multipart, direct), wait for validation, list,
+get, delete. Policies (policies.py): register, train as a job, wait for a training, list, get.
 """
 
 from hipp_client.client import DEFAULT_URL, HippClient, fetch_verified

@@ -1,4 +1,5 @@
-"""``HippClient``: the HiPP-Prune service's HTTP API (jobs, their events, artifacts and plans; policies) over httpx.
+"""``HippClient``: the HiPP-Prune service's HTTP API (jobs, their events, artifacts and plans; datasets and
+policies through their mixins) over httpx.
 
 Reads (GET) ride out a brief outage (connection refused or reset, 502/503/504, the server's ``Retry-After``
 honoured) for ``retry_s`` seconds; ``POST /jobs`` is retried the same way only with an idempotency key (the
@@ -31,7 +32,8 @@ from hipp_client.errors import (
     WAIT_TIMEOUT,
     HippApiError,
 )
-from hipp_client.types import Artifact, Event, Job, Page, Plan, Policy
+from hipp_client.policies import PoliciesMixin
+from hipp_client.types import Artifact, Event, Job, Page, Plan
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRYABLE_STATUS = frozenset({502, 503, 504})
@@ -40,7 +42,7 @@ CHUNK = 1 << 20
 T = TypeVar("T")
 
 
-class HippClient(DatasetsMixin):
+class HippClient(DatasetsMixin, PoliciesMixin):
     """A session with one HiPP-Prune service. ``base_url`` defaults to ``$HIPP_API_URL`` (else
     ``http://127.0.0.1:8000``), ``api_key`` to ``$HIPP_API_KEY``. ``http``: an ``httpx.Client`` to send through
     instead of a new one (a proxy, custom TLS, a test transport); its base URL is used as it is."""
@@ -275,35 +277,6 @@ class HippClient(DatasetsMixin):
             path.unlink()
             return out_dir / "checkpoint"
         return path
-
-    # --- policies ---------------------------------------------------------------------------------------
-    def list_policies(self, model: str | None = None) -> list[Policy]:
-        """The tenant's registered policies, newest first; ``model``: only those trained for it."""
-        params = {"model": model} if model is not None else {}
-        return [_typed(Policy.from_json, p) for p in self.request("GET", "/policies", params=params)]
-
-    def get_policy(self, policy_id: str) -> Policy:
-        return _typed(Policy.from_json, self.request("GET", f"/policies/{quote(str(policy_id), safe='')}"))
-
-    def register_policy(
-        self,
-        name: str,
-        model: str,
-        *,
-        fingerprint: str | None = None,
-        uri: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> Policy:
-        """Register a trained policy for ``model`` (``uri``: a stored policy's id or fingerprint, or a folder the
-        server allows). Not retried: a repeat would register it twice."""
-        body: dict[str, Any] = {"name": name, "model": model, "metrics": dict(metrics or {})}
-        body["metadata"] = dict(metadata or {})
-        if fingerprint is not None:
-            body["fingerprint"] = fingerprint
-        if uri is not None:
-            body["uri"] = uri
-        return _typed(Policy.from_json, self.request("POST", "/policies", json=body))
 
 
 def fetch_verified(artifact: Artifact, path: Path, timeout: float = 120.0) -> Path:

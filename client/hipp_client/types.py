@@ -60,6 +60,8 @@ class Job:
     finished_at: datetime | None
     heartbeat_at: datetime | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    #: ``prune`` (POST /jobs) or ``train_policy`` (a policy's training, POST /policies with ``train``).
+    kind: str = "prune"
 
     @property
     def finished(self) -> bool:
@@ -96,6 +98,7 @@ class Job:
             finished_at=_time(data.get("finished_at")),
             heartbeat_at=_time(data.get("heartbeat_at")),
             raw=data,
+            kind=str(data.get("kind") or "prune"),
         )
 
 
@@ -184,6 +187,12 @@ class Policy:
     metadata: dict[str, Any]
     created_at: datetime | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    #: training | ready | failed | cancelled (a registered policy is ready at once).
+    status: str = "ready"
+    #: The job that trains (trained) it; None for a registered policy.
+    job_id: str | None = None
+    #: Its training options, for a trained policy.
+    train: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Policy:
@@ -197,6 +206,9 @@ class Policy:
             metadata=dict(data.get("metadata") or {}),
             created_at=_time(data.get("created_at")),
             raw=data,
+            status=str(data.get("status") or "ready"),
+            job_id=str(data["job_id"]) if data.get("job_id") else None,
+            train=data.get("train"),
         )
 
 

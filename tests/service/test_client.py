@@ -215,6 +215,25 @@ def test_policies(hipp: HippClient) -> None:
     with pytest.raises(HippApiError) as info:
         hipp.get_policy(str(uuid.uuid4()))
     assert info.value.code == "not_found"
+    assert policy.status == "ready" and policy.job_id is None and policy.train is None
+
+
+def test_train_policy_queues_a_training_that_can_be_followed_and_cancelled(hipp: HippClient) -> None:
+    """No worker consumes this session's GPU queue: the training stays queued until it is cancelled."""
+    policy = hipp.train_policy("testbed", steps=3, group_size=2, seed=5, metadata={"by": "me"})
+    assert (policy.status, policy.name, policy.model, policy.uri) == ("training", "testbed policy", "testbed", None)
+    assert policy.train is not None and policy.train["steps"] == 3 and policy.train["group_size"] == 2
+    assert policy.job_id is not None and hipp.get_job(policy.job_id).kind == "train_policy"
+    assert [p.id for p in hipp.list_policies(status="training")] == [policy.id]
+    hipp.cancel_job(policy.job_id)
+    seen: list[str] = []
+    ended = hipp.wait_policy(policy, timeout=30, on_update=lambda job: seen.append(job.status))
+    assert ended.status == "cancelled" and seen[-1] == "cancelled"
+    with pytest.raises(HippApiError) as info:
+        hipp.train_policy("testbed", steps=0)
+    assert info.value.status == 422 and "steps" in str(info.value)
+    with pytest.raises(TypeError):
+        hipp.train_policy("testbed", learning_rate=0.1)
 
 
 def test_submit_is_retried_only_with_an_idempotency_key(stack_settings: Settings, tenant_key: str) -> None:

@@ -277,3 +277,23 @@ def test_the_plan_search_scores_plans_on_the_named_data(
     assert sum(m.startswith("fetching") for m in run.messages) == 2
     search_set(ctx)  # the unpacked files are reused within the job
     assert sum(m.startswith("fetching") for m in run.messages) == 2
+
+
+def test_a_policy_trains_on_the_tenants_search_data(api: Any, data_settings: Settings, owner: str,
+                                                    datasets: dict[str, dict[str, Any]]) -> None:
+    """A model other than the testbed trains its policy on the tenant's POPE / ScienceQA data sets
+    (``train.search``), run in-process; the result and the policy name them."""
+    from worker.pipeline import run_job
+
+    search = {"pope": datasets["pope"]["id"], "scienceqa": datasets["scienceqa"]["id"]}
+    train = {"steps": 1, "group_size": 2, "preferences_per_step": 1, "calibration_samples": 3, "search": search}
+    r = api.post("/policies", json={"name": "tiny", "model": "tiny-llava", "train": train}, headers=auth(owner))
+    assert r.status_code == 201, r.text
+    policy = r.json()
+    assert run_job(policy["job_id"], data_settings) == "succeeded"
+    job = api.get(f"/jobs/{policy['job_id']}", headers=auth(owner)).json()
+    label = {"pope": names(datasets["pope"]), "scienceqa": names(datasets["scienceqa"])}
+    assert job["result"]["search"]["data"] == label
+    assert job["result"]["calibration"]["source"] != "images"  # no calibration data set named: the engine's
+    ready = api.get(f"/policies/{policy['id']}", headers=auth(owner)).json()
+    assert ready["status"] == "ready" and ready["metrics"]["search"] == label and ready["metrics"]["steps"] == 1

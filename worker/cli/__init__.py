@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "worker.cli.recover",
     "worker.cli.jobs",
     "worker.cli.datasets",
+    "worker.cli.policies",
     "worker.cli.serve",
     "worker.cli.testbed",
     "worker.cli.evaluate",

@@ -18,6 +18,7 @@ from worker.pipeline.run import JobRun
 
 if TYPE_CHECKING:
     from worker.hipp.models.loading import LoadedModel
+    from worker.hipp.policy.search import SearchSetup
     from worker.hipp.pruning.plan import PruningPlan
 
 
@@ -32,6 +33,8 @@ class JobContext:
     loaded: LoadedModel = field(init=False)
     #: Set by the plan stage (or its restore on a retry).
     plan: PruningPlan = field(init=False)
+    #: A policy training's plan search set-up (its search_setup stage, or that stage's restore on a retry).
+    search: SearchSetup = field(init=False)
     #: Every plan considered, in full, in the order of ``result["plans"]`` (set with ``plan``).
     considered_plans: list[PruningPlan] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)

@@ -2,7 +2,8 @@
 ``{"fault": {"crash_at": STAGE}}`` SIGKILLs its worker process when that stage starts (every attempt);
 ``{"fault": {"crash_in": STAGE, "attempts": [1]}}`` at the first unit of progress inside STAGE on the listed
 attempts (default: the first) - a kill -9 at a known point in the middle of a stage, whatever the machine's
-speed."""
+speed; with ``"at": N``, at the first progress report of N or more units instead (e.g. after GRPO step N, when
+step N-1's checkpoint is in storage)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def crash_in(settings: Settings, job: Job) -> str | None:
     if not fault.get("crash_in") or job.attempt not in fault.get("attempts", [1]):
         return None
     return str(fault["crash_in"])
+
+
+def crash_in_unit(settings: Settings, job: Job) -> int:
+    """How many units of progress inside the ``crash_in`` stage come before the kill (default 1)."""
+    at = _fault(settings, job).get("at", 1)
+    return at if isinstance(at, int) and at >= 1 else 1
 
 
 def kill(event: Callable[..., None], where: str) -> None:

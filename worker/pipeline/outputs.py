@@ -4,7 +4,8 @@ with its SHA-256) and the checkpoint's artifacts (the archive, its plan and metr
 full, and the plots of the plans). A retry reloads the model, restores the plan and the latest weights
 (checked against their SHA-256) and restarts at the first unfinished stage.
 
-An earlier job's kept plans (``hipp_plans.json``) are read back here when a job replays one of them."""
+An earlier job's kept plans (``hipp_plans.json``) are read back here when a job replays one of them, and a policy
+the service trained (``store:policies/<id>``, under ``policies/<id>/``) is fetched here for a job that uses it."""
 
 from __future__ import annotations
 
@@ -18,9 +19,30 @@ from safetensors.torch import load_model, save_model
 from sqlalchemy import select
 
 from app.models import PLANS_ARTIFACT, Artifact
-from worker.hipp.errors import PlanError
+from worker.hipp.errors import OptionError, PlanError
+from worker.hipp.policy.store import META, WEIGHTS, StoredPolicy, load_policy_dir
 from worker.hipp.pruning.plan import PruningPlan
 from worker.pipeline.context import JobContext
+
+#: A policy the service trained is at ``store:policies/<id>`` (set by the worker only: the API refuses it in
+#: POST /policies, so a tenant cannot point a policy at another's files).
+STORE_SCHEME = "store:"
+
+
+def policy_prefix(policy_id: str) -> str:
+    return f"policies/{policy_id}/"
+
+
+def stored_policy(ctx: JobContext, uri: str) -> StoredPolicy:
+    """The trained policy at ``uri`` (``store:policies/<id>``), fetched into the job's work folder."""
+    prefix = uri.removeprefix(STORE_SCHEME).rstrip("/") + "/"
+    folder = ctx.work_dir / "policies" / prefix.strip("/").rsplit("/", 1)[-1]
+    for name in (WEIGHTS, META, "state.json"):
+        if ctx.storage.exists(prefix + name):
+            ctx.storage.download(prefix + name, folder / name)
+        elif name != "state.json":
+            raise OptionError(f"the trained policy's {name} is gone from storage")
+    return load_policy_dir(folder)
 
 
 def _key(ctx: JobContext, name: str) -> str:

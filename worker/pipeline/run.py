@@ -28,7 +28,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Artifact, Event, Job, JobStatus, utcnow
+from app.models import Artifact, Event, Job, JobKind, JobStatus, utcnow
 from worker.hipp.progress import Reporter
 from worker.pipeline import faults
 
@@ -44,6 +44,9 @@ STAGE_WEIGHTS = {
     "evaluate": 0.10,
     "upload": 0.15,
 }
+#: A policy training's share per stage: GRPO is nearly all of it.
+TRAIN_STAGE_WEIGHTS = {"load": 0.05, "search_setup": 0.10, "train": 0.80, "register": 0.05}
+KIND_WEIGHTS = {JobKind.prune.value: STAGE_WEIGHTS, JobKind.train_policy.value: TRAIN_STAGE_WEIGHTS}
 
 
 class LeaseLost(Exception):
@@ -63,7 +66,10 @@ class JobRun(Reporter):
         self.owner = owner
         self.settings = settings
         self.attempt = job.attempt
+        self.kind = job.kind
+        self.weights = KIND_WEIGHTS[job.kind]
         self.crash_in = faults.crash_in(settings, job)
+        self.crash_at_unit = faults.crash_in_unit(settings, job)
         self.outputs: dict[str, Any] = dict(job.stage_outputs or {})
         self.stage_name: str | None = None
         self.done_weight = 0.0
@@ -159,7 +165,7 @@ class JobRun(Reporter):
     ) -> None:
         """Finish a stage: progress, and (with ``result``) mark it completed with the partial result and its
         outputs, plus any ``rows`` (the checkpoint's artifacts), in one transaction conditional on the lease."""
-        self.done_weight += STAGE_WEIGHTS[stage]
+        self.done_weight += self.weights[stage]
         values: dict[str, Any] = {"stage_progress": 1.0, "progress": round(min(self.done_weight, 1.0), 4)}
         if result is not None:
             completed = [*self.outputs.get("completed", []), stage]
@@ -182,7 +188,7 @@ class JobRun(Reporter):
         else:
             self.event(f"{stage} finished in {seconds:.1f}s", data=payload)
 
-    def save_stage_output(self, stage: str, key: str) -> None:
+    def save_stage_output(self, stage: str, key: Any) -> None:
         outputs = {**self.outputs, stage: key}
         self._update(stage_outputs=outputs)
         self.outputs = outputs
@@ -190,7 +196,7 @@ class JobRun(Reporter):
     def reused(self, stage: str, attempt: int | None) -> None:
         """A stage finished by an earlier attempt: counted as done, not run again."""
         self.stage_name = stage
-        self.done_weight += STAGE_WEIGHTS[stage]
+        self.done_weight += self.weights[stage]
         self._update(stage=stage, stage_progress=1.0, progress=round(min(self.done_weight, 1.0), 4))
         self.event(f"{stage} reused (finished by attempt {attempt})", data={"reused": True, "attempt": attempt})
 
@@ -199,7 +205,7 @@ class JobRun(Reporter):
         self.event(f"{name}: {message}".rstrip(": "), data={"substage": name})
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
-        if self.crash_in is not None and self.stage_name == self.crash_in and done >= 1:
+        if self.crash_in is not None and self.stage_name == self.crash_in and done >= self.crash_at_unit:
             faults.kill(self.event, f"inside {self.stage_name}")
         now = time.monotonic()
         finished = total is not None and done >= total
@@ -207,7 +213,7 @@ class JobRun(Reporter):
             return
         self._last_write = now
         frac = min(done / total, 1.0) if total else 0.0
-        weight = STAGE_WEIGHTS.get(self.stage_name or "", 0.0)
+        weight = self.weights.get(self.stage_name or "", 0.0)
         self._update(stage_progress=round(frac, 4), progress=round(min(self.done_weight + weight * frac, 1.0), 4))
 
     def log(self, message: str) -> None:

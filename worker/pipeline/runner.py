@@ -1,12 +1,15 @@
 """The runner: one attempt at a job, stage by stage, to an outcome.
 
-It claims the job (``run.claim``), restores what earlier attempts finished and runs the rest of
-``stages.STAGE_FUNCS`` in order, then ends the attempt:
+It claims the job (``run.claim``), restores what earlier attempts finished and runs the rest of its kind's
+stages in order (a pruning job: ``stages.STAGE_FUNCS``; a policy training: ``training.STAGE_FUNCS``), then ends
+the attempt:
 
 - **succeeded** with the result;
 - a ``HippError`` **fails** the job without retry (the caller must change the request);
 - any other error **re-queues** it until ``max_attempts``, then fails it;
 - ``Cancelled`` (or a cancel seen while an attempt fails) -> **cancelled**.
+
+A policy training's policy row ends with its job, in the same transaction (``app.services.policies``).
 
 Every final write is conditional on still holding the lease. Errors a tenant reads have server paths
 redacted; tracebacks stay in the worker's log.
@@ -26,6 +29,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -33,9 +37,10 @@ from sqlalchemy import update
 
 from app.config import Settings
 from app.db import session_factory
-from app.models import STAGES, Event, Job, JobStatus, utcnow
+from app.models import KIND_STAGES, Event, Job, JobKind, JobStatus, utcnow
 from app.queue import dispatch
 from app.retention import delete_stage_outputs
+from app.services.policies import end_training
 from app.storage import get_storage
 from worker.hipp.errors import HippError
 from worker.hipp.progress import Cancelled
@@ -51,6 +56,20 @@ def stages() -> ModuleType:
     from worker.pipeline import stages as module  # imports torch: deferred until a stage runs
 
     return module
+
+
+Stages = tuple[dict[str, Callable[[JobContext], dict[str, Any]]], dict[str, Callable[[JobContext], None]]]
+
+
+def pipeline(kind: str) -> Stages:
+    """The stage functions of a job of ``kind`` and what a retry redoes for the finished ones (imported on
+    first use, like :func:`stages`)."""
+    if kind == JobKind.train_policy.value:
+        from worker.pipeline import training  # imports torch, like stages
+
+        return training.STAGE_FUNCS, training.RESTORE
+    module = stages()
+    return module.STAGE_FUNCS, module.RESTORE
 
 
 def run_job(job_id: str | uuid.UUID, settings: Settings) -> str:
@@ -69,7 +88,8 @@ def run_job(job_id: str | uuid.UUID, settings: Settings) -> str:
     if completed:
         ctx.result = dict(run.outputs.get("result") or {})
     ctx.result.setdefault("stages", {})
-    remaining = [s for s in STAGES if s not in completed]
+    order = KIND_STAGES[job.kind]
+    remaining = [s for s in order if s not in completed]
     run.start_heartbeat()
     started = time.perf_counter()
     try:
@@ -78,13 +98,14 @@ def run_job(job_id: str | uuid.UUID, settings: Settings) -> str:
                 f"resuming at {remaining[0] if remaining else 'the end'}: reusing {', '.join(completed)}",
                 data={"completed": completed},
             )
-        for stage in STAGES:
+        for stage in order:
             run.check()
             if stage in completed:
                 if remaining:
                     run.reused(stage, ctx.result["stages"].get(stage, {}).get("attempt"))
-                    if stage in stages().RESTORE:
-                        stages().RESTORE[stage](ctx)
+                    restore = pipeline(job.kind)[1].get(stage)
+                    if restore is not None:
+                        restore(ctx)
                 continue
             if stage == faults.crash_at(settings, job):
                 faults.kill(run.event, f"at {stage}")
@@ -92,7 +113,7 @@ def run_job(job_id: str | uuid.UUID, settings: Settings) -> str:
             t0 = time.perf_counter()
             ctx.new_outputs, ctx.rows = {}, []
             try:
-                data = stages().STAGE_FUNCS[stage](ctx)
+                data = pipeline(job.kind)[0][stage](ctx)
                 seconds = time.perf_counter() - t0
                 ctx.result["stages"][stage] = {"status": "done", "seconds": round(seconds, 3), "attempt": run.attempt}
                 run.end(stage, seconds, data=data, result=ctx.result, outputs=ctx.new_outputs, rows=ctx.rows)
@@ -141,10 +162,20 @@ def finish(run: JobRun, status: JobStatus, **values: Any) -> str:
             s.rollback()
             return "lease-lost"
         s.add(Event(job_id=run.job_id, message=f"job {status.value}", data={}))
+        if run.kind == JobKind.train_policy.value:
+            end_training(s, run.job_id, status.value, trained_policy_values(status, values.get("result")))
         s.commit()
     run.stage_name = None
     delete_stage_outputs(get_storage(run.settings), run.factory, run.job_id)  # no retry will resume it
     return status.value
+
+
+def trained_policy_values(status: JobStatus, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The policy row's ``uri``, ``fingerprint`` and ``metrics`` from a succeeded training's result."""
+    policy = (result or {}).get("policy") if status is JobStatus.succeeded else None
+    if not policy:
+        return None
+    return {"uri": policy["uri"], "fingerprint": policy["fingerprint"], "metrics": policy["metrics"]}
 
 
 _ABS_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/:,;()\[\]]+/?)+")

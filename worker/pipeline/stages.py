@@ -21,7 +21,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.errors import ApiError
 from app.modelrefs import check_policy_uri
-from app.models import STAGES, Policy
+from app.models import STAGES, Policy, PolicyStatus
 from worker.hipp import job as engine
 from worker.hipp.calibration_source import choose_calibration, samples_from_images
 from worker.hipp.checkpoint.export import export_loaded
@@ -180,11 +180,20 @@ def policy_uri_allowed(uri: str, settings: Settings) -> bool:
 
 def trained_policy(ctx: JobContext) -> tuple[StoredPolicy | None, str]:
     """A trained HiPP policy for this model, and how it was found (or why there is none): the tenant's newest
-    policy registered for this model reference (POST /policies; its ``uri`` is a policy directory, id or model
-    fingerprint) first, then the engine's store by the model's fingerprint."""
+    ready policy for this model reference (one the service trained, ``store:policies/<id>``, or one registered
+    by POST /policies: its ``uri`` is a policy directory, id or model fingerprint) first, then the engine's
+    store by the model's fingerprint."""
     with ctx.run.factory() as s:
-        row = s.scalar(select(Policy).where(Policy.tenant_id == ctx.job.tenant_id, Policy.model == ctx.job.model)
+        row = s.scalar(select(Policy).where(Policy.tenant_id == ctx.job.tenant_id, Policy.model == ctx.job.model,
+                                            Policy.status == PolicyStatus.ready.value)
                        .order_by(Policy.created_at.desc()).limit(1))
+    if row is not None and row.uri and row.uri.startswith(outputs.STORE_SCHEME):  # set by a training job only
+        try:
+            return outputs.stored_policy(ctx, row.uri), f"trained policy {row.id} ({row.name})"
+        except HippError as exc:
+            log.warning("job %s: trained policy %s (%s) cannot be used: %s", ctx.job.id, row.id, row.uri, exc)
+            ctx.run.event(f"trained policy {row.id} cannot be used (its files are gone)", level="warning")
+            return engine.stored_policy(ctx.loaded)
     if row is not None and row.uri and not policy_uri_allowed(row.uri, ctx.settings):
         log.warning("job %s: registered policy %s has a uri outside HIPP_POLICY_DIRS: %s", ctx.job.id, row.id, row.uri)
         ctx.run.event(f"registered policy {row.id} cannot be used (its uri is not allowed)", level="warning")
