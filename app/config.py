@@ -29,6 +29,21 @@ class Settings(BaseSettings):
     gpu_queue: str = "gpu"
     default_queue: str = "default"
 
+    # Plan evaluations of a job's plan search and of policy training (docs/service.md, "Scaling plan
+    # evaluations"): in the job's own process, or spread over evaluation workers through a queue.
+    evaluation_mode: Literal["inprocess", "queue"] = Field(
+        default="inprocess", description="inprocess: the job scores its plans itself; queue: on evaluation workers"
+    )
+    evaluation_queue: str = "evaluation"
+    evaluation_chunk: int = Field(default=2, ge=1, le=256, description="Plans per evaluation task")
+    evaluation_timeout_s: float = Field(
+        default=900.0, gt=0, description="Longest wait for one batch of plan evaluations on the queue"
+    )
+    evaluation_threads: int = Field(default=1, ge=1, le=256, description="Torch threads of an evaluation worker")
+    result_backend_url: str = Field(
+        default="", description="Celery result backend for plan evaluations; empty = the broker (Redis)"
+    )
+
     # Artifact storage.
     storage: Literal["local", "s3"] = "local"
     storage_dir: Path | None = Field(default=None, description="Local store root; default HIPP_HOME/artifacts")
@@ -149,6 +164,14 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_result_backend(self) -> str | None:
+        """Where evaluation workers put their answers: HIPP_RESULT_BACKEND_URL, else a Redis broker itself;
+        None with the filesystem broker (it has no result store: plan evaluations then run in process)."""
+        if self.result_backend_url:
+            return self.result_backend_url
+        return None if self.embedded_broker else self.broker_url
 
     @property
     def broker_dir(self) -> Path:

@@ -38,15 +38,25 @@ RELAY = "hipp.relay_pending"
 REAP = "hipp.reap_stale"
 SWEEP = "hipp.retention_sweep"
 VALIDATE_DATASET = "hipp.validate_dataset"
+EVALUATE_PLANS = "hipp.evaluate_plans"
+#: How long evaluation answers stay in the result backend (the caller reads them at once and forgets them).
+EVALUATION_RESULT_EXPIRES_S = 3600
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker_url": settings.resolved_broker_url,
         "task_default_queue": settings.default_queue,
-        "task_routes": {RUN_JOB: {"queue": settings.gpu_queue}, VALIDATE_DATASET: {"queue": settings.default_queue}},
+        "task_routes": {
+            RUN_JOB: {"queue": settings.gpu_queue},
+            VALIDATE_DATASET: {"queue": settings.default_queue},
+            EVALUATE_PLANS: {"queue": settings.evaluation_queue},
+        },
+        # Only plan evaluations return results (the task sets ignore_result=False); every other task's
+        # outcome lives in Postgres.
         "task_ignore_result": True,
-        "result_backend": None,
+        "result_backend": settings.resolved_result_backend,
+        "result_expires": EVALUATION_RESULT_EXPIRES_S,
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,

@@ -1,0 +1,147 @@
+"""Plan evaluations on evaluation workers (worker/evaluation_queue.py): real Celery worker processes on the local
+Redis score a GRPO run's plans, and the policy trained with one or two of them equals the one trained in
+process (same seed). Also what a caller is told when a worker refuses its model or no worker answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.config import Settings
+from app.queue import make_celery_client
+from tests.faults.conftest import Proc
+from tests.service.conftest import stack_env
+from tests.test_evaluation_batch import RECIPE, SEARCH_LIMIT, search_setup, weights_digest
+from worker.cli.serve_processes import evaluation_worker_command
+from worker.evaluation_queue import (
+    EvaluationQueueError,
+    QueueSender,
+    batch_evaluator_for,
+    evaluator_description,
+    world_search_spec,
+)
+from worker.hipp.evaluation.batch import DelegatedEvaluations
+from worker.hipp.evaluation.plan_evaluator import ScoringMode
+from worker.hipp.models.loading import LoadedModel, load_model
+from worker.hipp.policy.search import SearchSetup, train_policy
+
+
+@pytest.fixture(scope="module")
+def queue_settings(redis_url: str, session_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Redis broker and result backend; an evaluation queue of this session's own. No database: evaluation
+    workers use none."""
+    home = tmp_path_factory.mktemp("hipp-eval")
+    return Settings(home=home, broker_url=redis_url, evaluation_mode="queue",
+                    evaluation_queue=f"evaluation-{session_tag}", gpu_queue=f"gpu-{session_tag}",
+                    default_queue=f"default-{session_tag}", evaluation_chunk=1, evaluation_timeout_s=120,
+                    evaluation_threads=1)
+
+
+def start_worker(settings: Settings, name: str, folder: Path) -> Proc:
+    """One evaluation worker process named ``name`` (its own work folder: a machine of its own)."""
+    env = stack_env(settings.model_copy(update={"work_dir": folder / name}))
+    env["OMP_NUM_THREADS"] = "1"
+    return Proc(evaluation_worker_command(settings.evaluation_queue, "-n", f"{name}@%h"), env,
+                folder / f"{name}.log").start()
+
+
+def wait_until_consuming(settings: Settings, workers: list[Proc], names: list[str], timeout: float = 60) -> None:
+    """Until every worker in ``names`` answers a ping (it is then consuming its queue)."""
+    client = make_celery_client(settings)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for proc in workers:
+                assert proc.alive(), proc.tail()
+            answered = {name.split("@")[0] for reply in client.control.ping(timeout=1.0) for name in reply}
+            if set(names) <= answered:
+                return
+        raise AssertionError(f"evaluation workers {names} did not answer a ping in {timeout}s; "
+                             f"{[p.tail(800) for p in workers]}")
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def testbed() -> LoadedModel:
+    return load_model("testbed")
+
+
+@pytest.fixture(scope="module")
+def workers(queue_settings: Settings) -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+def trained(setup: SearchSetup, out: Path, settings: Settings | None) -> tuple[str, set[str]]:
+    """The digest of the policy trained with RECIPE (through the queue when ``settings``) and who evaluated."""
+    evaluations = batch_evaluator_for(settings, setup, world_search_spec(SEARCH_LIMIT)) if settings else None
+    stored = train_policy(setup, out, grpo_config=RECIPE, resume=False, evaluations=evaluations)
+    sender = evaluations.send if isinstance(evaluations, DelegatedEvaluations) else None
+    return weights_digest(stored.policy), (sender.workers if isinstance(sender, QueueSender) else set())
+
+
+def test_policy_trained_with_two_evaluation_workers_equals_one_and_in_process(
+        queue_settings: Settings, workers: list[Proc], testbed: LoadedModel, tmp_path: Path) -> None:
+    torch.set_num_threads(1)  # as the evaluation workers: equal thread counts give equal float reductions
+    workers.append(start_worker(queue_settings, "eval1", tmp_path))
+    in_process, nobody = trained(search_setup(tmp_path / "search", testbed), tmp_path / "p0", None)
+    assert not nobody
+
+    wait_until_consuming(queue_settings, workers, ["eval1"])
+    setup = search_setup(tmp_path / "search", testbed)  # a fresh evaluator: its cache must not answer
+    one_worker, answered = trained(setup, tmp_path / "p1", queue_settings)
+    assert answered == {next(iter(answered))} and next(iter(answered)).startswith("eval1@")
+    assert setup.evaluator.evaluations > 0  # answers are recorded (and counted) where the training runs
+
+    workers.append(start_worker(queue_settings, "eval2", tmp_path))
+    wait_until_consuming(queue_settings, workers, ["eval1", "eval2"])
+    two_workers, answered = trained(search_setup(tmp_path / "search", testbed), tmp_path / "p2", queue_settings)
+    assert {name.split("@")[0] for name in answered} == {"eval1", "eval2"}
+
+    assert one_worker == in_process
+    assert two_workers == in_process
+
+
+def test_a_worker_refuses_another_model_and_the_caller_says_why(
+        queue_settings: Settings, workers: list[Proc], testbed: LoadedModel, tmp_path: Path) -> None:
+    if not workers:
+        workers.append(start_worker(queue_settings, "eval1", tmp_path))
+    wait_until_consuming(queue_settings, workers, ["eval1"])
+    setup = search_setup(tmp_path / "search", testbed)
+    description = evaluator_description(setup, world_search_spec(SEARCH_LIMIT))
+    description["model"] = {**description["model"], "fingerprint": "0" * 16}  # the job's copy differs
+    delegated = DelegatedEvaluations(setup.evaluator, QueueSender(queue_settings, description))
+    plan = _one_plan(setup)
+    with pytest.raises(EvaluationQueueError, match="the job.s has 0{16}: the workers must see the same model"):
+        delegated.evaluate_many([(plan, ScoringMode(0.6))])
+    assert setup.evaluator.evaluations == 0
+
+
+def test_no_evaluation_worker_is_a_bounded_wait_with_a_clear_error(queue_settings: Settings, testbed: LoadedModel,
+                                                                   tmp_path: Path) -> None:
+    settings = queue_settings.model_copy(update={"evaluation_queue": f"{queue_settings.evaluation_queue}-nobody",
+                                                 "evaluation_timeout_s": 2.0})
+    setup = search_setup(tmp_path / "search", testbed)
+    delegated = batch_evaluator_for(settings, setup, world_search_spec(SEARCH_LIMIT))
+    started = time.monotonic()
+    with pytest.raises(EvaluationQueueError, match="timed out after 2s: 0 of 1 chunks answered"):
+        delegated.evaluate_many([(_one_plan(setup), ScoringMode(0.6))])
+    assert time.monotonic() - started < 10
+
+
+def test_filesystem_broker_has_no_queue_mode(tmp_path: Path) -> None:
+    with pytest.raises(EvaluationQueueError, match="HIPP_EVALUATION_MODE=inprocess"):
+        QueueSender(Settings(home=tmp_path, evaluation_mode="queue"), {})
+
+
+def _one_plan(setup: SearchSetup):  # type: ignore[no-untyped-def]
+    from worker.hipp.pruning.planner import build_plan
+
+    return build_plan(setup.loaded, 0.3, criterion="wanda-sp", allocation="uniform", scoring=setup.scoring)
