@@ -4,6 +4,7 @@ process (same seed). Also what a caller is told when a worker refuses its model 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,10 @@ import torch
 
 from app.config import Settings
 from app.queue import make_celery_client
-from tests.faults.conftest import Proc
-from tests.service.conftest import stack_env
+from tests.faults.conftest import FINAL, Proc, wait_for
+from tests.service.conftest import app_client, auth, stack_env
 from tests.test_evaluation_batch import RECIPE, SEARCH_LIMIT, search_setup, weights_digest
-from worker.cli.serve_processes import evaluation_worker_command
+from worker.cli.serve_processes import celery_worker_command, evaluation_worker_command
 from worker.evaluation_queue import (
     EvaluationQueueError,
     QueueSender,
@@ -134,6 +135,34 @@ def test_no_evaluation_worker_is_a_bounded_wait_with_a_clear_error(queue_setting
     with pytest.raises(EvaluationQueueError, match="timed out after 2s: 0 of 1 chunks answered"):
         delegated.evaluate_many([(_one_plan(setup), ScoringMode(0.6))])
     assert time.monotonic() - started < 10
+
+
+def test_a_jobs_plan_search_runs_on_the_evaluation_workers(
+        queue_settings: Settings, stack_settings: Settings, workers: list[Proc], tenant_key: str,
+        tmp_path: Path) -> None:
+    """A job on the testbed (its shipped policy plans it) in a real GPU worker: the job's Celery task sends its
+    plan search to the evaluation queue and waits on it."""
+    if not workers:
+        workers.append(start_worker(queue_settings, "eval1", tmp_path))
+    settings = stack_settings.model_copy(update={
+        "gpu_queue": f"{stack_settings.gpu_queue}-eq", "evaluation_mode": "queue", "evaluation_chunk": 3,
+        "evaluation_queue": queue_settings.evaluation_queue, "evaluation_timeout_s": 120})
+    gpu = Proc(celery_worker_command(settings.gpu_queue), stack_env(settings), tmp_path / "gpu.log").start()
+    try:
+        wait_until_consuming(queue_settings, workers, ["eval1"])
+        with app_client(settings) as api:
+            body = {"model": "testbed", "preference": {"utility": 0.5, "robustness": 0.3, "compression": 0.2},
+                    "evaluation": {"enabled": False, "max_samples": 4}}
+            r = api.post("/jobs", json=body, headers=auth(tenant_key))
+            assert r.status_code == 201, r.text
+            job = wait_for(lambda: api.get(f"/jobs/{r.json()['id']}", headers=auth(tenant_key)).json(),
+                           lambda j: j["status"] in FINAL, 240, "the job")
+    finally:
+        gpu.stop()
+    assert job["status"] == "succeeded", (job["error"], gpu.tail())
+    assert job["result"]["plan_source"] == "policy"
+    logs = "".join(p.tail(200_000) for p in workers)
+    assert re.search(r"Task hipp\.evaluate_plans\[[^]]+\] succeeded", logs), "no chunk of the search was answered"
 
 
 def test_filesystem_broker_has_no_queue_mode(tmp_path: Path) -> None:
