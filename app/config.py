@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -142,6 +142,14 @@ class Settings(BaseSettings):
         description="dtype the worker loads and prunes in: auto (the checkpoint's own; float16 is computed in "
         "float32 on a CPU), float32, bfloat16, float16. A job's export.dtype sets the exported weights' dtype",
     )
+
+    @model_validator(mode="after")
+    def _queue_needs_results(self) -> Settings:
+        if self.evaluation_mode == "queue" and self.resolved_result_backend is None:
+            raise ValueError("HIPP_EVALUATION_MODE=queue needs a Redis broker (HIPP_BROKER_URL) or "
+                             "HIPP_RESULT_BACKEND_URL: the filesystem broker keeps no results; use "
+                             "HIPP_EVALUATION_MODE=inprocess")
+        return self
 
     @field_validator("allowed_models", "model_dirs", "policy_dirs", mode="before")
     @classmethod

@@ -88,10 +88,8 @@ class QueueSender:
     ``workers`` collects the names of the workers that answered (benchmarks and tests read it)."""
 
     def __init__(self, settings: Settings, description: dict[str, Any]) -> None:
-        if settings.resolved_result_backend is None:
-            raise EvaluationQueueError("HIPP_EVALUATION_MODE=queue needs a Redis broker (HIPP_BROKER_URL) or "
-                                       "HIPP_RESULT_BACKEND_URL: the filesystem broker keeps no results; use "
-                                       "HIPP_EVALUATION_MODE=inprocess")
+        if settings.resolved_result_backend is None:  # settings with queue mode refuse this already
+            raise EvaluationQueueError("the evaluation queue needs a result backend (HIPP_RESULT_BACKEND_URL)")
         self.settings = settings
         self.description = description
         self.client = make_celery_client(settings)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from app.config import Settings
 from app.queue import make_celery_client
@@ -166,8 +167,10 @@ def test_a_jobs_plan_search_runs_on_the_evaluation_workers(
 
 
 def test_filesystem_broker_has_no_queue_mode(tmp_path: Path) -> None:
-    with pytest.raises(EvaluationQueueError, match="HIPP_EVALUATION_MODE=inprocess"):
-        QueueSender(Settings(home=tmp_path, evaluation_mode="queue"), {})
+    """The embedded deployment's broker keeps no results: its settings refuse queue mode at start-up."""
+    with pytest.raises(ValidationError, match="HIPP_EVALUATION_MODE=inprocess"):
+        Settings(home=tmp_path, evaluation_mode="queue")
+    assert Settings(home=tmp_path).resolved_result_backend is None
 
 
 def _one_plan(setup: SearchSetup):  # type: ignore[no-untyped-def]
