@@ -2,13 +2,14 @@
 testbed, in one run: how a plan search scales when it outgrows one machine (docs/service.md, "Scaling plan
 evaluations").
 
-Each configuration scores the same ``--plans`` distinct plans (sampled from an untrained policy, all passing the
-stability pre-screen, so every one is measured) with a fresh caller-side evaluator, so no answer comes from a
-cache. Evaluation workers are real Celery processes (``worker.evaluation_worker``, one torch thread each) on the
-local Redis; each configuration starts fresh ones and warms them (model and evaluation set loaded, every worker
-has answered) on other plans before the clock starts. Writes bench/results/eval_scaleout.{json,md}.
+Each repeat scores ``--plans`` distinct plans of its own (sampled from an untrained policy, all passing the
+stability pre-screen, so every one is measured) in each configuration in turn, so no answer comes from a cache
+and the machine's changing load falls on all configurations alike. Evaluation workers are real Celery
+processes (``worker.evaluation_worker``, one torch thread each) on the local Redis, one queue per
+configuration; they are warmed (model and evaluation set loaded, every worker has answered) on other plans
+before the clock starts. Writes bench/results/eval_scaleout.{json,md}.
 
-    python -m bench.eval_scaleout     # the committed result: 48 plans, 24 questions per split, chunks of 2
+    python -m bench.eval_scaleout     # the committed result: 3 x 48 plans, 24 questions per split, chunks of 2
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -124,70 +126,109 @@ def timed(evaluations: PlanBatchEvaluator, plans: list[PruningPlan]) -> dict[str
             "seconds_per_evaluation": round(seconds / len(results), 4)}
 
 
+CONFIGURATIONS = ("in process", "1 worker", "2 workers")
+
+
+def queue_evaluations(settings: Settings, setup: SearchSetup, names: list[str], spare: list[PruningPlan],
+                      limit: int) -> tuple[DelegatedEvaluations, int]:
+    """A caller of ``settings``' evaluation queue, its workers ``names`` warmed; and how many spare plans that
+    used."""
+    evaluations = batch_evaluator_for(settings, setup, world_search_spec(limit))
+    assert isinstance(evaluations, DelegatedEvaluations) and isinstance(evaluations.send, QueueSender)
+    used = warm(evaluations, names, spare)
+    evaluations.send.workers.clear()
+    return evaluations, used
+
+
 def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Each repeat times its own ``--plans`` distinct plans in every configuration, one configuration after the
+    other (interleaved, so the machine's changing load affects them alike); the workers of both queue
+    configurations stay up (idle ones wait on the broker and use no CPU)."""
     torch.set_num_threads(1)
     loaded = load_model("testbed")
     search_dir = folder / "search"
     probe = search_setup(loaded, search_dir, args.limit)
-    plans = distinct_plans(probe, args.plans + args.spare, seed=args.seed)
-    measured, spare = plans[:args.plans], plans[args.plans:]
-    settings = Settings(home=folder / "home", broker_url=args.redis, evaluation_mode="queue",
-                        evaluation_queue=f"bench-evaluation-{uuid.uuid4().hex[:8]}", evaluation_chunk=args.chunk,
-                        evaluation_timeout_s=600, evaluation_threads=1, work_dir=folder / "work")
-    rows: dict[str, Any] = {}
-    local = InProcessEvaluations(search_setup(loaded, search_dir, args.limit).evaluator)
-    rows["in process"] = {"workers": 0, **timed(local, measured)}
-    for count in (1, 2):
-        with evaluation_workers(settings, count, folder) as names:
-            evaluations = batch_evaluator_for(settings, search_setup(loaded, search_dir, args.limit),
-                                              world_search_spec(args.limit))
-            used = warm(evaluations, names, spare)
-            spare = spare[used:]
-            assert isinstance(evaluations, DelegatedEvaluations) and isinstance(evaluations.send, QueueSender)
-            evaluations.send.workers.clear()
-            row = timed(evaluations, measured)
-            row["answered_by"] = len(evaluations.send.workers)
-            evaluations.send.close()
-        rows[f"{count} worker{'s' if count > 1 else ''}"] = {"workers": count, **row}
-    ratio = rows["2 workers"]["evaluations_per_s"] / rows["1 worker"]["evaluations_per_s"]
-    questions = probe.evaluator.evalset.size()
-    return {"settings": {"plans": args.plans, "limit_per_split": args.limit, "questions": questions,
-                         "chunk": args.chunk, "seed": args.seed, "torch_threads_per_worker": 1},
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "rows": rows, "ratio_2_to_1": round(ratio, 3)}
+    plans = distinct_plans(probe, args.plans * args.repeats + args.spare, seed=args.seed)
+    spare = plans[args.plans * args.repeats:]
+    rounds = [plans[r * args.plans:(r + 1) * args.plans] for r in range(args.repeats)]
+
+    def queue_settings(tag: str) -> Settings:
+        return Settings(home=folder / "home", broker_url=args.redis, evaluation_mode="queue",
+                        evaluation_queue=f"bench-evaluation-{tag}-{uuid.uuid4().hex[:8]}",
+                        evaluation_chunk=args.chunk, evaluation_timeout_s=600, evaluation_threads=1,
+                        work_dir=folder / f"work-{tag}")
+
+    one, two = queue_settings("one"), queue_settings("two")
+    load_average = [round(x, 2) for x in os.getloadavg()]
+    repeats: list[dict[str, Any]] = []
+    with evaluation_workers(one, 1, folder) as names_one, evaluation_workers(two, 2, folder) as names_two:
+        configured: dict[str, PlanBatchEvaluator] = {
+            "in process": InProcessEvaluations(search_setup(loaded, search_dir, args.limit).evaluator)}
+        configured["1 worker"], used = queue_evaluations(one, search_setup(loaded, search_dir, args.limit), names_one,
+                                                         spare, args.limit)
+        configured["2 workers"], _ = queue_evaluations(two, search_setup(loaded, search_dir, args.limit), names_two,
+                                                       spare[used:], args.limit)
+        for measured in rounds:
+            repeat = {}
+            for name in CONFIGURATIONS:
+                evaluations = configured[name]
+                repeat[name] = timed(evaluations, measured)
+                if isinstance(evaluations, DelegatedEvaluations) and isinstance(evaluations.send, QueueSender):
+                    repeat[name]["answered_by"] = len(evaluations.send.workers)
+                    evaluations.send.workers.clear()
+            repeats.append(repeat)
+    summary = {name: {"evaluations_per_s": round(statistics.median(r[name]["evaluations_per_s"] for r in repeats), 3),
+                      "seconds_per_evaluation": round(statistics.median(r[name]["seconds_per_evaluation"]
+                                                                        for r in repeats), 4)}
+               for name in CONFIGURATIONS}
+    ratios = [round(r["2 workers"]["evaluations_per_s"] / r["1 worker"]["evaluations_per_s"], 3) for r in repeats]
+    return {"settings": {"plans": args.plans, "repeats": args.repeats, "limit_per_split": args.limit,
+                         "questions": probe.evaluator.evalset.size(), "chunk": args.chunk, "seed": args.seed,
+                         "torch_threads_per_worker": 1},
+            "load_average_at_start": load_average, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "repeats": repeats, "median": summary, "ratios_2_to_1": ratios,
+            "ratio_2_to_1": round(summary["2 workers"]["evaluations_per_s"]
+                                  / summary["1 worker"]["evaluations_per_s"], 3)}
 
 
 def markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
-    header = ["configuration", "plans", "wall s", "evaluations/s", "s per evaluation (where it ran)"]
-    rows = [[name, r["plans"], r["wall_s"], r["evaluations_per_s"], r["seconds_per_evaluation"]]
-            for name, r in data["rows"].items()]
+    header = ["configuration", *(f"repeat {i + 1} evals/s" for i in range(s["repeats"])), "median evals/s",
+              "median s per evaluation (where it ran)"]
+    rows = [[name, *(r[name]["evaluations_per_s"] for r in data["repeats"]), data["median"][name]["evaluations_per_s"],
+             data["median"][name]["seconds_per_evaluation"]] for name in CONFIGURATIONS]
+    ratios = ", ".join(f"{x:.2f}" for x in data["ratios_2_to_1"])
     return (f"Plan evaluations per second on the testbed ({s['questions']} questions: {s['limit_per_split']} per POPE "
-            f"split + {s['limit_per_split']} ScienceQA), {s['plans']} distinct plans per configuration (no cache "
-            f"hits, none pre-screened), chunks of {s['chunk']} plans per task, one torch thread per worker; "
-            f"workers warmed before timing.\n\n"
+            f"split + {s['limit_per_split']} ScienceQA). Each of {s['repeats']} repeats times {s['plans']} distinct "
+            f"plans in each configuration in turn (no cache hits, none pre-screened); chunks of {s['chunk']} plans "
+            "per task, one torch thread per worker, workers warmed before timing.\n\n"
             + markdown_table(header, rows)
-            + f"\n\n**2 workers / 1 worker: {data['ratio_2_to_1']:.2f}x evaluations per second.** "
-            + contention(data))
+            + f"\n\n**2 workers / 1 worker: {data['ratio_2_to_1']:.2f}x** (ratio of the medians; per repeat: "
+            f"{ratios}). " + contention(data))
 
 
 def contention(data: dict[str, Any]) -> str:
     """What the per-evaluation times say about this machine (written from the numbers, not assumed)."""
-    rows, cores = data["rows"], os.cpu_count()
-    one, two = rows["1 worker"]["seconds_per_evaluation"], rows["2 workers"]["seconds_per_evaluation"]
-    local = rows["in process"]["seconds_per_evaluation"]
+    median, cores = data["median"], os.cpu_count()
+    one, two = median["1 worker"]["seconds_per_evaluation"], median["2 workers"]["seconds_per_evaluation"]
+    local = median["in process"]["seconds_per_evaluation"]
     return (f"This machine has {cores} cores and was shared with other work (load average "
-            f"{data['load_average_at_start']} at the start). One evaluation took {local:.3f} s in process, "
-            f"{one:.3f} s on one worker and {two:.3f} s on each of two: "
+            f"{data['load_average_at_start']} at the start, {data['load_average_at_end']} at the end). One "
+            f"evaluation took {local:.3f} s in process, {one:.3f} s on one worker and {two:.3f} s on each of two "
+            "(medians): "
             + ("with two workers each evaluation was slower, so the workers competed for cores (with each other, "
                "the caller and the machine's other load) and the ratio is a floor for workers on separate machines, "
                "where each keeps its one-worker speed." if two > one * 1.1 else
-               "the two workers ran at one worker's speed each, so the ratio is what the queue itself allows.")
-            + " Reproduce on a quiet machine (or one worker per machine) for the scaling a deployment sees.")
+               "the two workers ran at about one worker's speed each; what is left of the ideal 2x is the queue's "
+               "overhead and the other load on the cores.")
+            + " The spread across repeats is the shared machine's; reproduce on a quiet machine (or one worker "
+            "per machine) for the scaling a deployment sees.")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", type=int, default=48, help="distinct plans timed per configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of fresh plans, configurations interleaved")
     parser.add_argument("--spare", type=int, default=24, help="other plans, for warming the workers")
     parser.add_argument("--limit", type=int, default=24, help="questions per POPE split and ScienceQA")
     parser.add_argument("--chunk", type=int, default=2, help="plans per evaluation task")
