@@ -204,7 +204,15 @@ def markdown(data: dict[str, Any]) -> str:
             "per task, one torch thread per worker, workers warmed before timing.\n\n"
             + markdown_table(header, rows)
             + f"\n\n**2 workers / 1 worker: {data['ratio_2_to_1']:.2f}x** (ratio of the medians; per repeat: "
-            f"{ratios}). " + contention(data))
+            f"{ratios}). " + overhead(data) + contention(data))
+
+
+def overhead(data: dict[str, Any]) -> str:
+    """The queue's own cost: one worker's wall time over the evaluation seconds it measured."""
+    shares = [r["1 worker"]["wall_s"] / (r["1 worker"]["plans"] * r["1 worker"]["seconds_per_evaluation"]) - 1
+              for r in data["repeats"]]
+    return (f"With one worker, the wall time exceeded the worker's own evaluation seconds by "
+            f"{100 * statistics.median(shares):.0f}% (median; sending, gathering, the worker's idle gaps). ")
 
 
 def contention(data: dict[str, Any]) -> str:
