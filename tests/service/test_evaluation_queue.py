@@ -20,6 +20,7 @@ from tests.service.conftest import app_client, auth, stack_env
 from tests.test_evaluation_batch import RECIPE, SEARCH_LIMIT, search_setup, weights_digest
 from worker.cli.serve_processes import celery_worker_command, evaluation_worker_command
 from worker.evaluation_queue import (
+    POLL_S,
     EvaluationQueueError,
     QueueSender,
     batch_evaluator_for,
@@ -30,6 +31,7 @@ from worker.hipp.evaluation.batch import DelegatedEvaluations
 from worker.hipp.evaluation.plan_evaluator import ScoringMode
 from worker.hipp.models.loading import LoadedModel, load_model
 from worker.hipp.policy.search import SearchSetup, train_policy
+from worker.hipp.progress import Cancelled, Reporter
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,10 @@ def test_policy_trained_with_two_evaluation_workers_equals_one_and_in_process(
 
     assert one_worker == in_process
     assert two_workers == in_process
+    # eval1 answered both runs from one pool child that loaded the model and the search set once.
+    log = workers[0].tail(1_000_000)
+    assert log.count("evaluator for testbed") == 1, log[-3000:]
+    assert set(re.findall(r"ForkPoolWorker-\d+", log)) == {"ForkPoolWorker-1"}
 
 
 def test_a_worker_refuses_another_model_and_the_caller_says_why(
@@ -132,10 +138,30 @@ def test_no_evaluation_worker_is_a_bounded_wait_with_a_clear_error(queue_setting
                                                  "evaluation_timeout_s": 2.0})
     setup = search_setup(tmp_path / "search", testbed)
     delegated = batch_evaluator_for(settings, setup, world_search_spec(SEARCH_LIMIT))
+    plan = _one_plan(setup)
     started = time.monotonic()
     with pytest.raises(EvaluationQueueError, match="timed out after 2s: 0 of 1 chunks answered"):
-        delegated.evaluate_many([(_one_plan(setup), ScoringMode(0.6))])
+        delegated.evaluate_many([(plan, ScoringMode(0.6))])
     assert time.monotonic() - started < 10
+
+    # A job cancelled while it waits stops waiting at the next check (every POLL_S), long before the timeout.
+    patient = batch_evaluator_for(settings.model_copy(update={"evaluation_timeout_s": 600}), setup,
+                                  world_search_spec(SEARCH_LIMIT))
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        patient.evaluate_many([(plan, ScoringMode(0.6))], CancelAfter(checks=3))
+    assert time.monotonic() - started < 3 * POLL_S + 5
+
+
+class CancelAfter(Reporter):
+    """A reporter whose caller cancels after ``checks`` checks."""
+
+    def __init__(self, checks: int) -> None:
+        self.left = checks
+
+    def should_stop(self) -> bool:
+        self.left -= 1
+        return self.left < 0
 
 
 def test_a_jobs_plan_search_runs_on_the_evaluation_workers(
