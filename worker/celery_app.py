@@ -20,12 +20,13 @@ from celery.signals import beat_embedded_init, worker_process_init
 
 from app.config import get_settings
 from app.db import dispose_all
-from app.queue import EVALUATE_PLANS, REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, celery_config
+from app.queue import EVALUATE_PLANS, REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, celery_config, result_settings
 
 settings = get_settings()
 
 celery_app = Celery("hipp", include=["worker.tasks"])
 celery_app.conf.update(celery_config(settings))
+celery_app.conf.update(result_settings(settings))  # where hipp.evaluate_plans answers (nothing else stores any)
 celery_app.conf.update(
     task_routes={
         RUN_JOB: {"queue": settings.gpu_queue},

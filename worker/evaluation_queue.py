@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.queue import EVALUATE_PLANS, make_celery_client
+from app.queue import EVALUATE_PLANS, evaluation_client
 from worker.hipp.evaluation.batch import DelegatedEvaluations, InProcessEvaluations, PlanBatchEvaluator, PlanRequest
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluation, PlanEvaluator, ScoringMode
 from worker.hipp.models.loading import dtype_name
@@ -92,7 +92,7 @@ class QueueSender:
             raise EvaluationQueueError("the evaluation queue needs a result backend (HIPP_RESULT_BACKEND_URL)")
         self.settings = settings
         self.description = description
-        self.client = make_celery_client(settings)
+        self.client = evaluation_client(settings)
         self.workers: set[str] = set()
 
     def __call__(self, requests: Sequence[PlanRequest], reporter: Reporter = SILENT) -> list[PlanEvaluation]:

@@ -76,6 +76,12 @@ def testbed() -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
+def idle_setup(testbed: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> SearchSetup:
+    """A setup for the tests that train nothing (its evaluator scores no plan there)."""
+    return search_setup(tmp_path_factory.mktemp("search"), testbed)
+
+
+@pytest.fixture(scope="module")
 def workers(queue_settings: Settings) -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
@@ -118,11 +124,11 @@ def test_policy_trained_with_two_evaluation_workers_equals_one_and_in_process(
 
 
 def test_a_worker_refuses_another_model_and_the_caller_says_why(
-        queue_settings: Settings, workers: list[Proc], testbed: LoadedModel, tmp_path: Path) -> None:
+        queue_settings: Settings, workers: list[Proc], idle_setup: SearchSetup, tmp_path: Path) -> None:
     if not workers:
         workers.append(start_worker(queue_settings, "eval1", tmp_path))
     wait_until_consuming(queue_settings, workers, ["eval1"])
-    setup = search_setup(tmp_path / "search", testbed)
+    setup = idle_setup
     description = evaluator_description(setup, world_search_spec(SEARCH_LIMIT))
     description["model"] = {**description["model"], "fingerprint": "0" * 16}  # the job's copy differs
     delegated = DelegatedEvaluations(setup.evaluator, QueueSender(queue_settings, description))
@@ -132,11 +138,11 @@ def test_a_worker_refuses_another_model_and_the_caller_says_why(
     assert setup.evaluator.evaluations == 0
 
 
-def test_no_evaluation_worker_is_a_bounded_wait_with_a_clear_error(queue_settings: Settings, testbed: LoadedModel,
-                                                                   tmp_path: Path) -> None:
+def test_no_evaluation_worker_is_a_bounded_wait_with_a_clear_error(queue_settings: Settings,
+                                                                   idle_setup: SearchSetup) -> None:
     settings = queue_settings.model_copy(update={"evaluation_queue": f"{queue_settings.evaluation_queue}-nobody",
                                                  "evaluation_timeout_s": 2.0})
-    setup = search_setup(tmp_path / "search", testbed)
+    setup = idle_setup
     delegated = batch_evaluator_for(settings, setup, world_search_spec(SEARCH_LIMIT))
     plan = _one_plan(setup)
     started = time.monotonic()
