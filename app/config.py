@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -28,6 +28,21 @@ class Settings(BaseSettings):
     broker_url: str = Field(default="", description="Celery broker URL; empty = filesystem broker")
     gpu_queue: str = "gpu"
     default_queue: str = "default"
+
+    # Plan evaluations of a job's plan search and of policy training (docs/service.md, "Scaling plan
+    # evaluations"): in the job's own process, or spread over evaluation workers through a queue.
+    evaluation_mode: Literal["inprocess", "queue"] = Field(
+        default="inprocess", description="inprocess: the job scores its plans itself; queue: on evaluation workers"
+    )
+    evaluation_queue: str = "evaluation"
+    evaluation_chunk: int = Field(default=2, ge=1, le=256, description="Plans per evaluation task")
+    evaluation_timeout_s: float = Field(
+        default=900.0, gt=0, description="Longest wait for one batch of plan evaluations on the queue"
+    )
+    evaluation_threads: int = Field(default=1, ge=1, le=256, description="Torch threads of an evaluation worker")
+    result_backend_url: str = Field(
+        default="", description="Celery result backend for plan evaluations; empty = the broker (Redis)"
+    )
 
     # Artifact storage.
     storage: Literal["local", "s3"] = "local"
@@ -128,6 +143,14 @@ class Settings(BaseSettings):
         "float32 on a CPU), float32, bfloat16, float16. A job's export.dtype sets the exported weights' dtype",
     )
 
+    @model_validator(mode="after")
+    def _queue_needs_results(self) -> Settings:
+        if self.evaluation_mode == "queue" and self.resolved_result_backend is None:
+            raise ValueError("HIPP_EVALUATION_MODE=queue needs a Redis broker (HIPP_BROKER_URL) or "
+                             "HIPP_RESULT_BACKEND_URL: the filesystem broker keeps no results; use "
+                             "HIPP_EVALUATION_MODE=inprocess")
+        return self
+
     @field_validator("allowed_models", "model_dirs", "policy_dirs", mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:
@@ -149,6 +172,14 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_result_backend(self) -> str | None:
+        """Where evaluation workers put their answers: HIPP_RESULT_BACKEND_URL, else a Redis broker itself;
+        None with the filesystem broker (it has no result store: plan evaluations then run in process)."""
+        if self.result_backend_url:
+            return self.result_backend_url
+        return None if self.embedded_broker else self.broker_url
 
     @property
     def broker_dir(self) -> Path:

@@ -38,13 +38,23 @@ RELAY = "hipp.relay_pending"
 REAP = "hipp.reap_stale"
 SWEEP = "hipp.retention_sweep"
 VALIDATE_DATASET = "hipp.validate_dataset"
+EVALUATE_PLANS = "hipp.evaluate_plans"
+#: How long evaluation answers stay in the result backend (the caller reads them at once and forgets them).
+EVALUATION_RESULT_EXPIRES_S = 3600
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker_url": settings.resolved_broker_url,
         "task_default_queue": settings.default_queue,
-        "task_routes": {RUN_JOB: {"queue": settings.gpu_queue}, VALIDATE_DATASET: {"queue": settings.default_queue}},
+        "task_routes": {
+            RUN_JOB: {"queue": settings.gpu_queue},
+            VALIDATE_DATASET: {"queue": settings.default_queue},
+            EVALUATE_PLANS: {"queue": settings.evaluation_queue},
+        },
+        # Only plan evaluations return results (``evaluation_client``; the workers' app); every other task's
+        # outcome lives in Postgres. No backend here: with one, ``send_task`` subscribes the publishing client to
+        # each sent task's result, and the API would collect a subscription per job it publishes.
         "task_ignore_result": True,
         "result_backend": None,
         "task_serializer": "json",
@@ -75,6 +85,18 @@ def make_celery_client(settings: Settings) -> Celery:
     """A publishing-only Celery app for the settings' broker (the API never imports the worker's code)."""
     app = Celery("hipp-api", set_as_current=False)
     app.conf.update(celery_config(settings))
+    return app
+
+
+def result_settings(settings: Settings) -> dict[str, Any]:
+    """The result backend of plan evaluations: the evaluation workers store answers there, the job reads them."""
+    return {"result_backend": settings.resolved_result_backend, "result_expires": EVALUATION_RESULT_EXPIRES_S}
+
+
+def evaluation_client(settings: Settings) -> Celery:
+    """A client that sends plan evaluations and gathers their answers (``worker/evaluation_queue.py``)."""
+    app = make_celery_client(settings)
+    app.conf.update(result_settings(settings))
     return app
 
 

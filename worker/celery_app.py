@@ -6,6 +6,7 @@ inside the task, never here. The database engine is built once per process, afte
 Beat runs the outbox relay and the reaper (app/reaper.py: stale heartbeats re-queued, failed after the
 attempt cap) on the default queue; run it as ``celery -A worker.celery_app beat`` next to a ``-Q default``
 worker (or ``worker -B`` for the light worker: that beat dies with its worker, even a kill -9).
+Evaluation workers (``-Q evaluation``) run with their own settings: ``-A worker.evaluation_worker``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from celery.signals import beat_embedded_init, worker_process_init
 
 from app.config import get_settings
 from app.db import dispose_all
-from app.queue import REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, celery_config
+from app.queue import EVALUATE_PLANS, REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, celery_config, result_settings
 
 settings = get_settings()
 
 celery_app = Celery("hipp", include=["worker.tasks"])
 celery_app.conf.update(celery_config(settings))
+celery_app.conf.update(result_settings(settings))  # where hipp.evaluate_plans answers (nothing else stores any)
 celery_app.conf.update(
     task_routes={
         RUN_JOB: {"queue": settings.gpu_queue},
@@ -32,6 +34,7 @@ celery_app.conf.update(
         REAP: {"queue": settings.default_queue},
         SWEEP: {"queue": settings.default_queue},
         VALIDATE_DATASET: {"queue": settings.default_queue},
+        EVALUATE_PLANS: {"queue": settings.evaluation_queue},
     },
     task_acks_late=True,
     task_reject_on_worker_lost=False,

@@ -1,15 +1,17 @@
 """Celery tasks. Thin: they hand over to the job pipeline (``worker.pipeline``), data set validation
-(``worker.datasets``) and the app's relay, reaper and retention sweep."""
+(``worker.datasets``), plan evaluation (``worker.evaluation_queue``) and the app's relay, reaper and retention
+sweep."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.worker.request import Request
 
 from app.config import get_settings
 from app.db import session_factory
-from app.queue import REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, still_queued
+from app.queue import EVALUATE_PLANS, REAP, RELAY, RUN_JOB, SWEEP, VALIDATE_DATASET, still_queued
 from app.queue import relay_pending as relay
 from app.reaper import reap_stale as reap
 from app.retention import sweep
@@ -83,3 +85,12 @@ def validate_dataset(dataset_id: str) -> str:
     settings = get_settings()
     storage = get_storage(settings)
     return validate(dataset_id, settings, session_factory(settings.resolved_database_url), storage)
+
+
+@celery_app.task(name=EVALUATE_PLANS, bind=True, ignore_result=False)
+def evaluate_plans(self: Any, message: dict[str, Any]) -> dict[str, Any]:
+    """Score a chunk of a job's plans (worker/evaluation_queue.py); the caller gathers the answers from the
+    result backend. Runs on evaluation workers (``-A worker.evaluation_worker -Q evaluation``)."""
+    from worker.evaluation_queue import evaluate_message
+
+    return {"worker": self.request.hostname or "", "evaluations": evaluate_message(message, get_settings())}

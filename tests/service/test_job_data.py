@@ -297,3 +297,33 @@ def test_a_policy_trains_on_the_tenants_search_data(api: Any, data_settings: Set
     assert job["result"]["calibration"]["source"] != "images"  # no calibration data set named: the engine's
     ready = api.get(f"/policies/{policy['id']}", headers=auth(owner)).json()
     assert ready["status"] == "ready" and ready["metrics"]["search"] == label and ready["metrics"]["steps"] == 1
+
+
+def test_an_evaluation_worker_rebuilds_the_search_set_from_the_named_data(
+    api: Any, owner: str, datasets: dict[str, dict[str, Any]], data_settings: Settings, tmp_path: Any
+) -> None:
+    """With HIPP_EVALUATION_MODE=queue a worker on another machine fetches the job's search data sets itself
+    (worker/evaluation_queue.py) and must score on exactly the job's questions: same fingerprint."""
+    from app.models import Job
+    from app.storage import get_storage
+    from worker.evaluation_queue import build_evalset
+    from worker.pipeline.context import JobContext
+    from worker.pipeline.stages import search_set, search_spec
+
+    search = {"pope": datasets["pope"]["id"], "scienceqa": datasets["scienceqa"]["id"]}
+    r = api.post("/jobs", json={**CHEAP, "data": {"search": search}}, headers=auth(owner))
+    assert r.status_code == 201, r.text
+    assert api.post(f"/jobs/{r.json()['id']}/cancel", headers=auth(owner)).status_code == 202
+    job = Job(model="tiny-llava", options={**r.json()["options"], "evaluation": {"max_samples": 3}})
+    ctx = JobContext(job, Events(), data_settings, get_storage(data_settings), tmp_path / "job")  # type: ignore[arg-type]
+    evalset, _ = search_set(ctx)
+    assert evalset is not None
+    spec = search_spec(ctx)
+    assert spec["kind"] == "datasets" and spec["limit"] == 3
+    assert {kind: ref["sha256"] for kind, ref in spec["data"].items()} == {
+        kind: datasets[kind]["sha256"] for kind in ("pope", "scienceqa")}
+
+    worker = data_settings.model_copy(update={"work_dir": tmp_path / "evaluation-worker"})
+    rebuilt = build_evalset(spec, worker)
+    assert rebuilt.fingerprint() == evalset.fingerprint()
+    assert all(q.image.startswith(str(tmp_path / "evaluation-worker")) for qs in rebuilt.pope.values() for q in qs)

@@ -29,6 +29,14 @@ def celery_worker_command(queues: str, *extra: str) -> list[str]:
     ]
 
 
+def evaluation_worker_command(queue: str, *extra: str) -> list[str]:
+    """One evaluation worker process on ``queue`` (``HIPP_EVALUATION_QUEUE``): the evaluation worker's own app
+    (``worker.evaluation_worker``: its pool child keeps the loaded model between tasks)."""
+    command = celery_worker_command(queue, *extra)
+    command[command.index("worker.celery_app")] = "worker.evaluation_worker"
+    return command
+
+
 def worker_command(settings: Any) -> list[str]:
     """The embedded deployment's worker: both queues, with beat (relay and reaper) in the same process."""
     return celery_worker_command(f"{settings.gpu_queue},{settings.default_queue}", "-B", "--schedule",

@@ -29,6 +29,7 @@ import torch
 
 from worker.hipp.data.calibration import CalibrationSample
 from worker.hipp.errors import PlanError
+from worker.hipp.evaluation.batch import PlanBatchEvaluator
 from worker.hipp.evaluation.latency import prompt_latency
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluator
 from worker.hipp.evaluation.runner import evaluate
@@ -36,7 +37,13 @@ from worker.hipp.models.decoding import device_name, latency_report
 from worker.hipp.models.export_options import AUTO
 from worker.hipp.models.loading import LoadedModel, resolve_dtype
 from worker.hipp.plots import PlanPoint, plot_layer_units, plot_plan_points
-from worker.hipp.policy.search import choose_candidate, prepare_search, sample_plans, testbed_search_set
+from worker.hipp.policy.search import (
+    SearchSetup,
+    choose_candidate,
+    prepare_search,
+    sample_plans,
+    testbed_search_set,
+)
 from worker.hipp.policy.store import StoredPolicy, policy_for_model
 from worker.hipp.preference import Preference
 from worker.hipp.progress import SILENT, Reporter
@@ -53,6 +60,8 @@ SPARSITY_MIN, SPARSITY_MAX = 0.05, 0.6
 BASELINE_CRITERION, BASELINE_ALLOCATION = "wanda-sp", "uniform"
 #: Plans sampled from a policy per preference, besides its mean plan.
 POLICY_SAMPLES = 8
+#: Where a search's plans are scored: a batch evaluator for the search's setup (default: in process).
+EvaluationsFor = Callable[[SearchSetup], PlanBatchEvaluator]
 #: Recovery sees each conversation about once in short runs and cycles through these in long ones.
 MAX_RECOVERY_CONVERSATIONS = 512
 
@@ -127,16 +136,18 @@ def baseline_plan(loaded: LoadedModel, preference: Preference, target_sparsity: 
 def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preference, target_sparsity: float | None,
                  samples: Sequence[CalibrationSample], search_dir: Path, limit: int,
                  reporter: Reporter = SILENT, search_set: EvalSet | None = None,
+                 evaluations: EvaluationsFor | None = None,
                  ) -> tuple[PruningPlan, list[dict[str, Any]], list[PruningPlan]]:
     """The policy's mean plan and :data:`POLICY_SAMPLES` samples for ``preference``, scored on ``search_set``
     (the caller's benchmark files) or else the world's search split (``limit`` questions per split, files under
-    ``search_dir``); the best non-dominated one (by the preference-weighted return) is chosen. Returns it, the
-    non-dominated plans' summaries and the same plans in full."""
+    ``search_dir``), in this process or where ``evaluations`` sends them; the best non-dominated one (by the
+    preference-weighted return) is chosen. Returns it, the non-dominated plans' summaries and the same plans in
+    full."""
     evalset = search_set if search_set is not None else testbed_search_set(search_dir, limit=limit)
     setup = prepare_search(loaded, evalset, samples, s_max=policy.policy.config.s_max,
                            mlp_multiple=device_multiple(loaded), reporter=reporter)
     candidates = sample_plans(setup, policy, preference.as_list(), samples=POLICY_SAMPLES, target=target_sparsity,
-                              reporter=reporter)
+                              reporter=reporter, evaluations=evaluations(setup) if evaluations else None)
     best, front = choose_candidate(candidates)
     considered = []
     for c in front:
@@ -148,14 +159,15 @@ def policy_plans(loaded: LoadedModel, policy: StoredPolicy, preference: Preferen
 
 def choose_plan(loaded: LoadedModel, preference: Preference, target_sparsity: float | None,
                 samples: Sequence[CalibrationSample], policy: StoredPolicy | None, found: str, search_dir: Path,
-                limit: int, reporter: Reporter = SILENT, search_set: EvalSet | None = None) -> PlanChoice:
+                limit: int, reporter: Reporter = SILENT, search_set: EvalSet | None = None,
+                evaluations: EvaluationsFor | None = None) -> PlanChoice:
     """The plan for ``preference``: ``policy``'s (``found`` says which it is, or why there is none; its plans
-    scored on ``search_set`` when given) when there is one, else the baseline allocator's. The plan's ``meta``
-    records ``source`` and ``source_detail``."""
+    scored on ``search_set`` when given, through ``evaluations`` when given) when there is one, else the
+    baseline allocator's. The plan's ``meta`` records ``source`` and ``source_detail``."""
     if policy is not None:
         reporter.log(f"planning with {found}")
         plan, considered, plans = policy_plans(loaded, policy, preference, target_sparsity, samples, search_dir,
-                                               limit, reporter, search_set)
+                                               limit, reporter, search_set, evaluations)
         choice = PlanChoice(plan, "policy", found, considered, plans)
     else:
         plan = baseline_plan(loaded, preference, target_sparsity, samples, reporter)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.storage import sha256_file
+from app.config import Settings
+from app.storage import Storage, sha256_file
 from worker.archives import ArchiveRefused, unpack
 from worker.datasets import IMAGE_SUFFIXES, limits, pope_files
 from worker.hipp.errors import HippError
@@ -56,21 +58,28 @@ def label_of(ref: dict[str, Any]) -> dict[str, str]:
 
 def dataset_dir(ctx: JobContext, ref: dict[str, Any]) -> Path:
     """The unpacked files of the data set ``ref`` (downloaded and checked on first use in this job)."""
-    folder = ctx.work_dir / "data" / str(ref["id"])
+    return fetch_dataset(ctx.storage, ctx.settings, ref, ctx.work_dir / "data" / str(ref["id"]), ctx.run.event)
+
+
+def fetch_dataset(storage: Storage, settings: Settings, ref: dict[str, Any], folder: Path,
+                  note: Callable[[str], object] = lambda _: None) -> Path:
+    """The unpacked files of the data set ``ref`` under ``folder``: downloaded (``note`` says so), its SHA-256
+    checked and unpacked the first time, found there after (also by an evaluation worker, which fetches the
+    job's search data itself)."""
     files = folder / "files"
     if (folder / UNPACKED).is_file():
         return files
     shutil.rmtree(folder, ignore_errors=True)
     archive = folder / "archive"
-    ctx.run.event(f"fetching {ref['kind']} data set {ref['id']} ({ref.get('name', '')})")
-    ctx.storage.download(str(ref["key"]), archive)
+    note(f"fetching {ref['kind']} data set {ref['id']} ({ref.get('name', '')})")
+    storage.download(str(ref["key"]), archive)
     digest = sha256_file(archive)
     if digest != ref["sha256"]:
         raise DataError(f"data set {ref['id']}: its archive's SHA-256 is {digest}, not {ref['sha256']} as when it "
                         "was validated (it was changed since); upload it again as a new data set and submit the "
                         "job with the new id")
     try:
-        unpack(archive, files, limits(ctx.settings))
+        unpack(archive, files, limits(settings))
     except ArchiveRefused as exc:
         raise DataError(f"data set {ref['id']} cannot be unpacked: {'; '.join(exc.reasons[:3])}") from exc
     archive.unlink()

@@ -22,6 +22,7 @@ from app.config import Settings
 from app.errors import ApiError
 from app.modelrefs import check_policy_uri
 from app.models import STAGES, Policy, PolicyStatus
+from worker import evaluation_queue
 from worker.hipp import job as engine
 from worker.hipp.calibration_source import choose_calibration, samples_from_images
 from worker.hipp.checkpoint.export import export_loaded
@@ -114,6 +115,23 @@ def search_set(ctx: JobContext) -> tuple[EvalSet | None, Any]:
         return None, "synthetic world search split"
     evalset = EvalSet.from_dirs(files.pope_dir, files.sqa_dir, files.sqa_split, limit=ctx.evaluation_limit)
     return evalset, files.label
+
+
+def search_spec(ctx: JobContext) -> dict[str, Any]:
+    """How :func:`search_set`'s evaluation set is built: what an evaluation worker rebuilds it from."""
+    files = data.benchmarks(ctx, "search", "val")  # fetched by search_set already: found in the work folder
+    if files is None:
+        return evaluation_queue.world_search_spec(ctx.evaluation_limit)
+    return evaluation_queue.dataset_search_spec(data.named(ctx, "search") or {}, files.sqa_split,
+                                                ctx.evaluation_limit)
+
+
+def search_evaluations(ctx: JobContext) -> engine.EvaluationsFor | None:
+    """Where the plan search scores its plans: None (in this process) unless ``HIPP_EVALUATION_MODE=queue``."""
+    if ctx.settings.evaluation_mode == "inprocess":
+        return None
+    spec = search_spec(ctx)
+    return lambda setup: evaluation_queue.batch_evaluator_for(ctx.settings, setup, spec)
 
 
 def recovery_conversations(ctx: JobContext, ref: dict[str, Any]) -> list[Conversation]:
@@ -223,7 +241,7 @@ def choose_plan(ctx: JobContext) -> engine.PlanChoice:
     choice = engine.choose_plan(
         ctx.loaded, ctx.preference, ctx.job.target_sparsity, calibration(ctx, "samples", CALIBRATION_SAMPLES),
         policy, found, search_dir=ctx.work_dir / "search", limit=ctx.evaluation_limit, reporter=ctx.run,
-        search_set=evalset)
+        search_set=evalset, evaluations=search_evaluations(ctx) if policy is not None else None)
     for considered in choice.considered:  # the search's metrics name the data they were measured on
         considered["metrics"] = {**considered.get("metrics", {}), "data": label}
     return choice

@@ -22,6 +22,7 @@ the model and the evaluation set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -76,6 +77,24 @@ class EvalSet:
 
     def size(self) -> int:
         return sum(len(v) for v in self.pope.values()) + len(self.sqa)
+
+    def fingerprint(self) -> str:
+        """Digest of the questions, their answers and their images (a file's bytes, not its path): the same set
+        rebuilt in another process or on another machine has the same fingerprint."""
+        images: dict[str, str] = {}
+
+        def image(ref: str) -> str:
+            if ref not in images:
+                path = Path(ref)
+                images[ref] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ref
+            return images[ref]
+
+        records: list[Any] = [
+            [split, [[q.question_id, q.text, q.label, image(q.image)] for q in qs]]
+            for split, qs in sorted(self.pope.items())]
+        records.append([[p.pid, p.question, list(p.choices), p.answer, p.hint, p.kind, image(p.image)]
+                        for p in self.sqa])
+        return hashlib.sha256(json.dumps(records, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,7 @@ class PlanEvaluator:
         load_image: Callable[[str], Image.Image] | None = None,
     ) -> None:
         self.mode = ScoringMode(s_max, target_sparsity)
+        self.batch_size = batch_size
         self.loaded = loaded
         self.evalset = evalset
         self.stability = StabilityProxy.from_adapter(loaded.adapter)
@@ -280,13 +300,9 @@ class PlanEvaluator:
         bias-compensated pruned model computes (see the module doc)."""
         mode = mode or self.mode
         key = plan.fingerprint if compensation is None else f"{plan.fingerprint}+{COMPENSATED}"
-        if key in self._cache and not (self._cache[key].prescreened and not prescreen):
-            hit = self._cache[key]
-            # Objectives depend on the call's mode (s_max, target); the metrics do not.
-            stability = hit.objectives.stability
-            objectives = (self.prescreened_objectives(hit.sparsity, stability, mode) if hit.prescreened
-                          else self.objectives(hit.metrics, hit.sparsity, stability, mode))
-            return PlanEvaluation(**{**hit.__dict__, "objectives": objectives, "cached": True})
+        hit = self._hit(key, mode, prescreen)
+        if hit is not None:
+            return hit
         start = time.perf_counter()
         report = self.stability.evaluate(plan)
         if prescreen and not report.passes:
@@ -296,13 +312,33 @@ class PlanEvaluator:
         else:
             metrics = self._metrics(plan, compensation)
             seconds = time.perf_counter() - start
-            self.evaluations += 1
-            self.seconds += seconds
             evaluation = PlanEvaluation(key, plan.sparsity, self.objectives(metrics, plan.sparsity, report.score, mode),
                                         metrics, seconds, rho=report.rho)
-        self._cache[key] = evaluation
-        self._write_cache(evaluation)
+        self.record(evaluation)
         return evaluation
+
+    def cached(self, plan: PruningPlan, mode: ScoringMode | None = None) -> PlanEvaluation | None:
+        """What :meth:`evaluate` (with the pre-screen, no compensation) answers from the cache, else None."""
+        return self._hit(plan.fingerprint, mode or self.mode, prescreen=True)
+
+    def _hit(self, key: str, mode: ScoringMode, prescreen: bool) -> PlanEvaluation | None:
+        hit = self._cache.get(key)
+        if hit is None or (hit.prescreened and not prescreen):
+            return None
+        # Objectives depend on the call's mode (s_max, target); the metrics do not.
+        stability = hit.objectives.stability
+        objectives = (self.prescreened_objectives(hit.sparsity, stability, mode) if hit.prescreened
+                      else self.objectives(hit.metrics, hit.sparsity, stability, mode))
+        return PlanEvaluation(**{**hit.__dict__, "objectives": objectives, "cached": True})
+
+    def record(self, evaluation: PlanEvaluation) -> None:
+        """Keep ``evaluation`` (made here, or by another process on the same model and evaluation set) in the
+        cache and count it: a measured plan adds one evaluation and its ``seconds``."""
+        if not evaluation.prescreened:
+            self.evaluations += 1
+            self.seconds += evaluation.seconds
+        self._cache[evaluation.fingerprint] = evaluation
+        self._write_cache(evaluation)
 
     @property
     def seconds_per_plan(self) -> float:

@@ -21,11 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from worker.hipp.errors import OptionError
+from worker.hipp.evaluation.batch import InProcessEvaluations, PlanBatchEvaluator
 from worker.hipp.evaluation.plan_evaluator import PRESCREEN_RETURN, PlanEvaluation, PlanEvaluator, ScoringMode
 from worker.hipp.policy.network import Action, HippPolicy, action_to_ratios
 from worker.hipp.policy.state import PolicyState
@@ -50,6 +51,26 @@ class Environment(Protocol):
     param_share: torch.Tensor
 
     def evaluate(self, action: Action, target: float | None) -> Outcome: ...
+
+
+@runtime_checkable
+class BatchEnvironment(Environment, Protocol):
+    """An environment that scores many actions at once (the real one: its plans go to a batch evaluator)."""
+
+    def evaluate_many(self, items: Sequence[tuple[Action, float | None]], reporter: Reporter) -> list[Outcome]: ...
+
+
+def evaluate_actions(env: Environment, items: Sequence[tuple[Action, float | None]],
+                     reporter: Reporter = SILENT) -> list[Outcome]:
+    """The outcomes of ``items`` (action, target), in order: as one batch when ``env`` can take one, else one by
+    one (synthetic environments), checking for cancellation between them."""
+    if isinstance(env, BatchEnvironment):
+        return env.evaluate_many(items, reporter)
+    outcomes = []
+    for action, target in items:
+        reporter.check()
+        outcomes.append(env.evaluate(action, target))
+    return outcomes
 
 
 @dataclass
@@ -148,14 +169,20 @@ class GRPOTrainer:
         start = time.perf_counter()
         samples: list[Sample] = []
         returns_all, objectives_all, prescreened = [], [], 0
+        # All plans of the step are sampled first (contexts from self.rng, actions from self.generator, in the
+        # same order as when each group was evaluated before the next was sampled: evaluation draws no random
+        # numbers) and evaluated as one batch, which an evaluation queue can spread over workers.
+        groups = []
         for _ in range(self.config.preferences_per_step):
             w, target = self._sample_context()
             actions = [self.policy.sample(self.env.features, self.env.param_share, w, target, self.generator)
                        for _ in range(self.config.group_size)]
-            outcomes = []
-            for action in actions:
-                self.reporter.check()
-                outcomes.append(self.env.evaluate(action, target))
+            groups.append((w, target, actions))
+        self.reporter.check()
+        outcomes_all = evaluate_actions(self.env, [(a, target) for _, target, actions in groups for a in actions],
+                                        self.reporter)
+        for g, (w, target, actions) in enumerate(groups):
+            outcomes = outcomes_all[g * self.config.group_size:(g + 1) * self.config.group_size]
             returns = torch.tensor([
                 PRESCREEN_RETURN if o.prescreened else scalarize(o.objectives, w, o.stability,
                                                                  self.config.lambda_stability,
@@ -262,13 +289,18 @@ class GRPOTrainer:
 
 
 class PruningEnvironment:
-    """The real environment: actions -> feasible plans (criterion scores pick the units) -> evaluator."""
+    """The real environment: actions -> feasible plans (criterion scores pick the units) -> evaluator.
+
+    Plans are scored through ``evaluations`` (default: in this process by ``evaluator``; the service may pass
+    one that spreads them over evaluation workers, see :mod:`worker.hipp.evaluation.batch`)."""
 
     def __init__(self, policy: HippPolicy, state: PolicyState, evaluator: PlanEvaluator,
-                 scores: Sequence[LayerScores], mlp_multiple: int = 1) -> None:
+                 scores: Sequence[LayerScores], mlp_multiple: int = 1,
+                 evaluations: PlanBatchEvaluator | None = None) -> None:
         self.policy = policy
         self.state = state
         self.evaluator = evaluator
+        self.evaluations = evaluations or InProcessEvaluations(evaluator)
         self.scores = scores
         self.mlp_multiple = mlp_multiple
         geometry = evaluator.geometry
@@ -290,13 +322,29 @@ class PruningEnvironment:
         plan.validate()
         return plan
 
+    def mode(self, target: float | None) -> ScoringMode:
+        """Objectives in this policy's terms: compression against the policy's s_max, or closeness to
+        ``target`` in matched mode (the evaluator may have been set up for another range)."""
+        return ScoringMode(self.policy.config.s_max, target)
+
     def score(self, plan: PruningPlan, target: float | None) -> PlanEvaluation:
-        """Evaluate ``plan`` with objectives in this policy's terms: compression against the policy's s_max,
-        or closeness to ``target`` in matched mode (the evaluator may have been set up for another range)."""
-        return self.evaluator.evaluate(plan, mode=ScoringMode(self.policy.config.s_max, target))
+        """Evaluate ``plan`` in :meth:`mode`."""
+        return self.score_many([(plan, target)])[0]
+
+    def score_many(self, items: Sequence[tuple[PruningPlan, float | None]],
+                   reporter: Reporter = SILENT) -> list[PlanEvaluation]:
+        """Evaluate (plan, target) pairs as one batch, each in its :meth:`mode`."""
+        return self.evaluations.evaluate_many([(plan, self.mode(target)) for plan, target in items], reporter)
 
     def evaluate(self, action: Action, target: float | None) -> Outcome:
-        result = self.score(self.plan_for(action, target), target)
+        return self.evaluate_many([(action, target)], SILENT)[0]
+
+    def evaluate_many(self, items: Sequence[tuple[Action, float | None]], reporter: Reporter) -> list[Outcome]:
+        results = self.score_many([(self.plan_for(action, target), target) for action, target in items], reporter)
+        return [self.outcome(r) for r in results]
+
+    @staticmethod
+    def outcome(result: PlanEvaluation) -> Outcome:
         o = result.objectives
         return Outcome([o.utility, o.robustness, o.compression], o.stability, result.prescreened,
                        {"fingerprint": result.fingerprint, "sparsity": result.sparsity, "metrics": result.metrics})

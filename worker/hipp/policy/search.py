@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.evaluation.batch import PlanBatchEvaluator
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluation, PlanEvaluator
 from worker.hipp.models.loading import LoadedModel
 from worker.hipp.policy.grpo import GRPOConfig, GRPOTrainer, PruningEnvironment, scalarize
@@ -77,21 +78,28 @@ def prepare_search(loaded: LoadedModel, evalset: EvalSet, samples: Sequence[Cali
     return SearchSetup(loaded, state, scoring, evaluator, mlp_multiple, fingerprint)
 
 
-def environment(setup: SearchSetup, policy: HippPolicy, drop_visual: bool = False) -> PruningEnvironment:
+def environment(setup: SearchSetup, policy: HippPolicy, drop_visual: bool = False,
+                evaluations: PlanBatchEvaluator | None = None) -> PruningEnvironment:
+    """The GRPO environment of ``setup`` for ``policy``; plans are scored through ``evaluations`` (default:
+    ``setup``'s evaluator, in this process)."""
     state = setup.state.without(VISUAL_FEATURES) if drop_visual else setup.state
-    return PruningEnvironment(policy, state, setup.evaluator, setup.scoring.scores, setup.mlp_multiple)
+    return PruningEnvironment(policy, state, setup.evaluator, setup.scoring.scores, setup.mlp_multiple,
+                              evaluations=evaluations)
 
 
 def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig | None = None,
                  grpo_config: GRPOConfig | None = None, drop_visual: bool = False, resume: bool = True,
-                 reporter: Reporter = SILENT, extra_meta: dict[str, Any] | None = None) -> StoredPolicy:
-    """Train a policy for ``setup``'s model with plan-level GRPO and save it to ``out_dir``."""
+                 reporter: Reporter = SILENT, extra_meta: dict[str, Any] | None = None,
+                 evaluations: PlanBatchEvaluator | None = None) -> StoredPolicy:
+    """Train a policy for ``setup``'s model with plan-level GRPO and save it to ``out_dir``. Each step's plans
+    are scored as one batch through ``evaluations`` (default: ``setup``'s evaluator, in this process; the
+    service's evaluation queue spreads them over workers): the trained policy is the same either way."""
     grpo_config = grpo_config or GRPOConfig()
     policy_config = policy_config or PolicyConfig(num_features=setup.state.features.shape[1],
                                                   s_max=setup.evaluator.mode.s_max)
     torch.manual_seed(grpo_config.seed)
     policy = HippPolicy(policy_config)
-    env = environment(setup, policy, drop_visual)
+    env = environment(setup, policy, drop_visual, evaluations)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = GRPOTrainer(policy, env, grpo_config, out_dir, reporter)
     checkpoint = out_dir / "checkpoint"
@@ -100,7 +108,8 @@ def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig 
         reporter.log(f"resumed at step {trainer.step_index}")
     else:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    start_evals = setup.evaluator.evaluations
+    counted = env.evaluations.evaluator  # remote evaluations are recorded (and counted) here too
+    start_evals = counted.evaluations
     started = time.perf_counter()
     history = trainer.train()
     meta = {
@@ -114,8 +123,8 @@ def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig 
             "steps": trainer.step_index,
             "wall_seconds": trainer.elapsed,
             "session_seconds": time.perf_counter() - started,
-            "plan_evaluations": setup.evaluator.evaluations - start_evals,
-            "seconds_per_evaluation": setup.evaluator.seconds_per_plan,
+            "plan_evaluations": counted.evaluations - start_evals,
+            "seconds_per_evaluation": counted.seconds_per_plan,
             "final_return": history[-1]["return"] if history else None,
         },
         "dense_metrics": setup.evaluator.dense_metrics,
@@ -150,23 +159,26 @@ class Candidate:
 
 def sample_plans(setup: SearchSetup, stored: StoredPolicy, preference: Sequence[float], samples: int = 8,
                  target: float | None = None, seed: int = 0, lambda_s: float = 0.1,
-                 reporter: Reporter = SILENT) -> list[Candidate]:
-    """The policy's mean plan plus ``samples`` sampled plans for ``preference``, each evaluated."""
+                 reporter: Reporter = SILENT, evaluations: PlanBatchEvaluator | None = None) -> list[Candidate]:
+    """The policy's mean plan plus ``samples`` sampled plans for ``preference``, evaluated as one batch through
+    ``evaluations`` (default: in this process)."""
     w = validate_preference(preference)
     drop_visual = bool(stored.meta.get("drop_visual"))
-    env = environment(setup, stored.policy, drop_visual)
+    env = environment(setup, stored.policy, drop_visual, evaluations)
     generator = torch.Generator().manual_seed(seed)
     actions = [(stored.policy.mean_action(env.features, env.param_share, w, target), True)]
     # Every sample keeps the budget head's mean (see HippPolicy.sample): the preference says how much, the search
     # compares where; sampling the budget too let the return's linear trade pick a far budget and jump.
     actions += [(stored.policy.sample(env.features, env.param_share, w, target, generator, mean_budget=True), False)
                 for _ in range(samples)]
+    meta = {"policy": stored.id, "preference": w.tolist(), "target_sparsity": target, "criterion": "wanda-sp",
+            "allocation": "hipp"}
+    plans = [env.plan_for(action, target, meta=meta) for action, _ in actions]
+    reporter.progress(0, len(plans), "plans")
+    scored = env.score_many([(plan, target) for plan in plans], reporter)
+    reporter.progress(len(plans), len(plans), "plans")
     candidates = []
-    for action, is_mean in reporter.track(actions, message="plans"):
-        plan = env.plan_for(action, target, meta={"policy": stored.id, "preference": w.tolist(),
-                                                   "target_sparsity": target, "criterion": "wanda-sp",
-                                                   "allocation": "hipp"})
-        evaluation = env.score(plan, target)
+    for plan, (_, is_mean), evaluation in zip(plans, actions, scored, strict=True):
         o = evaluation.objectives
         value = scalarize([o.utility, o.robustness, o.compression], w, o.stability, lambda_s)
         candidates.append(Candidate(plan, evaluation, value, is_mean))
