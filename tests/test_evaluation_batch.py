@@ -17,7 +17,7 @@ from worker.hipp.evaluation.plan_evaluator import PlanEvaluation, PlanEvaluator,
 from worker.hipp.models.loading import LoadedModel, load_model
 from worker.hipp.policy import search
 from worker.hipp.policy.grpo import GRPOConfig
-from worker.hipp.policy.network import HippPolicy
+from worker.hipp.policy.network import HippPolicy, PolicyConfig
 from worker.hipp.policy.search import SearchSetup, prepare_search, sample_plans, train_policy
 from worker.hipp.progress import SILENT, Reporter
 
@@ -56,7 +56,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> SearchSetup:
 def test_batched_grpo_trains_the_same_policy_as_the_sequential_loop(setup: SearchSetup, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     before = setup.evaluator.evaluations
-    stored = train_policy(setup, tmp_path / "policy", grpo_config=RECIPE, resume=False)
+    # The digest was taken with the budget head of that time (logistic); the batching does not depend on the head.
+    config = PolicyConfig(num_features=setup.state.features.shape[1], s_max=setup.evaluator.mode.s_max,
+                          budget_head="logistic")
+    stored = train_policy(setup, tmp_path / "policy", config, grpo_config=RECIPE, resume=False)
     assert weights_digest(stored.policy) == SEQUENTIAL_WEIGHTS
     # Every plan of the 12 was measured or pre-screened here; the counters still count measured plans only.
     assert stored.meta["training"]["plan_evaluations"] == setup.evaluator.evaluations - before > 0
