@@ -183,6 +183,24 @@ def frozen_report(name: str = "frozen") -> str:
     return "\n\n".join(parts)
 
 
+def recovery(name: str = "recovery") -> str:
+    """Each plan before and after each recovery method, and the share of the pruning loss won back."""
+    data = load(name)
+    dense = data["dense"]
+    lines = ["| plan | method | POPE mean | ScienceQA | POPE loss won back | SQA loss won back | seconds | steps |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| dense | - | {dense['pope_bacc']:.3f} | {dense['sqa']:.3f} | | | | |"]
+    for run in data["runs"]:
+        pruned = run["pruned"]
+        lines.append(f"| {run['plan']} | none | {pruned['pope_bacc']:.3f} | {pruned['sqa']:.3f} | | | | |")
+        for method, r in run["methods"].items():
+            m, share = r["metrics"], r["recovered_share"]
+            lines.append(f"| {run['plan']} | {method} | {m['pope_bacc']:.3f} | {m['sqa']:.3f} "
+                         f"| {share['pope_bacc']:.0%} | {share['sqa']:.0%} | {r['wall_seconds']:.0f} "
+                         f"| {r['recovery']['steps']} |")
+    return f"{_source(name, data)}\n\n" + "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "control-transfer": control_transfer,
     "testbed-family": testbed_family,
@@ -191,6 +209,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "baselines-summary": baselines_summary,
     "baselines-verdict": baselines_verdict,
     "calibration-sensitivity": calibration_sensitivity,
+    "recovery": recovery,
 }
 
 

@@ -52,7 +52,7 @@ def test_members_load_by_name_with_their_depth_and_calibrate_on_the_world(name):
     assert choose_calibration(name, 4).source == "world"
 
 
-@pytest.mark.parametrize("name", ["testbed-deep"])  # testbed-seed1's is not trained yet
+@pytest.mark.parametrize("name", ["testbed-seed1", "testbed-deep"])
 def test_members_have_their_own_shipped_policy_found_by_model_fingerprint(name):
     from worker.hipp.models.loading import load_model
     from worker.hipp.policy.store import SHIPPED, policy_for_model
@@ -60,3 +60,4 @@ def test_members_have_their_own_shipped_policy_found_by_model_fingerprint(name):
     policy = policy_for_model(load_model(name).adapter)
     assert policy is not None and policy.path.parent == SHIPPED and policy.path.name == name
     assert policy.meta["training"]["steps"] == 36
+    assert policy.policy.config.budget_head == "anchored"  # trained with the current design (bench.train_policies)
