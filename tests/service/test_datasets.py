@@ -422,6 +422,14 @@ def test_cli_upload_list_show_delete(  # type: ignore[no-untyped-def]
     out = capsys.readouterr().out
     pope_id = out.splitlines()[0]
     assert json.loads(out.split("\n", 1)[1])["counts"]["questions"]["random"] == 4
+    # For scripts: --id-only waits and prints the id alone, once the data set is ready.
+    scripted = f"pope-{uuid.uuid4().hex}"
+    worker = validate_when_queued(stack_settings, scripted)
+    assert main(["datasets", "upload", "--kind", "pope", "--name", scripted, str(pope_zip), "--id-only",
+                 "--timeout", "30"]) == 0
+    worker.join()
+    only = capsys.readouterr().out.splitlines()
+    assert len(only) == 1 and client.get(f"/datasets/{only[0]}").json()["state"] == "ready"
     # Directly in the body, not waited for.
     assert main(["datasets", "upload", "--kind", "images", "--direct", "--name", "calib", str(images_tar)]) == 0
     images_id = capsys.readouterr().out.strip()

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument("--s3-uri", help="an archive already in the deployment's bucket: s3://BUCKET/KEY")
     up.add_argument("--direct", action="store_true", help="send a small archive in the request body")
     up.add_argument("--wait", action="store_true", help="follow validation until ready or invalid")
+    up.add_argument("--id-only", action="store_true",
+                    help="wait until ready and print only the id (for scripts); exit 1 if it is invalid")
     up.add_argument("--timeout", type=float, default=600.0, help="with --wait: seconds")
     up.set_defaults(func=cmd_upload)
 
@@ -66,14 +68,22 @@ def cmd_upload(args: argparse.Namespace) -> int:
         name = args.name or (args.archive.name if args.archive is not None else args.s3_uri.rsplit("/", 1)[-1])
         size = args.archive.stat().st_size if args.archive is not None and not args.direct else None
         dataset = client.create_dataset(args.kind, name, s3_uri=args.s3_uri, size=size)
-        print(dataset.id)
+        if not args.id_only:
+            print(dataset.id)
         if args.archive is not None:
             dataset = client.upload_dataset(
                 dataset, args.archive, direct=args.direct,
                 on_part=lambda n, total: print(f"part {n}/{total} uploaded", file=sys.stderr))
-        if not args.wait:
+        if not (args.wait or args.id_only):
             return 0
         dataset = client.wait_dataset(dataset.id, timeout=args.timeout)
+        if args.id_only:  # for scripts: VAR=$(hipp datasets upload ... --id-only), the id once it is ready
+            if dataset.state != "ready":
+                print(f"hipp: error: data set {dataset.id} is {dataset.state}: "
+                      f"{'; '.join(dataset.raw.get('reasons') or [])}", file=sys.stderr)
+                return 1
+            print(dataset.id)
+            return 0
         _print(_summary(dataset))
         return 0 if dataset.state == "ready" else 1
 
