@@ -112,6 +112,16 @@ def control_presets(name: str = "control") -> str:
     return f"{_source(name, data)}\n\n" + "\n".join(lines)
 
 
+def trade_room(data: dict[str, Any], budget: str) -> str:
+    """How far POPE moves along a fixed-budget sweep, against its 95% intervals: whether there is anything to
+    trade at that budget (a rank correlation of points inside each other's intervals measures noise)."""
+    rows = data["fixed_budgets"][budget]
+    popes = [r["pope_bacc"] for r in rows]
+    halves = sorted((r["pope_ci"][1] - r["pope_ci"][0]) / 2 for r in rows if r.get("pope_ci"))
+    half = halves[len(halves) // 2] if halves else float("nan")
+    return f"POPE spans {100 * (max(popes) - min(popes)):.1f} points along the line, intervals ±{100 * half:.1f}"
+
+
 def control_sweeps(name: str = "control") -> str:
     """The w_C sweep's chosen sparsities and the fixed-budget correlations, with the targets."""
     data = load(name)
@@ -119,7 +129,8 @@ def control_sweeps(name: str = "control") -> str:
     checks = data["sweep_checks"]
     points = ", ".join(f"{r['w'][2]:.1f}: {r['sparsity']:.2f}" for r in sweep)
     rho = "; ".join(f"{round(100 * float(b))}%: Spearman(w_R, POPE) {v['spearman_wR_pope']:+.2f}, "
-                    f"Spearman(w_U, SQA) {v['spearman_wU_sqa']:+.2f}" for b, v in data["correlations"].items())
+                    f"Spearman(w_U, SQA) {v['spearman_wU_sqa']:+.2f} ({trade_room(data, b)})"
+                    for b, v in data["correlations"].items())
     return (f"{_source(name, data)}\n\n- Chosen sparsity along w_C (w_C: sparsity): {points}. Monotone: "
             f"{'yes' if checks['monotone'] else 'no'}; largest step {checks['largest_step']:.2f} (target <= 0.15: "
             f"{'met' if checks['smooth'] else 'missed'}).\n- Fixed budgets, w = (0.9(1-r), 0.9r, 0.1): {rho} "
@@ -146,12 +157,14 @@ def testbed_family() -> str:
             "1,200 ScienceQA test problems of data seed 1234).\n\n" + "\n".join(lines))
 
 
-def control_transfer(names: Sequence[str] = ("control", "control_seed1", "control_deep", "control_deep_own")) -> str:
+def control_transfer(names: Sequence[str] = ("control", "control_seed1_own", "control_deep_own", "control_seed1",
+                                            "control_deep")) -> str:
     """Each testbed under the shipped ``testbed`` policy (transfer, no retraining) and under its own policy:
     each preset's plan against dense."""
     presets = [p["preset"] for p in load(names[-1])["presets"]]  # the named ones every run has
-    rows = ["| model | policy | dense POPE / SQA | " + " | ".join(presets) + " | w_C sweep: monotone, largest step |",
-            "|" + "---|" * (len(presets) + 4)]
+    rows = ["| model | policy | dense POPE / SQA | " + " | ".join(presets) + " | w_C sweep: monotone, largest step "
+            "| at 50%: Spearman(w_R, POPE); room to trade |",
+            "|" + "---|" * (len(presets) + 5)]
     sources = []
     for name in names:
         data = load(name)
@@ -160,7 +173,8 @@ def control_transfer(names: Sequence[str] = ("control", "control_seed1", "contro
         cells = [f"{by_name[n]['sparsity']:.2f}: {by_name[n]['pope_bacc']:.3f} / {by_name[n]['sqa']:.3f}"
                  if n in by_name else "-" for n in presets]
         rows.append(f"| `{data['model']}` | `{data['policy']}` | {d['pope_bacc']:.3f} / {d['sqa']:.3f} | "
-                    + " | ".join(cells) + f" | {'yes' if checks['monotone'] else 'no'}, {checks['largest_step']:.2f} |")
+                    + " | ".join(cells) + f" | {'yes' if checks['monotone'] else 'no'}, {checks['largest_step']:.2f} "
+                    f"| {data['correlations']['0.5']['spearman_wR_pope']:+.2f}; {trade_room(data, '0.5')} |")
         sources.append(_source(name, data))
     return (" ".join(sources) + " Cells: chosen sparsity: POPE mean / ScienceQA on the development test files "
             "(intervals in the JSON).\n\n" + "\n".join(rows))
@@ -210,6 +224,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "baselines-verdict": baselines_verdict,
     "calibration-sensitivity": calibration_sensitivity,
     "recovery": recovery,
+    "frozen-report": frozen_report,
 }
 
 
