@@ -117,13 +117,14 @@ def search_set(ctx: JobContext) -> tuple[EvalSet | None, Any]:
     return evalset, files.label
 
 
-def search_spec(ctx: JobContext) -> dict[str, Any]:
-    """How :func:`search_set`'s evaluation set is built: what an evaluation worker rebuilds it from."""
+def search_spec(ctx: JobContext, limit: int | None = None) -> dict[str, Any]:
+    """How the search set is built (``data.search``, else the world's search split; ``limit`` questions per
+    split, default the job's evaluation limit): what an evaluation worker rebuilds it from."""
+    limit = ctx.evaluation_limit if limit is None else limit
     files = data.benchmarks(ctx, "search", "val")  # fetched by search_set already: found in the work folder
     if files is None:
-        return evaluation_queue.world_search_spec(ctx.evaluation_limit)
-    return evaluation_queue.dataset_search_spec(data.named(ctx, "search") or {}, files.sqa_split,
-                                                ctx.evaluation_limit)
+        return evaluation_queue.world_search_spec(limit)
+    return evaluation_queue.dataset_search_spec(data.named(ctx, "search") or {}, files.sqa_split, limit)
 
 
 def search_evaluations(ctx: JobContext) -> engine.EvaluationsFor | None:

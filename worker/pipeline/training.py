@@ -85,7 +85,8 @@ def grpo(ctx: JobContext, out: Path, options: TrainOptions, steps: int, reporter
     """Plan-level GRPO for ``steps`` steps into ``out``, resuming from ``out/checkpoint`` when it holds one.
     The one place a training job calls the engine's ``train_policy``."""
     config = options.policy(ctx.search.state.features.shape[1])
-    evaluations = evaluation_queue.batch_evaluator_for(ctx.settings, ctx.search, search_spec(ctx, options))
+    evaluations = evaluation_queue.batch_evaluator_for(ctx.settings, ctx.search,
+                                                     stages.search_spec(ctx, options.search_limit))
     return train_policy(ctx.search, out, config, options.grpo(steps), resume=True, reporter=reporter,
                         evaluations=evaluations,
                         extra_meta={"job_id": str(ctx.job.id), "policy_row": policy_id(ctx)})
@@ -187,16 +188,6 @@ def search_set(ctx: JobContext, options: TrainOptions) -> tuple[EvalSet, Any]:
         raise data.DataError(f"{ctx.job.model!r} is not the testbed: name POPE / ScienceQA data sets in "
                              "train.search")
     return testbed_search_set(ctx.work_dir / "search-data", limit=limit), "synthetic world search split"
-
-
-def search_spec(ctx: JobContext, options: TrainOptions) -> dict[str, Any]:
-    """How :func:`search_set` built the search set: what an evaluation worker rebuilds it from
-    (``HIPP_EVALUATION_MODE=queue``)."""
-    files = data.benchmarks(ctx, "search", "val")  # fetched by search_set already: found in the work folder
-    if files is None:
-        return evaluation_queue.world_search_spec(options.search_limit)
-    return evaluation_queue.dataset_search_spec(data.named(ctx, "search") or {}, files.sqa_split,
-                                                options.search_limit)
 
 
 def stage_load(ctx: JobContext) -> dict[str, Any]:
