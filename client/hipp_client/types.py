@@ -214,8 +214,9 @@ class Policy:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset: ``state`` uploading | validating | ready | invalid; ``counts``, ``sha256`` and ``size`` once
-    validated, ``reasons`` when invalid; ``raw["upload"]``: the upload target while uploading."""
+    """A dataset: ``state`` uploading | validating | ready | invalid; ``source`` upload | s3; ``counts``,
+    ``sha256`` and ``size`` once validated, ``reasons`` when invalid; ``raw["upload"]``: the upload target while
+    uploading (read by ``upload_dataset``, not a field: it is in the answer to POST /datasets only)."""
 
     id: str
     kind: str
@@ -227,6 +228,8 @@ class Dataset:
     size: int | None
     created_at: datetime | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    source: str = "upload"
+    updated_at: datetime | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Dataset:
@@ -241,6 +244,8 @@ class Dataset:
             size=data.get("size"),
             created_at=_time(data.get("created_at")),
             raw=data,
+            source=str(data.get("source") or "upload"),
+            updated_at=_time(data.get("updated_at")),
         )
 
 
