@@ -10,7 +10,7 @@ removes the questions' shared difficulty from the comparison). POPE splits are r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,8 @@ import torch
 from worker.hipp.evaluation import bits
 from worker.hipp.evaluation.bits import pack_bits
 
-__all__ = ["pack_bits", "unpack_bits", "interval", "paired_difference", "pope_mean", "sqa_accuracy"]
+__all__ = ["pack_bits", "unpack_bits", "interval", "paired_difference", "mean_paired_difference", "pope_mean",
+           "sqa_accuracy"]
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -94,6 +95,18 @@ def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any], statistic: Sta
     """Interval of ``statistic(a) - statistic(b)`` for two plans scored on the same questions."""
     idx = _resample_plan(a, resamples, seed)
     return _interval(statistic(a, idx) - statistic(b, idx), level)
+
+
+def mean_paired_difference(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], statistic: Statistic,
+                           resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> tuple[float, float]:
+    """Interval of the mean over ``pairs`` of ``statistic(a) - statistic(b)`` (e.g. an ablation minus the full
+    policy, one pair per training seed), every plan scored on the same questions and resampled with the same
+    indices."""
+    if not pairs:
+        raise ValueError("no pairs to compare")
+    idx = _resample_plan(pairs[0][0], resamples, seed)
+    diffs = torch.stack([statistic(a, idx) - statistic(b, idx) for a, b in pairs]).mean(0)
+    return _interval(diffs, level)
 
 
 def outcomes_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
