@@ -98,7 +98,8 @@ def test_delegated_evaluations_send_each_missing_plan_once_and_keep_hits_local(s
     # Plans answered before never go out again; the answers equal the in-process ones (objectives in each
     # request's mode, also for hits).
     again = delegated.evaluate_many([(p, mode) for p in plans])
-    assert send.sent[1] == [p.fingerprint for p in plans if p.fingerprint not in send.sent[0]]
+    # (an untrained policy's two allocation heads can give the same plan: it goes out once)
+    assert send.sent[1] == list(dict.fromkeys(p.fingerprint for p in plans if p.fingerprint not in send.sent[0]))
     for answer, candidate in zip(again, reference, strict=True):
         assert answer.objectives == candidate.evaluation.objectives
         assert answer.metrics == candidate.evaluation.metrics

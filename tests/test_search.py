@@ -9,6 +9,7 @@ import pytest
 
 from worker.cli import main
 from worker.hipp.data.calibration import synthetic_samples
+from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.plan_evaluator import EvalSet, ScoringMode
 from worker.hipp.policy.grpo import GRPOConfig
 from worker.hipp.policy.search import dominates, pareto_front, prepare_search, sample_plans, train_policy
@@ -36,7 +37,17 @@ def test_train_store_and_query_a_policy(tiny_gqa, data, tmp_path):
     assert find_policy(str(tmp_path / "policy")).id == stored.id
 
     candidates = sample_plans(setup, stored, [0.1, 0.8, 0.1], samples=4, target=0.4, seed=0)
-    assert candidates[0].mean_plan and len(candidates) == 5
+    # At a requested sparsity both allocation heads give their mean plan and half the samples.
+    assert [(c.allocation, c.mean_plan) for c in candidates] == [
+        ("matched", True), ("matched", False), ("matched", False), ("free", True), ("free", False), ("free", False)]
+    assert {c.plan.meta["allocation_source"] for c in candidates} == {"matched", "free"}
+    # Each source draws from its own stream: asked alone, it gives the same plans (a job's search is a subset).
+    alone = {source: [c.plan.fingerprint for c in sample_plans(setup, stored, [0.1, 0.8, 0.1], samples=4,
+                                                                target=0.4, seed=0, sources=(source,))]
+             for source in ("matched", "free")}
+    assert [c.plan.fingerprint for c in candidates] == alone["matched"][:3] + alone["free"][:3]
+    with pytest.raises(OptionError, match="sources must be some of matched, free"):
+        sample_plans(setup, stored, [0.1, 0.8, 0.1], samples=1, target=0.4, sources=("elsewhere",))
     for c in candidates:
         c.plan.validate()
         assert abs(c.plan.sparsity - 0.4) < 0.02

@@ -2,8 +2,8 @@
 
 ``prepare_search`` computes once per model what every plan evaluation shares (policy state, criterion
 scores, the plan evaluator with its prepared inputs). ``train_policy`` runs plan-level GRPO and stores the
-policy artifact; ``sample_plans`` draws K plans for a preference and scores them; ``pareto_front`` keeps the
-non-dominated ones.
+policy artifact; ``sample_plans`` draws K plans for a preference (at a requested sparsity, from both allocation
+heads) and scores them; ``pareto_front`` keeps the non-dominated ones.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from worker.hipp.data.calibration import CalibrationSample
+from worker.hipp.errors import OptionError
 from worker.hipp.evaluation.batch import PlanBatchEvaluator
 from worker.hipp.evaluation.plan_evaluator import EvalSet, PlanEvaluation, PlanEvaluator
 from worker.hipp.models.loading import LoadedModel
@@ -141,47 +142,77 @@ def train_policy(setup: SearchSetup, out_dir: Path, policy_config: PolicyConfig 
     return load_policy_dir(out_dir)
 
 
+#: Where a matched-sparsity search draws its allocations: the allocation head told the requested budget
+#: ("matched") and the one the policy uses when it picks the budget itself ("free"), both applied at the
+#: requested budget. The search set decides between them: on the development seed the free-mode allocation
+#: protects the layers a member depends on where the matched-mode one does not (testbed-deep, testbed-seed1 at
+#: 70%), and the other way round on the testbed (bench/results/allocation_source.md).
+MATCHED_SOURCES = ("matched", "free")
+
+
 @dataclass
 class Candidate:
     plan: PruningPlan
     evaluation: PlanEvaluation
     value: float
     mean_plan: bool = False
+    #: Which allocation head drew it: "free" (the budget the policy chose, or in matched mode the free-mode
+    #: allocation at the requested budget) or "matched" (the head told the requested budget).
+    allocation: str = "free"
 
     def summary(self) -> dict[str, Any]:
         o = self.evaluation.objectives
         return {"fingerprint": self.plan.fingerprint, "sparsity": self.plan.sparsity,
                 "utility": o.utility, "robustness": o.robustness, "compression": o.compression,
                 "stability": o.stability, "return": self.value, "prescreened": self.evaluation.prescreened,
-                "mean_plan": self.mean_plan, "metrics": self.evaluation.metrics,
+                "mean_plan": self.mean_plan, "allocation": self.allocation, "metrics": self.evaluation.metrics,
                 "layer_sparsities": self.plan.layer_sparsities()}
+
+
+def split_samples(samples: int, sources: Sequence[str]) -> list[int]:
+    """How many of ``samples`` each source draws (the first sources take the remainder)."""
+    base, extra = divmod(samples, len(sources))
+    return [base + (1 if i < extra else 0) for i in range(len(sources))]
 
 
 def sample_plans(setup: SearchSetup, stored: StoredPolicy, preference: Sequence[float], samples: int = 8,
                  target: float | None = None, seed: int = 0, lambda_s: float = 0.1,
-                 reporter: Reporter = SILENT, evaluations: PlanBatchEvaluator | None = None) -> list[Candidate]:
-    """The policy's mean plan plus ``samples`` sampled plans for ``preference``, evaluated as one batch through
-    ``evaluations`` (default: in this process)."""
+                 reporter: Reporter = SILENT, evaluations: PlanBatchEvaluator | None = None,
+                 sources: Sequence[str] = MATCHED_SOURCES) -> list[Candidate]:
+    """The policy's mean plan plus sampled plans for ``preference``, evaluated as one batch through
+    ``evaluations`` (default: in this process). With a ``target`` sparsity each of ``sources`` (see
+    :data:`MATCHED_SOURCES`) gives its mean plan and its share of ``samples``, each from its own random stream
+    (``seed`` plus the source's place in :data:`MATCHED_SOURCES`: a source's plans do not depend on which others
+    are asked for); without one, the free budget's mean plan and ``samples`` samples from ``seed``'s stream."""
     w = validate_preference(preference)
+    if target is not None and (not sources or set(sources) - set(MATCHED_SOURCES)):
+        raise OptionError(f"sources must be some of {', '.join(MATCHED_SOURCES)}, got {list(sources)}")
     drop_visual = bool(stored.meta.get("drop_visual"))
     env = environment(setup, stored.policy, drop_visual, evaluations)
-    generator = torch.Generator().manual_seed(seed)
-    actions = [(stored.policy.mean_action(env.features, env.param_share, w, target), True)]
-    # Every sample keeps the budget head's mean (see HippPolicy.sample): the preference says how much, the search
-    # compares where; sampling the budget too let the return's linear trade pick a far budget and jump.
-    actions += [(stored.policy.sample(env.features, env.param_share, w, target, generator, mean_budget=True), False)
-                for _ in range(samples)]
+    drawn = list(sources) if target is not None else ["free"]
+    counts = split_samples(samples, drawn) if target is not None else [samples]
+    actions: list[tuple[Any, bool, str]] = []
+    for source, count in zip(drawn, counts, strict=True):
+        offset = MATCHED_SOURCES.index(source) if target is not None else 0
+        generator = torch.Generator().manual_seed(seed + offset)
+        told = target if source == "matched" else None
+        actions.append((stored.policy.mean_action(env.features, env.param_share, w, told), True, source))
+        # Every sample keeps the budget head's mean (see HippPolicy.sample): the preference says how much, the
+        # search compares where; sampling the budget too let the return's linear trade pick a far budget and jump.
+        actions += [(stored.policy.sample(env.features, env.param_share, w, told, generator, mean_budget=True),
+                     False, source) for _ in range(count)]
     meta = {"policy": stored.id, "preference": w.tolist(), "target_sparsity": target, "criterion": "wanda-sp",
             "allocation": "hipp"}
-    plans = [env.plan_for(action, target, meta=meta) for action, _ in actions]
+    plans = [env.plan_for(action, target, meta=meta | {"allocation_source": source})
+             for action, _, source in actions]
     reporter.progress(0, len(plans), "plans")
     scored = env.score_many([(plan, target) for plan in plans], reporter)
     reporter.progress(len(plans), len(plans), "plans")
     candidates = []
-    for plan, (_, is_mean), evaluation in zip(plans, actions, scored, strict=True):
+    for plan, (_, is_mean, source), evaluation in zip(plans, actions, scored, strict=True):
         o = evaluation.objectives
         value = scalarize([o.utility, o.robustness, o.compression], w, o.stability, lambda_s)
-        candidates.append(Candidate(plan, evaluation, value, is_mean))
+        candidates.append(Candidate(plan, evaluation, value, is_mean, source))
     return candidates
 
 
