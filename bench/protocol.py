@@ -7,7 +7,8 @@ fresh world seed, at a commit where the design is frozen: :func:`claim` records 
 
 - the development seed (it has been tuned on),
 - a seed already claimed at another commit (a design change after a report needs a new fresh seed),
-- a checkout with uncommitted changes to tracked files (the report must name the design it measured).
+- a checkout with uncommitted changes to tracked files outside ``bench/results`` (the report must name the
+  design it measured; result files are not design, see :func:`bench.report.commit`).
 
 Re-running the same report at the same commit on its seed is allowed (it reproduces, it does not tune).
 docs/method.md ("Frozen protocol") states the rule for people.

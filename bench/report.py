@@ -27,13 +27,16 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str:
-    """The checkout's commit (``-dirty`` when tracked files differ from it): the design a result measures."""
-    root = Path(__file__).resolve().parent.parent
+def commit(root: Path | None = None) -> str:
+    """The checkout's commit (``-dirty`` when tracked files differ from it): the design a result measures.
+    Files under ``bench/results`` are results, not design: a benchmark writing its JSON (or the protocol
+    ledger) while another runs in the same checkout does not change what that one measures."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -35,3 +35,25 @@ def test_seeds_the_protocol_does_not_allow_are_refused(tmp_path, seed, design, m
     with pytest.raises(ProtocolError, match=message):
         claim(seed, "another_report", ledger, design=design)
     assert len(read_ledger(ledger)) == 1  # nothing recorded for a refused claim
+
+
+def test_a_result_file_written_during_a_run_does_not_make_the_design_dirty(tmp_path):
+    import subprocess
+
+    from bench.report import commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "design.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "protocol.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "design")
+    clean = commit(tmp_path)
+    assert len(clean) == 12 and not clean.endswith("-dirty")
+    (tmp_path / "bench" / "results" / "protocol.json").write_text('{"reports": []}\n')  # a claim, another bench
+    assert commit(tmp_path) == clean
+    (tmp_path / "design.py").write_text("x = 2\n")  # the design itself changed
+    assert commit(tmp_path) == clean + "-dirty"
