@@ -2,10 +2,13 @@
 
 Run once per member at a frozen design commit, then summarize:
 
-    python -m bench.frozen --world-seed SEED --model testbed          # bench/results/frozen/testbed.{json,md}
+    python -m bench.frozen --world-seed SEED --model testbed          # bench/results/frozen/SEED/testbed.{json,md}
     python -m bench.frozen --world-seed SEED --model testbed-seed1
     python -m bench.frozen --world-seed SEED --model testbed-deep
-    python -m bench.frozen --world-seed SEED --summarize              # bench/results/frozen.{json,md}, fronts PNG
+    python -m bench.frozen --world-seed SEED --summarize              # bench/results/frozen/SEED/frozen.{json,md}, PNG
+
+Each report keeps its own folder (and its plans under bench/results/plans/frozen/SEED/): a later report, on a new
+seed at a new design, sits beside the earlier ones instead of replacing them.
 
 The seed is claimed in the protocol ledger (``bench.protocol``): refused if it is the development seed, if the
 checkout is dirty, or if it was reported at another commit. Per member, with the member's own shipped policy:
@@ -70,6 +73,19 @@ GOAL_POPE_POINTS = 3.0
 GOAL_HV_RATIO = 1.2
 OUT = RESULTS / "frozen"
 PLANS = RESULTS / "plans" / "frozen"
+
+
+def report_dir(world_seed: int) -> Path:
+    """Where the report on ``world_seed`` keeps its member results, summary and plot."""
+    return OUT / str(world_seed)
+
+
+def reported_seeds(ledger: Path | None = None) -> list[int]:
+    """The world seeds with a summarized report, in the order the protocol ledger claimed them."""
+    from bench.protocol import LEDGER, read_ledger
+
+    seeds = [e["seed"] for e in read_ledger(ledger or LEDGER) if e["report"] == "frozen"]
+    return [s for i, s in enumerate(seeds) if s not in seeds[:i] and (report_dir(s) / "frozen.json").is_file()]
 Z95 = 1.96
 
 
@@ -137,7 +153,7 @@ def run_member(model: str, world_seed: int, limit: int, search_limit: int, seed:
     samples, source = calibration(model, "default", seed)
     search = testbed_search_set(CACHE / "testbed-search", limit=search_limit)
     setup = prepare_search(loaded, search, samples, s_max=stored.policy.config.s_max, reporter=reporter)
-    plans_dir = PLANS / model
+    plans_dir = PLANS / str(world_seed) / model
     hipp_paths = hipp_matched(setup, stored, SPARSITIES, plans_dir, seed)
     front = hipp_front(setup, stored, test, seed)
     rows = [metrics_row("dense", 0.0, test.dense_metrics) | intervals_of(test.dense_metrics)
@@ -262,13 +278,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="calibration and sampling seed")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    out = report_dir(args.world_seed)
     if args.summarize:
-        members = [json.loads((OUT / f"{m}.json").read_text()) for m in FAMILY if (OUT / f"{m}.json").is_file()]
+        members = [json.loads((out / f"{m}.json").read_text()) for m in FAMILY if (out / f"{m}.json").is_file()]
         if not members or any(m["world_seed"] != args.world_seed for m in members):
-            raise SystemExit(f"no member results for world seed {args.world_seed} under {OUT}")
+            raise SystemExit(f"no member results for world seed {args.world_seed} under {out}")
         summary = summarize(members)
-        plot_fronts(members, RESULTS / "frozen_fronts.png")
-        write_report("frozen", summary, summary_markdown(summary), module="frozen")
+        plot_fronts(members, out / "frozen_fronts.png")
+        write_report("frozen", summary, summary_markdown(summary), out_dir=out, module="frozen")
         return
     if args.model is None:
         raise SystemExit("give --model MEMBER or --summarize")
@@ -278,7 +295,7 @@ def main() -> None:
 
     data = run_member(args.model, args.world_seed, args.limit, args.search_limit, args.seed, SELECTION_BUDGET,
                       TqdmReporter())
-    write_report(args.model, data, member_markdown(data), out_dir=OUT, module="frozen")
+    write_report(args.model, data, member_markdown(data), out_dir=out, module="frozen")
 
 
 if __name__ == "__main__":

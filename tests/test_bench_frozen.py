@@ -56,3 +56,18 @@ def test_goal_checks_need_three_points_with_the_interval_above_zero():
     level = frozen.summarize([member("a", {0.5: 0.01, 0.6: 0.0, 0.7: -0.03})])
     assert not any(g["pope_goal_met"] for g in level["goal"])
     assert "no" in frozen.summary_markdown(level)
+
+
+def test_each_report_keeps_its_folder_and_the_newest_summarized_one_is_last(tmp_path, monkeypatch):
+    from bench.protocol import claim
+
+    ledger = tmp_path / "protocol.json"
+    monkeypatch.setattr(frozen, "OUT", tmp_path / "frozen")
+    for seed, design in ((11, "aaa"), (12, "bbb"), (13, "ccc")):
+        claim(seed, "frozen", ledger, design=design)
+    claim(11, "frozen", ledger, design="aaa")  # the same report again: not a new entry
+    for seed in (11, 12):  # 13 claimed but never summarized (a run given up): not a report
+        frozen.report_dir(seed).mkdir(parents=True)
+        (frozen.report_dir(seed) / "frozen.json").write_text("{}")
+    assert frozen.report_dir(12) == tmp_path / "frozen" / "12"
+    assert frozen.reported_seeds(ledger) == [11, 12]
