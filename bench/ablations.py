@@ -75,12 +75,16 @@ def shown(path: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def last_returns(path: Path, steps: int = 5) -> float | None:
-    """Mean training return of the last ``steps`` GRPO steps (from the policy's metrics.jsonl)."""
+def training_returns(path: Path) -> list[float]:
+    """The mean return of each GRPO step (from the policy's metrics.jsonl)."""
     log = path / "metrics.jsonl"
     if not log.is_file():
-        return None
-    returns = [json.loads(line)["return"] for line in log.read_text().splitlines() if line.strip()]
+        return []
+    return [round(json.loads(line)["return"], 4) for line in log.read_text().splitlines() if line.strip()]
+
+
+def last_returns(returns: Sequence[float], steps: int = 5) -> float | None:
+    """Mean training return of the last ``steps`` GRPO steps."""
     return round(statistics.fmean(returns[-steps:]), 4) if returns else None
 
 
@@ -186,7 +190,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     for variant, v in data["summary"]["variants"].items():
         xs = [c["requested"] for c in v["cells"]]
         for ax, key in zip(axes[:2], ("pope_bacc", "sqa"), strict=True):
@@ -195,12 +199,17 @@ def plot(data: dict[str, Any], path: Path) -> Path:
             ax.fill_between(xs, [c[f"{key}_range"][0] for c in v["cells"]],
                             [c[f"{key}_range"][1] for c in v["cells"]], alpha=0.15)
         axes[2].plot(xs, [c["layer0"] for c in v["cells"]], marker="o", label=variant)
+        curves = [p["returns"] for p in data["policies"] if p["variant"] == variant and p.get("returns")]
+        if curves:
+            steps = min(len(c) for c in curves)
+            axes[3].plot(range(1, steps + 1), [statistics.fmean(c[i] for c in curves) for i in range(steps)],
+                         label=variant)
     dense = data["summary"]["dense"]
     axes[0].axhline(dense["pope_bacc"], color="grey", ls=":", label="dense")
     axes[1].axhline(dense["sqa"], color="grey", ls=":", label="dense")
-    for ax, title in zip(axes, ("POPE mean balanced accuracy", "ScienceQA accuracy", "layer-0 sparsity"),
-                         strict=True):
-        ax.set_xlabel("requested sparsity")
+    for ax, title in zip(axes, ("POPE mean balanced accuracy", "ScienceQA accuracy", "layer-0 sparsity",
+                                "training return (mean over seeds)"), strict=True):
+        ax.set_xlabel("requested sparsity" if ax is not axes[3] else "GRPO step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -218,14 +227,17 @@ def main() -> None:
     parser.add_argument("--search-limit", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0, help="calibration draw and plan sampling")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--measure-present", action="store_true",
+                        help="measure the policies trained so far and keep their rows (no report until all are)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reporter = TqdmReporter()
     started = time.perf_counter()
     found = {(v, s): policy_dir(args.policies, v, s) for v in VARIANTS for s in SEEDS}
     missing = [str(p) for p in found.values() if not (p / "policy.json").is_file()]
-    if missing:
+    if missing and not args.measure_present:
         raise SystemExit(f"missing trained policies (train them with bench.train_policies): {', '.join(missing)}")
+    found = {key: path for key, path in found.items() if str(path) not in missing}
     loaded = load_model(MODEL)
     samples, source = calibration(MODEL, "default", args.seed)
     test = PlanEvaluator(loaded, test_set(args.limit, DEV_SEED), reporter=reporter)
@@ -237,14 +249,24 @@ def main() -> None:
     for (variant, seed), path in found.items():
         reporter.stage("policy", f"{variant} seed {seed}")
         stored = load_policy_dir(path)
-        rows = measure_policy(setup, stored, test, args.seed)
+        kept = CACHE / "ablations" / f"{stored.id}-{test.evalset.fingerprint()}-{search.fingerprint()}-{args.seed}.json"
+        if kept.is_file():  # measured before on the same questions (a run with --measure-present)
+            rows = json.loads(kept.read_text())
+        else:
+            rows = measure_policy(setup, stored, test, args.seed)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(rows))
         policies.append({"variant": variant, "seed": seed, "policy": stored.id, "path": shown(path),
                          "trained_by": stored.meta.get("trained_by"),
-            "training": stored.meta.get("training"), "last_return": last_returns(path),
+            "training": stored.meta.get("training"), "returns": training_returns(path),
+                         "last_return": last_returns(training_returns(path)),
             "hypervolume": round(hypervolume([objectives(r, dense) for r in rows]), 5), "rows": rows})
     data = {"model": MODEL, "world_seed": DEV_SEED, "calibration": source, "seeds": list(SEEDS),
             "sparsities": list(SPARSITIES), "preference": list(ROBUST), "questions_per_plan": test.evalset.size(),
             "search_questions": search.size(), "policies": policies}
+    if missing:
+        raise SystemExit(f"measured {len(policies)} policies (kept under {CACHE / 'ablations'}); still missing: "
+                         f"{', '.join(missing)}")
     data["summary"] = summarize(policies, dense)
     data["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_report("ablations", data, markdown(data))

@@ -180,21 +180,42 @@ def control_transfer(names: Sequence[str] = ("control", "control_seed1_own", "co
             "(intervals in the JSON).\n\n" + "\n".join(rows))
 
 
-def frozen_report(name: str = "frozen") -> str:
-    """The frozen-protocol report: the goal table over the family, then each member's hypervolume and verdict."""
-    from bench.frozen import OUT, summary_markdown
+def _frozen_source(world_seed: int, name: str, data: dict[str, Any], extra: str = "") -> str:
+    return (f"From `bench/results/frozen/{world_seed}/{name}.json` (`{data['command']}`, commit "
+            f"{data.get('commit', 'not recorded')}{extra}).")
 
-    summary = load(name)
-    parts = [f"{_source(name, summary)}\n\n{summary_markdown(summary)}"]
+
+def frozen_report() -> str:
+    """The newest frozen-protocol report: the goal table over the family, then each member's hypervolume and
+    verdict."""
+    from bench.frozen import report_dir, reported_seeds, summary_markdown
+
+    seed = reported_seeds()[-1]
+    out = report_dir(seed)
+    summary: dict[str, Any] = json.loads((out / "frozen.json").read_text())
+    parts = [f"{_frozen_source(seed, 'frozen', summary)} Fronts of HiPP and every baseline per member: "
+             f"`bench/results/frozen/{seed}/frozen_fronts.png`.\n\n{summary_markdown(summary)}"]
     for model in summary["members"]:
-        data: dict[str, Any] = json.loads((OUT / f"{model}.json").read_text())
+        data: dict[str, Any] = json.loads((out / f"{model}.json").read_text())
         hv = data["hypervolume"]
-        parts.append(f"#### {model} (policy `{data['policy']}`)\n\nFrom `bench/results/frozen/{model}.json` "
-                     f"(`{data['command']}`, commit {data['commit']}; {data['questions_per_plan']} test questions "
-                     f"per plan). Hypervolume on the 30-70% grid: HiPP {hv['hipp']:.3f}, best baseline "
-                     f"{hv['best_baseline']} {hv['best']:.3f}, ratio {hv['ratio']:.2f} (with HiPP's free-budget "
-                     f"front: {hv['ratio_with_front']:.2f}).\n\n" + verdict_markdown(data["verdict"]))
+        parts.append(f"#### {model} (policy `{data['policy']}`)\n\n"
+                     + _frozen_source(seed, model, data, f"; {data['questions_per_plan']} test questions per plan")
+                     + f" Hypervolume on the 30-70% grid: HiPP "
+                     f"{hv['hipp']:.3f}, best baseline {hv['best_baseline']} {hv['best']:.3f}, ratio "
+                     f"{hv['ratio']:.2f} (with HiPP's free-budget front: {hv['ratio_with_front']:.2f}).\n\n"
+                     + verdict_markdown(data["verdict"]))
     return "\n\n".join(parts)
+
+
+def frozen_earlier() -> str:
+    """The earlier frozen-protocol reports' goal tables (each kept as it was, with its seed and design)."""
+    from bench.frozen import report_dir, reported_seeds, summary_markdown
+
+    parts = []
+    for seed in reported_seeds()[:-1]:
+        summary: dict[str, Any] = json.loads((report_dir(seed) / "frozen.json").read_text())
+        parts.append(f"{_frozen_source(seed, 'frozen', summary)}\n\n{summary_markdown(summary)}")
+    return "\n\n".join(parts) if parts else "No earlier report."
 
 
 def recovery(name: str = "recovery") -> str:
@@ -215,7 +236,28 @@ def recovery(name: str = "recovery") -> str:
     return f"{_source(name, data)}\n\n" + "\n".join(lines)
 
 
+def ablations(name: str = "ablations") -> str:
+    """Each variant over its training seeds, and its seed-paired difference from the full policy."""
+    from bench.ablations import markdown
+
+    data = load(name)
+    ids = ", ".join(f"{p['variant']} s{p['seed']} `{p['policy']}`" for p in data["policies"])
+    return (f"{_source(name, data)} Policies: {ids}; {data['questions_per_plan']} test questions per plan, "
+            f"preference {tuple(data['preference'])}.\n\n{markdown(data)}")
+
+
+def allocation_source(name: str = "allocation_source") -> str:
+    """Matched-sparsity plans from the head told the budget, the free-mode head, or both (what a job does)."""
+    from bench.allocation_source import markdown
+
+    data = load(name)
+    policies = ", ".join(f"{m['model']} `{m['policy']}`" for m in data["members"])
+    return f"{_source(name, data)} Policies: {policies}.\n\n{markdown(data)}"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "ablations": ablations,
+    "allocation-source": allocation_source,
     "control-transfer": control_transfer,
     "testbed-family": testbed_family,
     "control-presets": control_presets,
@@ -225,6 +267,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "calibration-sensitivity": calibration_sensitivity,
     "recovery": recovery,
     "frozen-report": frozen_report,
+    "frozen-earlier": frozen_earlier,
 }
 
 
