@@ -73,6 +73,7 @@ GOAL_POPE_POINTS = 3.0
 GOAL_HV_RATIO = 1.2
 OUT = RESULTS / "frozen"
 PLANS = RESULTS / "plans" / "frozen"
+Z95 = 1.96
 
 
 def report_dir(world_seed: int) -> Path:
@@ -86,7 +87,6 @@ def reported_seeds(ledger: Path | None = None) -> list[int]:
 
     seeds = [e["seed"] for e in read_ledger(ledger or LEDGER) if e["report"] == "frozen"]
     return [s for i, s in enumerate(seeds) if s not in seeds[:i] and (report_dir(s) / "frozen.json").is_file()]
-Z95 = 1.96
 
 
 # --- one member ------------------------------------------------------------------------------------------------
