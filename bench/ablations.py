@@ -185,12 +185,14 @@ def _diff(cell: dict[str, Any], task: str) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    from worker.hipp.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with figure(path, ncols=4, figsize=(19, 4.2)) as (fig, axes):
+        draw_ablations(data, fig, axes)
+    return path
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+
+def draw_ablations(data: dict[str, Any], fig: Any, axes: Any) -> None:
     for variant, v in data["summary"]["variants"].items():
         xs = [c["requested"] for c in v["cells"]]
         for ax, key in zip(axes[:2], ("pope_bacc", "sqa"), strict=True):
@@ -214,10 +216,6 @@ def plot(data: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Ablations on the testbed: mean over 3 training seeds (band: range across seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main() -> None:

@@ -238,12 +238,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def plot_fronts(members: Sequence[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
+    from worker.hipp.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with figure(path, ncols=len(members), figsize=(4.5 * len(members), 7), nrows=2, squeeze=False) as (fig, axes):
+        draw_fronts(members, fig, axes)
+    return path
 
-    fig, axes = plt.subplots(2, len(members), figsize=(4.5 * len(members), 7), squeeze=False)
+
+def draw_fronts(members: Sequence[dict[str, Any]], fig: Any, axes: Any) -> None:
     for col, m in enumerate(members):
         rows = [r for r in m["rows"] if "infeasible" not in r and r["baseline"] != "dense"]
         names = sorted({r["baseline"] for r in rows} - {HIPP})
@@ -262,10 +264,6 @@ def plot_fronts(members: Sequence[dict[str, Any]], path: Path) -> Path:
                 ax.plot([], [], color="0.7", label="baselines")
                 ax.legend(fontsize=7)
     fig.suptitle(f"World seed {members[0]['world_seed']} (fresh): HiPP and every baseline")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main() -> None:

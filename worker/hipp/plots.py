@@ -25,14 +25,16 @@ DPI = 110
 
 
 @contextmanager
-def _figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.5)) -> Iterator[Any]:
-    """A figure with ``ncols`` axes, laid out and saved to ``path`` (folders made) when the block ends."""
+def figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.5), nrows: int = 1,
+           squeeze: bool = True) -> Iterator[Any]:
+    """A figure with ``nrows`` x ``ncols`` axes (``plt.subplots``' ``squeeze``), laid out and saved to ``path``
+    (folders made) when the block ends; closed either way. The benchmarks' plots use it too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=squeeze)
     try:
         yield fig, axes
         fig.tight_layout()
@@ -47,7 +49,7 @@ def plot_allocation(plan: PruningPlan, path: Path, title: str = "") -> Path:
     layers = list(range(plan.geometry.num_layers))
     heads = [len(lp.heads) / s.num_heads for lp, s in zip(plan.layers, plan.geometry.layers, strict=True)]
     mlp = [len(lp.channels) / s.intermediate_size for lp, s in zip(plan.layers, plan.geometry.layers, strict=True)]
-    with _figure(path, figsize=(max(6.0, 0.35 * len(layers)), 3.8)) as (_, ax):
+    with figure(path, figsize=(max(6.0, 0.35 * len(layers)), 3.8)) as (_, ax):
         ax.bar(layers, plan.layer_sparsities(), color="tab:red", alpha=0.6, label="layer sparsity")
         ax.plot(layers, heads, "o-", label="kept query heads (fraction)")
         ax.plot(layers, mlp, "s-", label="kept MLP channels (fraction)")
@@ -67,7 +69,7 @@ def plot_layer_units(plan: PruningPlan, path: Path, title: str = "") -> Path:
     kept_mlp = [len(lp.channels) for lp in plan.layers]
     panels = (("query heads", kept_heads, [s.num_heads for s in shapes]),
               ("MLP channels", kept_mlp, [s.intermediate_size for s in shapes]))
-    with _figure(path, ncols=2, figsize=(max(9.0, 0.5 * len(layers)), 3.8)) as (fig, axes):
+    with figure(path, ncols=2, figsize=(max(9.0, 0.5 * len(layers)), 3.8)) as (fig, axes):
         for ax, (unit, kept, total) in zip(axes, panels, strict=True):
             removed = [t - k for t, k in zip(total, kept, strict=True)]
             ax.bar(layers, kept, color="tab:blue", label=f"kept ({sum(kept)})")
@@ -94,7 +96,7 @@ def plot_plan_points(points: Sequence[PlanPoint], path: Path, title: str = "") -
     """Sparsity against utility (ScienceQA accuracy) and against robustness (POPE balanced accuracy) of the
     plans a run considered, the chosen one a star. A plan without measurements is a dashed line at its
     sparsity (evaluation was off)."""
-    with _figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
+    with figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
         for ax, (name, label) in zip(axes, (("utility", "ScienceQA accuracy (utility)"),
                                            ("robustness", "POPE balanced accuracy (robustness)")), strict=True):
             measured = [p for p in points if getattr(p, name) is not None]
@@ -124,7 +126,7 @@ def plot_sensitivity(result: VisualSensitivity, path: Path, title: str = "") -> 
 
     layers = list(range(result.num_layers))
     width = 0.4
-    with _figure(path, ncols=2, figsize=(11, 4)) as (fig, (ax1, ax2)):
+    with figure(path, ncols=2, figsize=(11, 4)) as (fig, (ax1, ax2)):
         ax1.bar([x - width / 2 for x in layers], result.direct, width, label="direct text->image mass")
         ax1.bar([x + width / 2 for x in layers], result.increment, width, label="rollout increment")
         ax1.set_xlabel("decoder layer")
@@ -142,7 +144,7 @@ def plot_sensitivity(result: VisualSensitivity, path: Path, title: str = "") -> 
 def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path) -> Path:
     """Mean GRPO return and the three objectives per step."""
     steps = [h["step"] for h in history]
-    with _figure(path, ncols=2, figsize=(10, 3.5)) as (_, (ax1, ax2)):
+    with figure(path, ncols=2, figsize=(10, 3.5)) as (_, (ax1, ax2)):
         ax1.plot(steps, [h["return"] for h in history], label="mean return")
         ax1.set_xlabel("GRPO step")
         ax1.legend()
@@ -164,7 +166,7 @@ def plot_front(candidates: Sequence[Candidate], front: Sequence[Candidate], path
 
     pts = [xy(c) for c in candidates if not c.evaluation.prescreened]
     fr = sorted(xy(c) for c in front)
-    with _figure(path) as (_, ax):
+    with figure(path) as (_, ax):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="lightgray", label="sampled plans")
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "o-", c="tab:red", label="non-dominated")
         for name, (x, y) in (baselines or {}).items():
@@ -179,7 +181,7 @@ def plot_front(candidates: Sequence[Candidate], front: Sequence[Candidate], path
 def plot_baselines(rows: list[dict[str, Any]], path: Path) -> Path:
     """Each baseline's (ScienceQA, POPE) points across sparsities, the dense model as a star (``rows[0]``)."""
     names = sorted({r["baseline"] for r in rows if r["baseline"] != "dense"})
-    with _figure(path, figsize=(6.5, 4.5)) as (_, ax):
+    with figure(path, figsize=(6.5, 4.5)) as (_, ax):
         for name in names:
             pts = sorted((r["sqa"], r["pope_bacc"], r["sparsity"]) for r in rows if r["baseline"] == name)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
@@ -197,7 +199,7 @@ def plot_fragility(rows: Sequence[dict[str, Any]], path: Path, title: str = "") 
     layers = sorted({r["layer"] for r in rows})
     perturbations = {"heads": "-1 query head per KV group", "mlp": "-25% MLP channels"}
     width = 0.38
-    with _figure(path, ncols=2, figsize=(max(9.0, 0.8 * len(layers)), 3.8)) as (fig, axes):
+    with figure(path, ncols=2, figsize=(max(9.0, 0.8 * len(layers)), 3.8)) as (fig, axes):
         for ax, (key, label) in zip(axes, (("pope_bacc_drop", "POPE balanced accuracy"),
                                           ("sqa_drop", "ScienceQA accuracy")), strict=True):
             for k, (perturbation, name) in enumerate(perturbations.items()):
